@@ -1,0 +1,17 @@
+"""One exception type for bad user input, so the CLIs can print one clear line and exit non-zero."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """A problem with something the user gave us (a file, a flag, a folder).
+
+    The message always names the offending path or flag, e.g.
+    ``InputError("datasets/kits/case_00001/imaging.nii.gz", "image is 2D, expected 3D")``.
+    """
+
+    def __init__(self, where: str | Path, problem: str):
+        self.where = str(where)
+        self.problem = problem
+        super().__init__(f"{self.where}: {problem}")

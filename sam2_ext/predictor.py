@@ -269,7 +269,30 @@ class ICLPredictor(SAM2VideoPredictor):
                 model=self, inference_state=self._current_state, output_dict=output_dict, frame_idx=frame_idx,
                 num_frames=num_frames, track_in_reverse=track_in_reverse,
             )
+        if not is_init_cond_frame:
+            output_dict = _memories_as(output_dict, current_vision_feats[-1].dtype)
         return super()._prepare_memory_conditioned_features(
             frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds, feat_sizes,
             output_dict, num_frames, track_in_reverse,
         )
+
+
+def _memories_as(output_dict: dict, dtype: torch.dtype) -> dict:
+    """A view of ``output_dict`` whose mask memories have the features' dtype.
+
+    Why: SAM2 stores mask memories in bfloat16 and relies on CUDA autocast to mix them with float32 layers. When no
+    object pointer is concatenated (a class whose first support slice is empty) the bf16 memory reaches a float32
+    linear layer on CPU and crashes. When pointers are concatenated torch.cat already promotes to float32, so
+    casting up front gives bit-identical results to the official predictor.
+    """
+    def cast(outputs: dict) -> dict:
+        view = {}
+        for t, out in outputs.items():
+            feats = out.get("maskmem_features")
+            if feats is not None and feats.dtype != dtype:
+                out = {**out, "maskmem_features": feats.to(dtype)}
+            view[t] = out
+        return view
+
+    return {**output_dict, "cond_frame_outputs": cast(output_dict["cond_frame_outputs"]),
+            "non_cond_frame_outputs": cast(output_dict["non_cond_frame_outputs"])}

@@ -229,3 +229,20 @@ def test_segment_volume_bad_slice(tiny_predictor):
     images, masks = toy_slices(3)
     with pytest.raises(ValueError, match="outside"):
         segment_volume_with_support(tiny_predictor, images, {1: {5: masks[0]}})
+
+
+def test_class_with_empty_first_support_runs_in_float32(tiny_predictor):
+    """SAM2 keeps memories in bf16; a class whose first support slice is empty must still run on CPU in fp32
+    (it used to crash: bf16 memory into a float32 layer), and the other class is unaffected by it."""
+    torch.manual_seed(0)
+    images = torch.rand(6, 64, 64)
+    both = torch.zeros(2, 64, 64)
+    both[:, 20:40, 20:40] = 1
+    late = both.clone()
+    late[0] = 0
+    together = segment_with_support(tiny_predictor, images[:2], {1: late, 2: both}, images[2:])
+    alone = segment_with_support(tiny_predictor, images[:2], {2: both}, images[2:])
+    assert together["logits"].dtype == torch.float32
+    assert torch.isfinite(together["logits"]).all()
+    assert together["logits"][:, 0].abs().max() < 1000  # class 1 was really tracked, not the no-object fill
+    assert torch.allclose(together["logits"][:, 1], alone["logits"][:, 0], atol=1e-4)

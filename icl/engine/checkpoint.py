@@ -1,0 +1,187 @@
+"""Training checkpoints that survive a kill at any moment and load with ``torch.load(weights_only=True)``.
+
+Layout of a run folder (``<checkpoint_path>/<exp_name>_<timestamp>/``): ``epoch_N.pth`` after every epoch,
+``last.pth`` (a copy of the newest) and ``best.pth`` (best validation Dice). Every file is written to a temp
+name and renamed (``icl.io.atomic_path``), so a process killed mid-save leaves the previous files intact and only
+a hidden ``.<name>.*.tmp.pth`` behind, which :func:`find_resume_point` never picks.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from icl.errors import InputError
+from icl.io import atomic_path
+
+FORMAT = "icl-train-v1"
+REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "step", "rng")
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP / wrapper modules (so saved keys carry no ``module.`` prefix)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------- RNG state
+def capture_rng() -> dict[str, Any]:
+    """All RNG states as tensors / lists / ints so that ``weights_only=True`` can read them back."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "state": [int(x) for x in py_state], "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states are restored only when the GPU count matches)."""
+    torch.set_rng_state(state["torch"].cpu())
+    npst = state["numpy"]
+    keys = npst["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((npst["name"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# ----------------------------------------------------------------------------------------------------- save / load
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    step: int,
+    config: Mapping[str, Any] | Any,
+    best_metric: float | None,
+    scaler: Any = None,
+) -> Path:
+    """Write everything needed to continue training exactly, atomically (temp file + rename)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    payload = {
+        "format": FORMAT,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "best_metric": None if best_metric is None else float(best_metric),
+        "config": _plain(dict(config)),
+        "rng": capture_rng(),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    """Recursively turn a config into builtins (Paths and other objects become strings)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint with ``weights_only=True``; missing, truncated or foreign files -> InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise InputError(path, f"corrupt or truncated checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(path, "not a training checkpoint written by train_3d.py (no 'format' marker)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise InputError(path, f"checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------------- run folders
+def epoch_path(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / f"epoch_{int(epoch)}.pth"
+
+
+def _epoch_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(N, epoch_N.pth)`` newest first; temp files (``.epoch_N.pth.*.tmp.pth``) never match."""
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _EPOCH_RE.match(p.name)) and p.is_file()]
+    return sorted(found, reverse=True)
+
+
+def _loads(path: Path) -> dict[str, Any] | None:
+    try:
+        return load_checkpoint(path)
+    except InputError:
+        return None
+
+
+def find_resume_point(run_dir: str | Path) -> Path | None:
+    """Newest checkpoint in ``run_dir`` that actually loads, or None.
+
+    ``last.pth`` is tried first; an ``epoch_N.pth`` newer than it (a kill between the two renames) wins, and
+    unreadable files are skipped so the search falls back to the previous good epoch.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "run folder not found")
+    last = run_dir / "last.pth"
+    last_payload = _loads(last) if last.is_file() else None
+    last_epoch = last_payload["epoch"] if last_payload is not None else -1
+    for n, path in _epoch_files(run_dir):
+        if n <= last_epoch:
+            break
+        if _loads(path) is not None:
+            return path
+    return last if last_payload is not None else None
+
+
+def resolve_resume(resume: str | Path) -> Path:
+    """``-resume`` accepts a checkpoint file or a run folder; return the checkpoint file to load."""
+    resume = Path(resume)
+    if resume.is_dir():
+        found = find_resume_point(resume)
+        if found is None:
+            raise InputError(resume, "no loadable checkpoint (last.pth / epoch_N.pth) in this run folder")
+        return found
+    load_checkpoint(resume)  # raises a clear InputError if unreadable
+    return resume
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete ``.*.tmp.*`` leftovers of saves that were killed; returns what was removed."""
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

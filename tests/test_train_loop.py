@@ -1,0 +1,88 @@
+"""One tiny training epoch on phantom data: weights move, checkpoints are complete and load with weights_only."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
+from icl.config import parse_train_args
+from icl.engine.checkpoint import load_checkpoint
+from icl.engine.train import main, train
+from sam2_ext.build import build_icl_predictor, load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # train() seeds with -seed 0 before building the model
+    return build_icl_predictor("tiny_cpu", "cpu", image_size=128).state_dict()
+
+
+def test_one_epoch_trains_and_writes_checkpoints(train_data, tmp_path, one_thread, capsys):  # noqa: F811
+    argv = train_argv(train_data, tmp_path / "ck", "tiny", "-epochs", "1", "-count_flops", "true",
+                      "-wandb_enabled", "true")  # conftest forces WANDB_MODE=offline
+    summary = train(parse_train_args(argv))
+    run = Path(summary["run_dir"])
+    assert run.parent == tmp_path / "ck" and run.name.startswith("tiny_")
+    assert summary["epoch"] == 1 and summary["step"] == 2
+    assert summary["total_params"] == summary["trainable_params"] > 100_000
+    assert summary["flops_per_frame"] > 1e7
+    err = capsys.readouterr().err
+    assert "trainable" in err and "GFLOPs per frame" in err and "epoch 1/1 step 2" in err
+
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["best.pth", "config.json", "epoch_1.pth", "last.pth", "splits.json", "wandb"]
+    assert list((run / "wandb").glob("offline-run-*")), "wandb ran offline inside the run folder"
+    for name in ("epoch_1.pth", "last.pth", "best.pth"):
+        ck = torch.load(run / name, weights_only=True)
+        assert ck["epoch"] == 1 and ck["step"] == 2
+        assert ck["config"]["exp_name"] == "tiny" and ck["config"]["image_size"] == 128
+        assert set(ck["rng"]) >= {"torch", "numpy", "python"}
+        assert ck["optimizer"]["state"], "AdamW moments are saved"
+        assert ck["scheduler"]["last_epoch"] == 2
+    best = load_checkpoint(run / "best.pth")
+    assert 0.0 <= best["best_metric"] <= 1.0 and summary["best_metric"] == best["best_metric"]
+    assert set(summary["last_val"]) >= {"val/dice_mean"} and not math.isnan(summary["last_val"]["val/dice_mean"])
+
+    before = _initial_weights()
+    after = best["model"]
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2, "one epoch of AdamW moves most tensors"
+    model = build_icl_predictor("tiny_cpu", "cpu", image_size=128)
+    load_weights(model, run / "last.pth")  # the engine loads our checkpoints as -pretrain weights
+    assert torch.equal(model.state_dict()[changed[0]], after[changed[0]])
+
+
+def test_freeze_keeps_image_encoder_fixed(train_data, tmp_path, one_thread, capsys):  # noqa: F811
+    argv = train_argv(train_data, tmp_path / "ck", "frozen", "-epochs", "1", "-steps_per_epoch", "1",
+                      "-freeze", "image_encoder")
+    summary = train(parse_train_args(argv))
+    assert summary["trainable_params"] < summary["total_params"]
+    before = _initial_weights()
+    after = load_checkpoint(Path(summary["run_dir"]) / "last.pth")["model"]
+    enc = [k for k in before if k.startswith("image_encoder.")]
+    rest = [k for k in before if k.startswith("sam_mask_decoder.")]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in rest)
+
+
+def test_missing_support_instance_is_one_line_error(train_data, tmp_path, one_thread, capsys):  # noqa: F811
+    argv = train_argv(train_data, tmp_path / "ck", "nosupport", "-support_instance", "case_00099.nii.gz")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: -support_instance: case 'case_00099' is not in")
+    assert not (tmp_path / "ck").exists(), "bad input leaves no half-made run folder"
+
+
+def test_cli_exits_2_without_traceback_on_missing_weights(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_3d.py"), "-dataset", "phantom",
+                           "-pretrain", str(tmp_path / "MedSAM2_pretrain.pth")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: -pretrain: weights file")
+    assert "-pretrain none" in proc.stderr and "Traceback" not in proc.stderr

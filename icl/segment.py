@@ -1,0 +1,164 @@
+"""Segment NIfTI scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
+
+    python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
+    python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query QUERIES/ --out PREDS/ \\
+        --classes 1,2 --checkpoint ckpt.pt --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
+
+Support slices: ``--support-slices auto`` (3) or N slices spread across the extent of every label value of the support
+label. Each requested class (``--classes``, default every label value) is one SAM2 object; the output label map keeps
+the original label values (where classes overlap, the highest logit wins) and is written atomically with the
+query's affine and header. Memory stays flat in the query's depth: slices are read, windowed and encoded lazily.
+
+Propagation direction: when --support and --query are the same file, the scan is tracked in both directions from
+its support slices (forward from each class's first support slice, backward from its last; slices seen by both
+passes get the mean logit). When the support comes from another scan, its support slices are prepended to the
+query's slices and the query is tracked in slice order (0 → last).
+
+Bad input prints one line ``error: <file>: <problem>`` on stderr and exits with status 2; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+import numpy as np
+
+from icl.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+EXIT_BAD_INPUT = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line (no usage block), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icl.api import AUTO_SUPPORT_PER_CLASS, WINDOW_CHOICES
+
+    doc = __doc__.split("\n\n")
+    p = _OneLineParser(prog="python -m icl.segment", description=doc[0],
+                       epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--support", required=True, help="support image (NIfTI)")
+    p.add_argument("--support-label", required=True, help="label map of the support image (same grid)")
+    p.add_argument("--query", required=True, help="query image, or a folder of .nii/.nii.gz query images")
+    p.add_argument("--out", required=True, help="output .nii.gz (one query) or folder (one output per query)")
+    p.add_argument("--classes", default=None, help="comma-separated label values (default: all in the support)")
+    p.add_argument("--support-slices", default="auto",
+                   help=f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value")
+    p.add_argument("--checkpoint", default=None, help="weights (official SAM2, MedSAM2 or our training checkpoint)")
+    p.add_argument("--config", default="tiny_cpu", help="model config: a name in cfg/ or a yaml path")
+    p.add_argument("--image-size", type=int, default=None, help="model input size (multiple of 32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--overlays", default=None, help="folder for overlay PNGs of the prediction")
+    p.add_argument("--memory-selector", default=None, help="e.g. scored or scored:budget=4 (default: SAM2's own)")
+    p.add_argument("--window", default="auto", choices=WINDOW_CHOICES,
+                   help="intensity window: CT presets, mr (percentiles) or auto (CT if air values present)")
+    p.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="voxel axis to slice along")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def plan_outputs(query: Path, out: Path) -> list[tuple[Path, Path]]:
+    """(query file, output file) pairs: one file → ``out`` (a NIfTI name) or ``out/<query name>``; a folder →
+    one output per NIfTI inside it, named like the query, in ``out``."""
+    if query.is_dir():
+        queries = sorted(p for p in query.iterdir() if p.is_file() and _is_nifti(p))
+        if not queries:
+            raise InputError(query, "query folder holds no .nii/.nii.gz files")
+        if _is_nifti(out):
+            raise InputError(out, "--query is a folder, so --out must be a folder, not a NIfTI file name")
+        return [(q, out / q.name) for q in queries]
+    if not query.exists():
+        raise InputError(query, "file not found")
+    return [(query, out if _is_nifti(out) else out / query.name)]
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail before any inference when an output folder cannot be created or written to (creates nothing)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(folder, f"{flag} folder cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(folder, f"{flag} folder is not writable")
+    if existing == folder:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".icl_write_test."):
+                pass
+        except OSError as e:
+            raise InputError(folder, f"{flag} folder is not writable ({e.strerror or e})") from None
+
+
+def save_overlays(result, out_dir: Path, max_slices: int = 8) -> list[Path]:
+    """PNG overlays (prediction in red, any class) of up to ``max_slices`` slices where something was found."""
+    from icl.report.overlays import pick_slices, save_overlay_png
+
+    labels_zhw = np.moveaxis(result.labels, result.slice_axis, 0)
+    present = labels_zhw.reshape(labels_zhw.shape[0], -1).any(axis=1)
+    name = result.query.name.removesuffix(".gz").removesuffix(".nii")
+    paths = []
+    for z in pick_slices(None, present[:, None], len(present), max_slices):
+        paths.append(save_overlay_png(result.frames.slice01(z), None, labels_zhw[z] > 0,
+                                      out_dir / f"{name}_z{z:04d}.png"))
+    return paths
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    from icl.api import ICLSegmenter, load_support, parse_classes, parse_support_slices
+
+    classes = parse_classes(args.classes)
+    parse_support_slices(args.support_slices)
+    pairs = plan_outputs(Path(args.query), Path(args.out))
+    for q, _ in pairs:  # every query must be a readable 3D NIfTI before any work starts
+        from icl.data.validate import check_dims, load_nifti_header
+
+        check_dims(load_nifti_header(q).shape, q)
+    load_support(args.support, args.support_label, classes)  # fail fast, before the model is built
+    for folder in sorted({o.parent for _, o in pairs}):
+        check_writable(folder, "--out")
+    if args.overlays:
+        check_writable(Path(args.overlays), "--overlays")
+    seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
+                       image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
+                       slice_axis=args.slice_axis, support_slices=args.support_slices)
+    written = []
+    for q, out in pairs:
+        result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
+                             progress=not args.quiet)
+        written.append(seg.save(result, out))
+        if args.overlays:
+            save_overlays(result, Path(args.overlays))
+        if not args.quiet:
+            found = sorted(int(v) for v in np.unique(result.labels) if v > 0)
+            print(f"{q} -> {out} ({result.mode}, support slices {result.support_slices}, classes found {found})",
+                  file=sys.stderr)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.exit(main())

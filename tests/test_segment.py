@@ -1,0 +1,234 @@
+"""The inference CLI and its Python API on tiny phantom NIfTI pairs (tiny config, seeded random weights)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from icl.api import ICLSegmenter, VolumeFrames, choose_support_slices, run_prepended
+from icl.data.phantom import make_phantom_dataset
+from icl.segment import main
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 64
+SHAPE = (40, 36, 14)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    """Two 2-class phantom scans (BTCV layout: img/, label/) and a checkpoint whose object heads say 'present'."""
+    root = tmp_path_factory.mktemp("seg")
+    make_phantom_dataset(root / "ph", "btcv", 2, seed=0, shape=SHAPE, classes=("ellipsoid", "box"))
+    from engine_fixtures import make_tiny_predictor
+
+    model = make_tiny_predictor(seed=0, image_size=IMAGE_SIZE)
+    torch.save({"model": model.state_dict()}, root / "ckpt.pt")
+    return {"s": root / "ph/img/img0001.nii.gz", "s_lab": root / "ph/label/label0001.nii.gz",
+            "q": root / "ph/img/img0002.nii.gz", "ckpt": root / "ckpt.pt", "root": root}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def segmenter(pair) -> ICLSegmenter:
+    return ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE)
+
+
+def _args(pair, query, out, *extra) -> list[str]:
+    return ["--support", str(pair["s"]), "--support-label", str(pair["s_lab"]), "--query", str(query),
+            "--out", str(out), "--checkpoint", str(pair["ckpt"]), "--image-size", str(IMAGE_SIZE), "--quiet",
+            *extra]
+
+
+def test_cli_end_to_end(pair, tmp_path):
+    out, png = tmp_path / "pred.nii.gz", tmp_path / "png"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "icl.segment", *_args(pair, pair["q"], out, "--classes", "1,2",
+                                                                      "--overlays", str(png))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pred, query = nib.load(str(out)), nib.load(str(pair["q"]))
+    assert pred.shape == query.shape
+    np.testing.assert_allclose(pred.affine, query.affine, atol=1e-5)
+    labels = np.asarray(pred.dataobj)
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2}
+    assert (labels > 0).any()
+    pngs = sorted(png.glob("img0002_z*.png"))
+    assert 1 <= len(pngs) <= 8
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_api_five_lines(pair, tmp_path):
+    seg = ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE)
+    labels = seg.segment(query=pair["q"], support=pair["s"], support_label=pair["s_lab"])
+    seg.save(labels, tmp_path / "pred.nii.gz")
+    saved = np.asarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj)
+    np.testing.assert_array_equal(saved, labels.labels)
+    assert labels.mode == "prepended" and labels.classes == [1, 2]
+    assert set(np.unique(saved).tolist()) <= {0, 1, 2}
+
+
+def test_same_file_tracks_both_ways_like_segment_volume_with_support(pair, segmenter):
+    """Support == query: one class equals the engine's two-pass segment_volume_with_support on the same slices."""
+    from sam2_ext.icl import segment_volume_with_support
+
+    result = segmenter.segment(query=pair["s"], support=pair["s"], support_label=pair["s_lab"], classes=[1])
+    assert result.mode == "both_ways"
+    label = np.asarray(nib.load(str(pair["s_lab"])).dataobj)
+    volume = torch.from_numpy(np.stack([result.frames.slice01(z) for z in range(SHAPE[2])]))
+    prompts = {1: {z: torch.from_numpy((label[..., z] == 1).astype(np.float32)) for z in result.support_slices}}
+    with torch.no_grad():
+        ref = segment_volume_with_support(segmenter.predictor, volume, prompts)["logits"][:, 0]
+    ref_mask = np.moveaxis((ref > 0).numpy(), 0, 2)
+    ours = result.labels == 1
+    assert ref_mask.any() and ours.any()
+    assert (ours == ref_mask).mean() > 0.999  # mean of two passes at low vs video resolution: float noise only
+    # slices before the first / after the last support slice got a prediction too (both directions ran)
+    first, last = min(result.support_slices), max(result.support_slices)
+    assert first > 0 or last < SHAPE[2] - 1
+
+
+def test_one_class_matches_two_class_run(pair, segmenter):
+    """Class 1 of a 2-class run equals the 1-class run wherever class 2 did not win the pixel."""
+    for query in (pair["q"], pair["s"]):  # prepended and both-ways modes
+        one = segmenter.segment(query=query, support=pair["s"], support_label=pair["s_lab"], classes=[1]).labels
+        two = segmenter.segment(query=query, support=pair["s"], support_label=pair["s_lab"], classes=[1, 2]).labels
+        free = two != 2
+        assert (one == 1).any()
+        np.testing.assert_array_equal((two == 1)[free], (one == 1)[free])
+        assert set(np.unique(one).tolist()) <= {0, 1}
+
+
+def test_query_folder(pair, tmp_path):
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (queries / name).write_bytes(pair["q"].read_bytes())
+    (queries / "notes.txt").write_text("not a scan")
+    assert main(_args(pair, queries, tmp_path / "out", "--classes", "2")) == 0
+    outs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outs == ["a.nii.gz", "b.nii.gz"]
+    a = np.asarray(nib.load(str(tmp_path / "out/a.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "out/b.nii.gz")).dataobj)
+    np.testing.assert_array_equal(a, b)  # same scan, same answer
+    assert set(np.unique(a).tolist()) <= {0, 2}
+
+
+def test_matches_official_predictor_per_class():
+    """One pass over all classes gives the official SAM2VideoPredictor's logits, run once per class."""
+    from bench.bench_inference import build_pair, official_per_class, setup
+
+    ours, official = build_pair("tiny_cpu", IMAGE_SIZE)
+    support, masks, query, _ = setup(depth=6, size=40, classes=2, image_size=IMAGE_SIZE)
+    # give the classes different first prompts so one class is skipped on frames before its own first prompt
+    masks[2][0] = np.zeros_like(masks[2][0])
+    got = {}
+    with torch.no_grad():
+        run_prepended(ours, support, masks, query, (40, 40), lambda z, logit: got.__setitem__(z, logit.clone()))
+    n = len(support)
+    frames = torch.stack([support[i] for i in range(n)] + [query[i] for i in range(len(query))])
+    ref = official_per_class(official, frames, (40, 40), {c: dict(enumerate(m)) for c, m in masks.items()})
+    assert sorted(got) == list(range(len(query)))
+    for z, logits in got.items():
+        for ci, c in enumerate(masks):
+            torch.testing.assert_close(logits[ci], ref[c][z + n].float(), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    return path
+
+
+@pytest.fixture
+def bad(pair, tmp_path) -> dict[str, Path]:
+    img = nib.load(str(pair["s"]))
+    lab = np.asarray(nib.load(str(pair["s_lab"])).dataobj)
+    shifted = img.affine.copy()
+    shifted[0, 3] += 5.0
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(pair["ckpt"].read_bytes()[:2000])
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    return {
+        "lab_shape": _save(lab[:-2], img.affine, tmp_path / "lab_shape.nii.gz"),
+        "lab_affine": _save(lab, shifted, tmp_path / "lab_affine.nii.gz"),
+        "flat": _save(np.zeros((20, 20, 1), np.int16), img.affine, tmp_path / "flat.nii.gz"),
+        "corrupt": corrupt, "blocker": blocker,
+    }
+
+
+CASES = {
+    "label shape": (lambda p, b, o: ["--support-label", str(b["lab_shape"])], "lab_shape.nii.gz"),
+    "label affine": (lambda p, b, o: ["--support-label", str(b["lab_affine"])], "lab_affine.nii.gz"),
+    "class missing": (lambda p, b, o: ["--classes", "1,7"], "label0001.nii.gz"),
+    "unwritable out": (lambda p, b, o: ["--out", str(b["blocker"] / "pred.nii.gz")], "blocker"),
+    "2D query": (lambda p, b, o: ["--query", str(b["flat"])], "flat.nii.gz"),
+    "missing support": (lambda p, b, o: ["--support", str(o.parent / "nope.nii.gz")], "nope.nii.gz"),
+    "corrupt checkpoint": (lambda p, b, o: ["--checkpoint", str(b["corrupt"])], "corrupt.pt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_one_line_exit_2(case, pair, bad, tmp_path, capsys):
+    make, where = CASES[case]
+    out = tmp_path / "out" / "pred.nii.gz"
+    rc = main(_args(pair, pair["q"], out) + make(pair, bad, out))  # argparse keeps the last value
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and where in err[0], err
+    assert not out.exists() and not (tmp_path / "out").exists()
+
+
+def test_bad_input_subprocess_no_traceback(pair, bad, tmp_path):
+    out = tmp_path / "pred.nii.gz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "icl.segment",
+                           *_args(pair, pair["q"], out, "--checkpoint", str(bad["corrupt"]))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "corrupt.pt" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_support_slices_spread_over_every_label_value():
+    label = np.zeros((4, 4, 20), np.uint8)
+    label[..., 2:6] = 1
+    label[..., 12:18] = 2
+    picks = choose_support_slices(label, 2, 2)
+    assert picks == sorted(set(picks))
+    assert any(2 <= z < 6 for z in picks) and any(12 <= z < 18 for z in picks)
+    assert len(picks) == 4
+
+
+def test_volume_frames_are_lazy_and_windowed():
+    vol = np.linspace(-1000, 1000, 8 * 6 * 5, dtype=np.float32).reshape(8, 6, 5)
+    frames = VolumeFrames(vol, 2, (-100.0, 100.0), 32)
+    assert len(frames) == 5
+    s = frames.slice01(1)
+    assert s.shape == (8, 6) and s.min() >= 0 and s.max() <= 1
+    np.testing.assert_allclose(s, np.clip((vol[..., 1] + 100) / 200, 0, 1), atol=1e-6)
+    assert tuple(frames[4].shape) == (3, 32, 32)
+
+
+def test_memory_selector_run(pair):
+    """The scored selector picks among the kept history (bounded) and still yields a label map of the classes."""
+    seg = ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE,
+                       memory_selector="scored:budget=2")
+    assert seg.predictor.memory_selector.config.budget == 2
+    labels = seg.segment(query=pair["q"], support=pair["s"], support_label=pair["s_lab"], classes=[2]).labels
+    assert labels.shape == SHAPE and set(np.unique(labels).tolist()) <= {0, 2}

@@ -15,3 +15,14 @@ class InputError(Exception):
         self.where = str(where)
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
+
+
+EXIT_INPUT_ERROR = 2
+
+
+def report(err: InputError) -> int:
+    """Print the one-line ``error: <where>: <problem>`` message every CLI uses and return its exit status (2)."""
+    import sys
+
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_INPUT_ERROR

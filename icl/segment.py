@@ -27,10 +27,10 @@ from typing import NoReturn, Sequence
 
 import numpy as np
 
-from icl.errors import InputError
+from icl.errors import EXIT_INPUT_ERROR, InputError, report
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = EXIT_INPUT_ERROR
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -154,8 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
     return 0
 
 

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from icl.errors import InputError
+from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
 
 SHAPES: tuple[str, ...] = ("ellipsoid", "torus", "tube", "box", "cone", "twin_blobs")
@@ -268,8 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         classes = a.classes.split(",") if a.classes else None
         out = make_phantom_dataset(a.out, a.layout, a.cases, a.seed, shape, classes)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"wrote {a.cases} {a.layout} phantom cases to {out}")
     return 0
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from icl.data.readers import READERS, Case, read_dataset
 from icl.data.validate import check_pair
-from icl.errors import InputError
+from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
 
 CACHE_VERSION = 1
@@ -305,8 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             window = (lo, hi)
         cases = preprocess_dataset(a.dataset, a.data_path, a.cache, a.image_size, window, **opts)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(f"cached {len(cases)} cases in {a.cache}")
     return 0
 

@@ -41,7 +41,7 @@ from icl.data.preprocess import CachedCase, open_cache, to_original_grid
 from icl.data.sampling import load_splits, make_splits, pick_support_slices
 from icl.data.validate import load_nifti_volume
 from icl.engine.metrics import MetricRows, logits_to_mask
-from icl.errors import InputError
+from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
 from sam2_ext.icl import segment_with_support  # module attribute on purpose: tests replace it with a fake
 
@@ -481,6 +481,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, opts = parse_args(argv)
         evaluate(cfg, opts)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0

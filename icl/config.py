@@ -20,6 +20,7 @@ DATASETS = ("kits", "btcv", "msd", "combined", "phantom")
 #: Top-level parts of a SAM2 model that ``-freeze`` may name (comma-separated), or ``none``.
 FREEZABLE = ("image_encoder", "memory_attention", "memory_encoder", "sam_prompt_encoder", "sam_mask_decoder")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+QUERY_MODES = ("gt_slices", "context")
 DEFAULT_PRETRAIN = "./checkpoint/MedSAM2_pretrain.pth"
 
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -97,11 +98,21 @@ class TrainConfig(CommonConfig):
     count_flops: bool = True
     obj_loss_weight: float = 1.0
     keep_epochs: int = 0
+    classes: str = "all"
+    query_mode: str = "gt_slices"
+    time_limit_min: float = 0.0
+    same_case_support: float = 0.0
+    classes_per_sample: int = 1
 
     @property
     def frozen_parts(self) -> list[str]:
         """Model parts named by ``-freeze`` (empty for ``none``)."""
         return [] if self.freeze == "none" else [p for p in self.freeze.split(",") if p]
+
+    @property
+    def class_ids(self) -> list[int] | None:
+        """Class ids named by ``-classes`` (None for ``all``)."""
+        return None if self.classes == "all" else [int(c) for c in self.classes.split(",") if c.strip()]
 
 
 @dataclass
@@ -183,6 +194,17 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="weight of the object-presence BCE added to Dice + BCE/focal")
     p.add_argument("-keep_epochs", type=int, default=d.keep_epochs,
                    help="keep only the newest N epoch_N.pth (last/best always kept); 0 = keep all")
+    p.add_argument("-classes", type=str, default=d.classes,
+                   help="comma list of class ids to train and validate on (e.g. 1,2,3,4,5 holds out class 6); all = every class")
+    p.add_argument("-query_mode", type=str, default=d.query_mode, choices=QUERY_MODES,
+                   help="gt_slices: query clips only hold slices with the class; context: -video_length consecutive "
+                        "slices around the object, so clips also hold empty slices and other classes")
+    p.add_argument("-same_case_support", type=float, default=d.same_case_support,
+                   help="probability that a training sample's support slices come from its own query scan (0..1)")
+    p.add_argument("-classes_per_sample", type=int, default=d.classes_per_sample,
+                   help="classes tracked together per training sample on the same query slices (1 = seed)")
+    p.add_argument("-time_limit_min", type=float, default=d.time_limit_min,
+                   help="wall-clock cap in minutes: stop after the step that crosses it (validate + save); 0 = off")
     p.add_argument("-count_flops", type=str2bool, default=d.count_flops, help="print FLOPs per frame at start")
     return p
 
@@ -258,6 +280,20 @@ def _validate_train(cfg: TrainConfig) -> None:
     _positive("-log_images", cfg.log_images, allow_zero=True)
     _positive("-obj_loss_weight", cfg.obj_loss_weight, allow_zero=True)
     _positive("-keep_epochs", cfg.keep_epochs, allow_zero=True)
+    _positive("-time_limit_min", cfg.time_limit_min, allow_zero=True)
+    _positive("-classes_per_sample", cfg.classes_per_sample)
+    if not 0.0 <= cfg.same_case_support <= 1.0:
+        raise InputError("-same_case_support", f"must be a probability in [0, 1], got {cfg.same_case_support}")
+    if cfg.query_mode not in QUERY_MODES:
+        raise InputError("-query_mode", f"choose from {', '.join(QUERY_MODES)}, got {cfg.query_mode!r}")
+    cfg.classes = cfg.classes.strip().lower().replace(" ", "") or "all"
+    if cfg.classes != "all":
+        try:
+            ids = cfg.class_ids
+        except ValueError:
+            raise InputError("-classes", f"expected all or comma-separated integers, got {cfg.classes!r}") from None
+        if not ids or min(ids) < 1:
+            raise InputError("-classes", f"class ids are >= 1 (0 is background), got {cfg.classes!r}")
     if cfg.amp not in AMP_MODES:
         raise InputError("-amp", f"choose from {', '.join(AMP_MODES)}, got {cfg.amp!r}")
     unknown = [p for p in cfg.frozen_parts if p not in FREEZABLE]

@@ -4,6 +4,11 @@ One training sample = support slices with their GT mask (written into SAM2's mem
 query slices that SAM2 tracks from that memory; the loss (Dice + BCE/focal) is taken on the query logits and
 back-propagated through mask decoder, memory attention, memory encoder and (unless frozen) the image encoder.
 
+Options that change what a sample asks of the model (defaults = the seed's recipe): ``-classes`` (train on some
+classes only, e.g. hold one out), ``-query_mode context`` (query clips reach past the object: empty slices and other
+classes), ``-same_case_support p`` (supports from the query scan itself), ``-classes_per_sample K`` (K classes on
+the same query slices, each with its own support masks). ``-time_limit_min`` caps the wall clock.
+
 Everything needed to continue a run exactly (weights, optimizer, scheduler, step counter, RNG states) goes into
 the checkpoints; data order depends only on ``(seed, epoch)`` so a resumed run sees the same samples.
 """
@@ -18,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +38,7 @@ from icl.config import TrainConfig, parse_train_args
 from icl.data.loaders import ICLDataset, make_loader, open_caches, set_epoch
 from icl.data.phantom import make_phantom_dataset
 from icl.data.preprocess import preprocess_dataset
-from icl.data.sampling import make_splits
+from icl.data.sampling import make_splits, spread
 from icl.engine import distributed as dd
 from icl.engine.checkpoint import (
     epoch_path,
@@ -73,16 +78,21 @@ class ICLStep(nn.Module):
         self.out_size = out_size
 
     def forward(self, image: torch.Tensor, label: torch.Tensor, support_image: torch.Tensor,
-                support_label: torch.Tensor, class_id: int) -> dict[str, torch.Tensor]:
-        out = segment_with_support(self.predictor, support_image, {class_id: support_label}, image,
+                support_label: torch.Tensor, class_id: int | Sequence[int]) -> dict[str, torch.Tensor]:
+        """One class (``label`` [T, H, W], ``support_label`` [S, H, W], ``class_id`` int) or K classes tracked in
+        one pass (``label`` [K, T, H, W], ``support_label`` [K, S, H, W], ``class_id`` K ids); outputs have C = K."""
+        ids = [int(class_id)] if isinstance(class_id, int) else [int(c) for c in class_id]
+        labels = label if label.dim() == 4 else label[None]
+        supports = support_label if support_label.dim() == 4 else support_label[None]
+        out = segment_with_support(self.predictor, support_image, {c: supports[i] for i, c in enumerate(ids)}, image,
                                    grad=torch.is_grad_enabled())
         logits = out["logits"]
-        target = label[:, None].to(logits.dtype)
+        target = labels.transpose(0, 1).to(logits.dtype)  # [T, K, H, W]
         if logits.shape[-1] != self.out_size or logits.shape[-2] != self.out_size:
             logits = F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
         if target.shape[-2:] != logits.shape[-2:]:
             target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
-        present = (label.flatten(1) > 0.5).any(1, keepdim=True).to(logits.dtype)
+        present = (labels.transpose(0, 1).flatten(2) > 0.5).any(2).to(logits.dtype)  # [T, K]
         return {"logits": logits, "target": target, "object_score_logits": out["object_score_logits"],
                 "present": present}
 
@@ -168,8 +178,13 @@ def unpack(batch: Mapping[str, Any], device: str) -> dict[str, Any]:
     cid = int(cid.reshape(-1)[0]) if isinstance(cid, torch.Tensor) else int(cid[0] if isinstance(cid, (list, tuple)) else cid)
     name = batch.get("name", "")
     name = name[0] if isinstance(name, (list, tuple)) else str(name)
-    return {"image": one(batch["image"]), "label": one(batch["label"]), "support_image": one(batch["support_image"]),
-            "support_label": one(batch["support_label"]), "class_id": cid, "name": name}
+    sample = {"image": one(batch["image"]), "label": one(batch["label"]), "support_image": one(batch["support_image"]),
+              "support_label": one(batch["support_label"]), "class_id": cid, "name": name}
+    if "class_ids" in batch:  # -classes_per_sample > 1: K classes tracked together (TrainClipDataset)
+        sample.update(class_id=[int(c) for c in batch["class_ids"].reshape(-1)],
+                      label=batch["labels"][0].to(device).float(),
+                      support_label=batch["support_labels"][0].to(device).float())
+    return sample
 
 
 def clip_dice(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -213,6 +228,7 @@ class Run:
     logger: RunLogger
     progress: Progress = field(default_factory=Progress)
     summary: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None  # time.time() at which -time_limit_min runs out
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -285,6 +301,83 @@ def prepare_caches(cfg: TrainConfig, info: dd.DistInfo) -> list[Path]:
     return [base / f"{cfg.dataset}_{folder.name}_{cfg.image_size}" for _, folder in sources]
 
 
+def context_window(object_slices: np.ndarray, num_slices: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """``length`` consecutive slice indices holding at least one slice of the object, at a random offset.
+
+    Unlike the seed's clips (only slices with the class) such a window also reaches past the object's ends, so a
+    model that segments "whatever object is there" without reading its support memory is penalised on slices
+    where the class is absent or where only other classes are.
+    """
+    length = min(length, num_slices)
+    centre = int(object_slices[int(rng.integers(len(object_slices)))])
+    start = centre - int(rng.integers(length))
+    start = min(max(start, 0), num_slices - length)
+    return np.arange(start, start + length, dtype=np.int64)
+
+
+class TrainClipDataset(ICLDataset):
+    """The seed's training samples, optionally changed so that ignoring the support costs loss.
+
+    * ``query_mode="context"``: the query clip becomes a :func:`context_window` (the label is the class's mask on
+      every slice of the window, often empty);
+    * ``same_case_support=p``: with probability ``p`` the support slices come from the query scan itself (spread
+      over the class's slices, as ``segment_volume_with_support`` gets them at inference). Object intensities are
+      random per scan, so a same-scan support also gives an intensity cue, not only shape;
+    * ``classes_per_sample=K``: K classes on the same query slices, each with its own support masks
+      (:meth:`_with_more_classes`).
+
+    The last two replace the supports ``ICLDataset`` chose (also a fixed ``-support_instance``) when they apply.
+    """
+
+    def __init__(self, *args: Any, query_mode: str = "gt_slices", same_case_support: float = 0.0,
+                 classes_per_sample: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.query_mode, self.same_case_support = query_mode, same_case_support
+        self.classes_per_sample = classes_per_sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        if self.query_mode == "gt_slices" and self.same_case_support <= 0 and self.classes_per_sample <= 1:
+            return sample
+        case = next(c for c in self.cases if c.id == sample["name"])
+        cid = sample["class_id"]
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        if self.query_mode == "context":
+            idx = context_window(case.slices_with(cid), case.num_slices, self.video_length, rng)
+            sample["image"] = torch.from_numpy(np.ascontiguousarray(case.image[idx], dtype=np.float32))
+            sample["label"] = torch.from_numpy(case.mask(cid, idx))
+            sample["slice_index"] = torch.from_numpy(idx)
+        same = rng.random() < self.same_case_support
+        if self.classes_per_sample > 1:
+            return self._with_more_classes(sample, case, case if same else None, rng)
+        if same:
+            sup = spread(case.slices_with(cid), self.num_support)
+            sample["support_image"] = torch.from_numpy(np.ascontiguousarray(case.image[sup], dtype=np.float32))
+            sample["support_label"] = torch.from_numpy(case.mask(cid, sup))
+        return sample
+
+    def _with_more_classes(self, sample: dict[str, Any], case: Any, support: Any, rng: np.random.Generator) -> dict:
+        """Add ``class_ids`` [K], ``labels`` [K, T, H, W] and ``support_labels`` [K, S', H, W]: the sampled class plus
+        K-1 others of the query scan, all on the same query slices. The support slices (S' = K * num_support) are
+        each class's ``num_support`` slices of one support scan, every class's mask on all of them. Same query,
+        different support, different target: a model that ignores its memory cannot fit this."""
+        cid = sample["class_id"]
+        if support is None:
+            pool = [c for c in self.support_pool if c is not case and cid in c.class_ids()]
+            support = pool[int(rng.integers(len(pool)))] if pool else case
+        shared = [c for c in self.class_ids if c != cid and c in case.class_ids() and c in support.class_ids()]
+        others = rng.permutation(shared)[:self.classes_per_sample - 1].tolist() if shared else []
+        ids = [cid, *[int(c) for c in others]]
+        sup = np.concatenate([spread(support.slices_with(c), self.num_support) for c in ids])
+        idx = sample["slice_index"].numpy()
+        sample["support_image"] = torch.from_numpy(np.ascontiguousarray(support.image[sup], dtype=np.float32))
+        sample["support_label"] = torch.from_numpy(support.mask(cid, sup))
+        sample["class_ids"] = torch.tensor(ids, dtype=torch.int64)
+        sample["labels"] = torch.from_numpy(np.stack([case.mask(c, idx) for c in ids]))
+        sample["support_labels"] = torch.from_numpy(np.stack([support.mask(c, sup) for c in ids]))
+        return sample
+
+
 def _single_dash(err: InputError) -> InputError:
     """The data modules name their own ``--flags``; train_3d.py spells the same options with one dash."""
     where = err.where[1:] if err.where.startswith("--") else err.where
@@ -314,8 +407,10 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
             raise InputError("-folds", f"fold {cfg.fold} of {cfg.folds} leaves {len(train_cases)} training and "
                                        f"{len(val_cases)} validation cases; use fewer folds or more cases")
         common = dict(video_length=cfg.video_length, num_support=cfg.num_support, support_instance=support,
-                      support_cases=support_pool, seed=cfg.seed)
-        train_set = ICLDataset(train_cases, "gt_slices", **common)
+                      support_cases=support_pool, seed=cfg.seed, class_ids=cfg.class_ids)
+        train_set = TrainClipDataset(train_cases, "gt_slices", query_mode=cfg.query_mode,
+                                     same_case_support=cfg.same_case_support,
+                                     classes_per_sample=cfg.classes_per_sample, **common)
         val_set = ICLDataset(val_cases, "gt_slices", **common)
     except InputError as err:
         raise _single_dash(err) from None
@@ -407,7 +502,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
                leave=False, dynamic_ncols=True)
     n = 0
     for batch in bar:
-        if n >= run.steps_per_epoch:
+        if n >= run.steps_per_epoch or (n > 0 and out_of_time(run)):  # at least one step per epoch
             break
         terms = train_step(run, unpack(batch, run.device))
         n += 1
@@ -522,16 +617,28 @@ def should_validate(cfg: TrainConfig, epoch: int) -> bool:
     return epoch % cfg.val_freq == 0 or epoch == cfg.epochs
 
 
+def out_of_time(run: Run) -> bool:
+    """True once ``-time_limit_min`` of wall clock has passed since :func:`fit` started (never when 0).
+
+    Rank 0's clock decides for every rank, so no rank waits in a collective the others have left."""
+    if run.deadline is None:
+        return False
+    late = time.time() >= run.deadline
+    return bool(dd.broadcast_object(late, run.info)) if run.info.world_size > 1 else late
+
+
 def fit(run: Run) -> dict[str, Any]:
     """Epoch loop from the resumed (or zero) epoch to ``cfg.epochs``."""
     cfg, p = run.cfg, run.progress
+    run.deadline = time.time() + 60.0 * cfg.time_limit_min if cfg.time_limit_min > 0 else None
     for epoch in range(p.epoch + 1, cfg.epochs + 1):
         t0 = time.time()
         means = train_one_epoch(run, epoch)
         p.epoch = epoch
+        stop = out_of_time(run) and epoch < cfg.epochs
         record = {f"epoch/{k}": v for k, v in means.items()} | {"epoch": epoch, "epoch/seconds": time.time() - t0}
         improved = False
-        if should_validate(cfg, epoch):
+        if should_validate(cfg, epoch) or stop:
             metrics, overlays = validate(run)
             record |= metrics
             score = metrics["val/dice_mean"]
@@ -547,6 +654,12 @@ def fit(run: Run) -> dict[str, Any]:
             shown = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in record.items()
                               if isinstance(v, float) and k != "epoch/seconds")
             print(f"epoch {epoch}/{cfg.epochs} step {p.step}: {shown}", file=sys.stderr)
+        if stop:
+            if run.info.is_main:
+                print(f"note: -time_limit_min {cfg.time_limit_min:g} reached after epoch {epoch}; stopping",
+                      file=sys.stderr)
+            run.summary["stopped_by_time_limit"] = True
+            break
     run.summary.update(run_dir=str(run.run_dir), epoch=p.epoch, step=p.step, best_metric=p.best_metric)
     return run.summary
 
@@ -577,3 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+"""``python -m icl.demo --quick``: the README's first command runs end to end and leaves sane result files."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from icl import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "icl.demo", "--quick", "--out", str(out)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    seconds = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert seconds < 120, f"--quick took {seconds:.0f} s"
+    for step in ("icl.data.phantom", "icl.data.preprocess", "train_3d.py", "eval_3d.py"):
+        assert f"$ python {step}" in proc.stdout or f"$ python -m {step}" in proc.stdout, f"{step} not shown"
+    assert "summary: 3D Dice" in proc.stdout and "| protocol | class |" in proc.stdout
+    df = pd.read_csv(out / "eval" / "eval.csv")
+    assert {(p, c) for p, c in zip(df.protocol, df.class_name)} == {
+        (p, c) for p in ("gt_slices", "full_volume") for c in ("kidney", "tumor", "cyst")}
+    assert all(math.isnan(d) or 0.0 <= d <= 1.0 for d in df.dice)
+    assert (out / "eval" / "eval_summary.csv").is_file() and (out / "eval" / "eval.md").is_file()
+    runs = list((out / "runs").glob("demo_*/last.pth"))
+    assert len(runs) == 1 and str(runs[0].parent) in proc.stdout, "the demo says where the checkpoints are"
+
+
+def test_help_and_bad_out(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "icl.demo", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--quick" in proc.stdout and "--minutes" in proc.stdout
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert demo.main(["--out", str(afile)]) == 2
+
+
+def test_failing_step_stops_with_one_line_error(tmp_path, monkeypatch, capsys):
+    real = demo.commands
+
+    def broken(s, out, minutes):
+        cmd = real(s, out, minutes)
+        cmd["phantom"] = [*cmd["phantom"][:-2], "--shape", "4,4"]  # the phantom CLI rejects this
+        return cmd
+
+    monkeypatch.setattr(demo, "commands", broken)
+    assert demo.main(["--quick", "--out", str(tmp_path / "d")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "1/4 generate a phantom dataset" in err[0]
+    assert not (tmp_path / "d" / "runs").exists(), "later steps did not run"

@@ -33,14 +33,6 @@ def pair(tmp_path_factory) -> dict[str, Path]:
             "q": root / "ph/img/img0002.nii.gz", "ckpt": root / "ckpt.pt", "root": root}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def segmenter(pair) -> ICLSegmenter:
     return ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE)

@@ -46,6 +46,7 @@ from icl.data.sampling import pick_support_slices
 from icl.data.validate import check_dims, check_grid, load_nifti_header, load_nifti_volume
 from icl.errors import InputError
 from icl.report.nifti import write_mask_nifti
+from sam2_ext.icl import frame_output
 
 AUTO_SUPPORT_PER_CLASS = 3
 # "auto": CT if the scan holds values this low (air in HU), else MR-like percentile scaling
@@ -166,11 +167,6 @@ class Segmentation:
 
 
 # ---------------------------------------------------------------------------------------------------- engine
-def _frame_out(state: dict, obj_idx: int, frame_idx: int) -> dict:
-    out = state["output_dict_per_obj"][obj_idx]
-    return out["cond_frame_outputs"].get(frame_idx) or out["non_cond_frame_outputs"][frame_idx]
-
-
 def sweep(predictor: Any, state: dict, start: int, reverse: bool, bound: Sequence[int],
           on_frame: Callable[[], None] | None = None) -> Iterator[tuple[int, torch.Tensor, list[bool]]]:
     """One propagation pass; yields ``(frame_idx, low-res logits [C, 1, h, w], valid per object)``.
@@ -203,7 +199,7 @@ def sweep(predictor: Any, state: dict, start: int, reverse: bool, bound: Sequenc
     try:
         for frame_idx, obj_ids, _ in predictor.train_propagate_in_video(state, start_frame_idx=start,
                                                                          reverse=reverse):
-            low = torch.cat([_frame_out(state, i, frame_idx)["pred_masks"] for i in range(len(obj_ids))], dim=0)
+            low = torch.cat([frame_output(state, i, frame_idx)["pred_masks"] for i in range(len(obj_ids))], dim=0)
             valid = [(frame_idx <= b) if reverse else (frame_idx >= b) for b in bound]
             unplace()
             place(frame_idx + step)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from icl.errors import InputError, report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -124,8 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes = a.minutes if a.minutes is not None else (0.5 if a.quick else 5.0)
     out = Path(a.out).resolve()
     if out.exists() and not out.is_dir():
-        print(f"error: --out: {out} exists and is not a folder", file=sys.stderr)
-        return 2
+        return report(InputError("--out", f"{out} exists and is not a folder"))
     if out.exists() and any(out.iterdir()):
         print(f"note: {out} exists; data and cache are reused, a new run folder is added", file=sys.stderr)
     # one thread per process: on a shared few-core machine more threads make tiny models slower, not faster

@@ -22,7 +22,8 @@ def _grad_context(grad: bool):
     return contextlib.nullcontext() if grad else torch.no_grad()
 
 
-def _frame_output(state: dict, obj_idx: int, frame_idx: int) -> dict:
+def frame_output(state: dict, obj_idx: int, frame_idx: int) -> dict:
+    """The stored SAM2 output of one object on one frame (conditioning or tracked)."""
     out = state["output_dict_per_obj"][obj_idx]
     return out["cond_frame_outputs"].get(frame_idx) or out["non_cond_frame_outputs"][frame_idx]
 
@@ -42,7 +43,7 @@ def _collect(predictor: ICLPredictor, state: dict, frame_range: range, col_of: d
         if frame_idx not in frame_range:
             continue
         for obj_idx, obj_id in enumerate(obj_ids):
-            out = _frame_output(state, obj_idx, frame_idx)
+            out = frame_output(state, obj_idx, frame_idx)
             key = (frame_idx, col_of[obj_id])
             result["logits"].setdefault(key, []).append(masks[obj_idx, 0])
             result["object_score_logits"].setdefault(key, []).append(out["object_score_logits"].reshape(()))

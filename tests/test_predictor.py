@@ -148,22 +148,27 @@ def test_memory_selector_hook(tiny_predictor):
     assert not torch.allclose(plain["logits"][1:], selected["logits"][1:])
 
 
+def _track_with_history(predictor, images, mask, history):
+    """Propagate one object from a mask on frame 0 with ``keep_history``; returns (logits [N, 1, H, W], the
+    largest number of tracked outputs the bank held at any frame)."""
+    state = predictor.init_state_from_frames(images)
+    state["keep_history"] = history
+    logits, longest = [], 0
+    with torch.no_grad():
+        predictor.train_add_new_mask(state, 0, 1, mask)
+        for _, _, out in predictor.train_propagate_in_video(state):
+            logits.append(out)
+            longest = max(longest, len(state["output_dict_per_obj"][0]["non_cond_frame_outputs"]))
+    return torch.cat(logits), longest
+
+
 def test_keep_history_prunes_without_changing_results(tiny_predictor):
     images, masks = toy_slices(10)
-    results, sizes = [], []
-    for keep in (None, 2):
-        state = tiny_predictor.init_state_from_frames(images)
-        state["keep_history"] = keep
-        with torch.no_grad():
-            tiny_predictor.train_add_new_mask(state, 0, 1, masks[0])
-            logits = []
-            for _, _, out in tiny_predictor.train_propagate_in_video(state):
-                logits.append(out)
-                sizes.append((keep, len(state["output_dict_per_obj"][0]["non_cond_frame_outputs"])))
-        results.append(torch.stack(logits))
-    assert max(n for k, n in sizes if k == 2) == 3  # current frame + 2 behind
-    assert max(n for k, n in sizes if k is None) == 9
-    assert torch.allclose(results[0][:4], results[1][:4])  # identical while the window covers the memory
+    full, full_longest = _track_with_history(tiny_predictor, images, masks[0], None)
+    pruned, pruned_longest = _track_with_history(tiny_predictor, images, masks[0], 2)
+    assert pruned_longest == 3  # current frame + 2 behind
+    assert full_longest == 9
+    assert torch.allclose(full[:4], pruned[:4])  # identical while the window covers the memory
     assert len(tiny_predictor.init_state_from_frames(images)["cached_features"]) == 0
 
 
@@ -171,20 +176,10 @@ def test_keep_history_at_exact_window_is_identical(tiny_predictor):
     keep = tiny_predictor.min_exact_history()
     assert keep == 16  # object-pointer window of SAM2.1 (mask memories need only 7)
     images, masks = toy_slices(keep + 4, size=32)
-    results, longest = [], 0
-    for history in (None, keep):
-        state = tiny_predictor.init_state_from_frames(images)
-        state["keep_history"] = history
-        with torch.no_grad():
-            tiny_predictor.train_add_new_mask(state, 0, 1, masks[0])
-            logits = []
-            for _, _, out in tiny_predictor.train_propagate_in_video(state):
-                logits.append(out)
-                if history is not None:
-                    longest = max(longest, len(state["output_dict_per_obj"][0]["non_cond_frame_outputs"]))
-        results.append(torch.cat(logits))
+    full, _ = _track_with_history(tiny_predictor, images, masks[0], None)
+    pruned, longest = _track_with_history(tiny_predictor, images, masks[0], keep)
     assert longest == keep + 1
-    assert torch.equal(results[0], results[1])
+    assert torch.equal(full, pruned)
 
 
 def test_lazy_frame_source_equals_tensor_input(tiny_predictor):

@@ -21,7 +21,6 @@ file read with nibabel; spacing comes from its header in array-axis order.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +40,7 @@ from icl.data.preprocess import CachedCase, open_cache, to_original_grid
 from icl.data.sampling import load_splits, make_splits, pick_support_slices
 from icl.data.validate import load_nifti_volume
 from icl.engine.metrics import MetricRows, logits_to_mask
+from icl.engine.train import amp_dtype, autocast, prepare_caches
 from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
 from sam2_ext.icl import segment_with_support  # module attribute on purpose: tests replace it with a fake
@@ -201,7 +201,6 @@ def open_eval_cache(cfg: EvalConfig) -> tuple[list[CachedCase], dict[int, str], 
     """
     from icl.data.loaders import open_caches
     from icl.engine.distributed import DistInfo
-    from icl.engine.train import prepare_caches
 
     if cfg.cache_dir and (Path(cfg.cache_dir) / "index.json").is_file():
         cases, label_map = open_cache(cfg.cache_dir)
@@ -272,19 +271,6 @@ def support_slices(support: CachedCase, class_ids: Sequence[int], num_support: i
 
 
 # ----------------------------------------------------------------------------------------------------- prediction
-def _amp_on(device: str, amp: str) -> bool:
-    return device.startswith("cuda") and amp != "none"
-
-
-def _autocast(device: str, amp: str):
-    """Mixed precision on CUDA only (auto = bf16 where supported, SAM2's own inference setting)."""
-    if not _amp_on(device, amp):
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) \
-        else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _tensor(arr: np.ndarray, device: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
 
@@ -303,7 +289,7 @@ def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx:
     out: dict[int, np.ndarray] = {}
     if not sup_idx:
         return out
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast(device, amp_dtype(amp, device)):
         if protocol == "gt_slices":
             for cid, idx in sup_idx.items():
                 full = np.full(shape, NO_PRED, dtype=np.float32)

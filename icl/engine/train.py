@@ -50,7 +50,7 @@ from icl.engine.checkpoint import (
 )
 from icl.engine.logging import RunLogger, make_logger, overlay
 from icl.engine.losses import ICLLoss
-from icl.errors import InputError
+from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
 from sam2_ext.build import build_icl_predictor
 from sam2_ext.icl import segment_with_support
@@ -153,14 +153,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def amp_dtype(mode: str, device: str) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bf16 where supported (``auto``), fp16, or None (off; always on CPU)."""
+    if not device.startswith("cuda") or mode == "none":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
 def amp_setup(mode: str, device: str) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """Mixed precision on CUDA only: bf16 where supported (``auto``), fp16 with a GradScaler, or off."""
-    dtype: torch.dtype | None = None
-    if device.startswith("cuda") and mode != "none":
-        if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-            dtype = torch.bfloat16
-        else:
-            dtype = torch.float16
+    """The autocast dtype (:func:`amp_dtype`) and a GradScaler that is active for fp16 only."""
+    dtype = amp_dtype(mode, device)
     scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=dtype == torch.float16)
     return dtype, scaler
 
@@ -687,8 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_train_args(argv))
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

@@ -86,8 +86,9 @@ BTCV_BAD = {
     "not_gzip": ("label/label0002.nii.gz", None, "unreadable"),
     "shape": ("label/label0002.nii.gz", lambda a, f: (a[:-1], f), "does not match image shape"),
     "affine": ("label/label0002.nii.gz", lambda a, f: (a, f + np.diag([0, 0, 1.0, 0])), "affine"),
-    "nan": ("img/img0002.nii.gz", lambda a, f: (np.where(a > 500, np.nan, a.astype(np.float32)), f), "NaN"),
-    "inf": ("img/img0002.nii.gz", lambda a, f: (np.where(a > 500, np.inf, a.astype(np.float32)), f), "NaN/inf"),
+    "all_nan": ("img/img0002.nii.gz", lambda a, f: (np.full(a.shape, np.nan, np.float32), f), "no finite voxels"),
+    "label_nan": ("label/label0002.nii.gz", lambda a, f: (np.where(a == 1, np.nan, a.astype(np.float32)), f),
+                  "NaN/inf voxels"),
     "2d": ("img/img0002.nii.gz", lambda a, f: (a[:, :, 0], f), "2D"),
     "flat": ("img/img0002.nii.gz", lambda a, f: (a[:, :, :1], f), "2D"),
     "5d": ("img/img0002.nii.gz", lambda a, f: (a[..., None, None].repeat(2, 3).repeat(2, 4), f), "5D"),
@@ -151,7 +152,7 @@ def test_load_nifti_volume_and_check_pair(phantom_datasets):
     msd = phantom_datasets["msd"]
     arr, aff, hdr = load_nifti_volume(msd / "imagesTr" / "phantom_001.nii.gz", channel=1)
     assert arr.shape == PHANTOM_SHAPE and aff.shape == (4, 4) and hdr.get_data_shape()[-1] == 2
-    with pytest.raises(InputError, match="needs a modality channel"):
+    with pytest.raises(InputError, match=r"\(40, 36, 20, 2\) has 2 channels: choose one \(--channel 0..1\)"):
         load_nifti_volume(msd / "imagesTr" / "phantom_001.nii.gz")
     with pytest.raises(InputError, match="out of range"):
         load_nifti_volume(msd / "imagesTr" / "phantom_001.nii.gz", channel=2)

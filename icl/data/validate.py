@@ -5,6 +5,7 @@ is cached, trained on or written; never a numpy traceback three modules later.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -38,23 +39,58 @@ def check_dims(shape: tuple[int, ...], path: str | Path) -> None:
         raise InputError(path, f"volume {shape} is 2D (an axis of size {min(shape[:3])}), expected 3D")
 
 
-def load_nifti_volume(
-    path: str | Path, channel: int | None = None, dtype: type | None = None
-) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    """Load a 3D volume (or one ``channel`` of a 4D one) and check it is finite: ``(array, affine, header)``.
+NONFINITE_RULE = "NaN/-inf -> min, +inf -> max"
 
-    Arrays keep NIfTI voxel order. ``dtype`` None keeps the stored dtype (labels stay integer).
+
+def warn_nonfinite(where: str | Path, count: int) -> None:
+    """The one warning line of the engine's non-finite rule (printed once per volume)."""
+    print(f"warning: {where}: {count} non-finite voxels replaced ({NONFINITE_RULE})", file=sys.stderr)
+
+
+def no_finite_voxels(where: str | Path) -> InputError:
+    return InputError(where, "no finite voxels (every voxel is NaN or inf)")
+
+
+def replace_nonfinite(arr: np.ndarray, where: str | Path) -> np.ndarray:
+    """The engine's one rule for images, in memory: NaN/-inf → finite minimum, +inf → finite maximum (in place
+    when ``arr`` is writable); warns once; a volume with no finite voxel is an InputError."""
+    if arr.dtype.kind not in "fc":
+        return arr
+    finite = np.isfinite(arr)
+    bad = arr.size - int(np.count_nonzero(finite))
+    if bad == 0:
+        return arr
+    if bad == arr.size:
+        raise no_finite_voxels(where)
+    lo, hi = arr[finite].min(), arr[finite].max()
+    warn_nonfinite(where, bad)
+    return np.nan_to_num(arr, copy=not arr.flags.writeable, nan=lo, posinf=hi, neginf=lo)
+
+
+def pick_channel(shape: tuple[int, ...], channel: int | None, path: str | Path) -> int | None:
+    """Which channel of a (channels-last) 4D image to use: required when it has several; None for 3D."""
+    n = shape[3] if len(shape) == 4 else 1
+    if channel is None:
+        if n > 1:
+            raise InputError(path, f"4D image {tuple(shape)} has {n} channels: choose one (--channel 0..{n - 1})")
+        return 0 if len(shape) == 4 else None
+    if not 0 <= int(channel) < n:
+        raise InputError(path, f"channel {channel} out of range for image {tuple(shape)} (--channel 0..{n - 1})")
+    return int(channel) if len(shape) == 4 else None
+
+
+def load_nifti_volume(
+    path: str | Path, channel: int | None = None, dtype: type | None = None, nonfinite: str = "error"
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Load a 3D volume (or one ``channel`` of a 4D one): ``(array, affine, header)``, in NIfTI voxel order.
+
+    ``dtype`` None keeps the stored dtype (labels stay integer). ``nonfinite``: "error" (labels: NaN/inf voxels are
+    an InputError) or "replace" (images: the engine's rule, see :func:`replace_nonfinite`).
     """
     img = load_nifti_header(path)
     shape = img.shape
     check_dims(shape, path)
-    if len(shape) == 4 and shape[3] == 1 and channel is None:
-        channel = 0
-    if len(shape) == 4:
-        if channel is None:
-            raise InputError(path, f"4D image {shape} needs a modality channel")
-        if not 0 <= channel < shape[3]:
-            raise InputError(path, f"modality channel {channel} out of range for {shape[3]} channels")
+    channel = pick_channel(shape, channel, path)
     try:
         arr = np.asanyarray(img.dataobj)
         if len(shape) == 4:
@@ -62,7 +98,9 @@ def load_nifti_volume(
         arr = np.asarray(arr, dtype=dtype) if dtype is not None else np.asarray(arr)
     except Exception as e:
         raise InputError(path, f"unreadable or truncated NIfTI data ({type(e).__name__}: {e})") from None
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if nonfinite == "replace":
+        arr = replace_nonfinite(arr, path)
+    elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(path, f"{int((~np.isfinite(arr)).sum())} NaN/inf voxels")
     return arr, img.affine.copy(), img.header
 
@@ -101,8 +139,11 @@ def check_label(label: np.ndarray, path: str | Path, allowed: Iterable[int] | No
 def check_pair(
     image_path: str | Path, label_path: str | Path, channel: int | None = None, allowed: Iterable[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Load and cross-check an image/label pair: ``(image float32, label int, affine)``, all in NIfTI voxel order."""
-    image, affine, _ = load_nifti_volume(image_path, channel=channel, dtype=np.float32)
+    """Load and cross-check an image/label pair: ``(image float32, label int, affine)``, all in NIfTI voxel order.
+
+    Non-finite image voxels follow the engine's rule (replaced, one warning); in the label they are an error.
+    """
+    image, affine, _ = load_nifti_volume(image_path, channel=channel, dtype=np.float32, nonfinite="replace")
     label, label_affine, _ = load_nifti_volume(label_path)
     check_grid(image.shape, affine, label.shape, label_affine, label_path)
     return image, check_label(label, label_path, allowed), affine

@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from icl.data.loaders import ICLDataset, open_caches  # noqa: E402
 from icl.data.phantom import make_phantom_dataset  # noqa: E402
-from icl.data.preprocess import (CT_WINDOWS, CachedCase, normalise_intensity, open_cache,  # noqa: E402
-                                 preprocess_dataset, resize_inplane, to_slices_first)
+from icl.data.frames import Scan, VolumeFrames, label_slices  # noqa: E402
+from icl.data.preprocess import CachedCase, open_cache, preprocess_dataset  # noqa: E402
 from icl.data.sampling import extract_object  # noqa: E402
-from icl.data.validate import check_pair  # noqa: E402
+from icl.data.validate import check_label  # noqa: E402
 
 SHAPE = (96, 96, 40)
 IMAGE_SIZE = 128
@@ -43,14 +43,12 @@ def build(work: Path, cases: int, tag: str) -> Path:
 
 
 def clip_from_nifti(case: CachedCase, idx: np.ndarray, class_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """What sampling costs without a cache: decode + validate both files, window, move axis, resize the clip."""
+    """What sampling costs without a cache: decode + validate both files, then the CLI's frames of the clip."""
     m = case.meta
-    image, label, _ = check_pair(m["source"]["image"]["path"], m["source"]["label"]["path"])
-    img = to_slices_first(image, m["slice_axis"])[idx]
-    lab = to_slices_first(label, m["slice_axis"])[idx]
-    img = normalise_intensity(img, "CT", CT_WINDOWS["abdomen"])
-    img = np.clip(resize_inplane(img, (IMAGE_SIZE, IMAGE_SIZE), 1), 0, 1)
-    lab = resize_inplane(lab.astype(np.uint8), (IMAGE_SIZE, IMAGE_SIZE), 0)
+    image, label = Scan.open(m["source"]["image"]["path"]), Scan.open(m["source"]["label"]["path"])
+    check_label(label.canonical, label.path)
+    img = VolumeFrames(image, m["window_name"], IMAGE_SIZE, m["slice_axis"], indices=idx).stack()
+    lab = label_slices(label, m["slice_axis"], idx, IMAGE_SIZE)
     return img, (lab == class_id).astype(np.float32)
 
 
@@ -75,7 +73,7 @@ def bench_speed(cache: Path, n_clips: int) -> dict[str, float]:
     raw = [clip_from_nifti(c, idx, cid) for c, cid, idx in clips]
     t_nifti = time.perf_counter() - t0
     for (a_img, a_lab), (b_img, b_lab) in zip(cached, raw):  # same clips, same contents
-        assert np.allclose(a_img, b_img, atol=1e-5) and np.array_equal(a_lab, b_lab)
+        assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
     return {"cache_ms": 1e3 * t_cache / n_clips, "nifti_ms": 1e3 * t_nifti / n_clips, "ratio": t_nifti / t_cache}
 
 

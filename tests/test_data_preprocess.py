@@ -11,8 +11,8 @@ import pytest
 
 from data_fixtures import PHANTOM_IMAGE_SIZE, PHANTOM_SHAPE, phantom_caches, phantom_datasets  # noqa: F401
 from icl.data.phantom import make_phantom_dataset
-from icl.data.preprocess import (CT_WINDOWS, CachedCase, main, normalise_intensity, open_cache, preprocess_dataset,
-                                 to_original_grid)
+from icl.data.frames import Scan, intensity_range, window01
+from icl.data.preprocess import CT_WINDOWS, CachedCase, main, open_cache, preprocess_dataset, to_original_grid
 from icl.errors import InputError
 
 
@@ -25,7 +25,8 @@ def test_cache_contents(phantom_caches, phantom_datasets):
     assert c.image.dtype == np.float32 and c.label.dtype == np.uint8
     assert 0.0 <= c.image.min() and c.image.max() <= 1.0 and c.image.min() == 0.0  # air clipped to 0
     m = c.meta
-    assert m["original_shape"] == [z, PHANTOM_SHAPE[0], PHANTOM_SHAPE[1]] and m["slice_axis"] == 0
+    assert m["original_shape"] == [z, PHANTOM_SHAPE[0], PHANTOM_SHAPE[1]] and m["slice_axis"] == 2
+    assert m["canonical_shape"] == [PHANTOM_SHAPE[0], PHANTOM_SHAPE[1], z] and m["axcodes"] == ["S", "L", "P"]
     assert m["window"] == list(CT_WINDOWS["kidney"]) and m["source"]["image"]["size"] > 0
     nii = nib.load(phantom_datasets["kits"] / "case_00000" / "imaging.nii.gz")
     assert np.allclose(m["affine"], nii.affine, atol=1e-5)
@@ -39,9 +40,9 @@ def test_cache_contents(phantom_caches, phantom_datasets):
 
 def test_ct_window_and_mr_percentiles():
     hu = np.array([[[-1000.0, -175.0, 37.5, 250.0, 900.0]]])
-    assert np.allclose(normalise_intensity(hu, "CT", CT_WINDOWS["abdomen"]), [[[0, 0, 0.5, 1, 1]]])
-    mr = np.linspace(0, 1000, 1001).reshape(1, 7, 143)
-    out = normalise_intensity(mr, "MR", None)
+    assert np.allclose(window01(hu, *CT_WINDOWS["abdomen"]), [[[0, 0, 0.5, 1, 1]]])
+    mr = np.linspace(0, 1000, 1001).reshape(7, 11, 13)
+    out = window01(mr, *intensity_range(Scan.from_array(mr), "mr"))
     assert out.min() == 0 and out.max() == 1 and abs(float(np.median(out)) - 0.5) < 0.01
 
 
@@ -123,12 +124,12 @@ def test_prepare_single_volume_matches_cache(phantom_caches):
 
     case = open_cache(phantom_caches["kits"])[0][1]
     m = case.meta
-    image, label, _ = check_pair(m["source"]["image"]["path"], m["source"]["label"]["path"])
-    img = prepare_image(image, 0, "CT", tuple(m["window"]), PHANTOM_IMAGE_SIZE)
+    image, label, affine = check_pair(m["source"]["image"]["path"], m["source"]["label"]["path"])
+    img = prepare_image(image, 2, "CT", tuple(m["window"]), PHANTOM_IMAGE_SIZE, affine)
     assert np.array_equal(img, np.asarray(case.image))
-    lab = prepare_label(label, 0, PHANTOM_IMAGE_SIZE)
+    lab = prepare_label(label, 2, PHANTOM_IMAGE_SIZE, affine)
     assert np.array_equal(lab, np.asarray(case.label))
-    assert to_original_grid(lab, grid_meta(label.shape, 0)).shape == label.shape
+    assert to_original_grid(lab, grid_meta(label.shape, 2, affine)).shape == label.shape
 
 
 def test_module_entry_point_prints_one_line_error(tmp_path):

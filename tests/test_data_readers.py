@@ -22,7 +22,7 @@ def test_kits_reader_modes(phantom_datasets):
     cases = read_dataset("kits", phantom_datasets["kits"])
     assert [c.id for c in cases] == [f"case_{i:05d}" for i in range(PHANTOM_CASES)]
     c = cases[0]
-    assert c.slice_axis == 0 and c.modality == "CT" and c.window == "kidney" and c.channel is None
+    assert c.slice_axis == 2 and c.modality == "CT" and c.window == "kidney" and c.channel is None
     assert c.label_map == {1: "kidney", 2: "tumor", 3: "cyst"} and c.remap == {1: 1, 2: 2, 3: 3}
     assert c.spacing[0] > c.spacing[1] and c.affine.shape == (4, 4)
     seed = read_dataset("kits", phantom_datasets["kits"], label_mode="seed")[0]
@@ -88,7 +88,7 @@ BTCV_BAD = {
     "affine": ("label/label0002.nii.gz", lambda a, f: (a, f + np.diag([0, 0, 1.0, 0])), "affine"),
     "all_nan": ("img/img0002.nii.gz", lambda a, f: (np.full(a.shape, np.nan, np.float32), f), "no finite voxels"),
     "label_nan": ("label/label0002.nii.gz", lambda a, f: (np.where(a == 1, np.nan, a.astype(np.float32)), f),
-                  "NaN/inf voxels"),
+                  "NaN/inf voxels in label"),
     "2d": ("img/img0002.nii.gz", lambda a, f: (a[:, :, 0], f), "2D"),
     "flat": ("img/img0002.nii.gz", lambda a, f: (a[:, :, :1], f), "2D"),
     "5d": ("img/img0002.nii.gz", lambda a, f: (a[..., None, None].repeat(2, 3).repeat(2, 4), f), "5D"),

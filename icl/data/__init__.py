@@ -1,4 +1,4 @@
-"""Data pipeline: NIfTI readers → validated, preprocessed slices-first cache → ICL samples. Knows nothing about SAM2.
+"""Data pipeline: NIfTI readers → frames (icl.data.frames) → slices-first cache → ICL samples. No SAM2 here.
 
 Names are imported lazily (``from icl.data import ICLDataset`` works) so ``python -m icl.data.<module>`` runs
 cleanly and the phantom generator does not pull in torch.
@@ -13,6 +13,8 @@ _EXPORTS = {
     "set_epoch": "loaders",
     "CachedCase": "preprocess", "open_cache": "preprocess", "preprocess_dataset": "preprocess",
     "prepare_image": "preprocess", "prepare_label": "preprocess", "to_original_grid": "preprocess",
+    "Scan": "frames", "VolumeFrames": "frames", "intensity_range": "frames", "label_slices": "frames",
+    "resize_slices": "frames",
     "Case": "readers", "read_combined": "readers", "read_dataset": "readers",
     "extract_object": "sampling", "make_splits": "sampling", "pick_support_slices": "sampling",
     "check_pair": "validate", "load_nifti_volume": "validate",

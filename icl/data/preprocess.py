@@ -1,7 +1,9 @@
-"""Preprocess a dataset ONCE into a slices-first cache: windowed/normalised [Z, H, W] float32 + uint8 labels as .npy.
+"""Preprocess a dataset ONCE into a slices-first cache: the model's frames [Z, S, S] float32 + labels as .npy.
 
 Why: decoding a gzipped NIfTI, windowing and resampling costs far more than a training step needs; the cache is
-memory-mapped (``np.load(mmap_mode="r")``) so sampling a clip touches only the slices it uses.
+memory-mapped (``np.load(mmap_mode="r")``) so sampling a clip touches only the slices it uses. The frames are made
+by ``icl.data.frames`` (the one preprocessing the CLI/API also use), so a model sees the same pixels everywhere.
+``meta.json`` records how to go back to the source grid (orientation, slice axis, shapes, affine).
 
 Layout: ``<cache>/index.json`` (dataset, label map, case ids) and ``<cache>/<case_id>/{image.npy,label.npy,meta.json}``.
 ``meta.json`` is written last (atomically), so an entry is valid iff its meta exists and its ``key`` (source sizes +
@@ -18,19 +20,22 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from icl.data import frames
+from icl.data.frames import (MR_PERCENTILES, RAS, WINDOWS, Scan, VolumeFrames, canonical_ornt,  # noqa: F401
+                             check_window, inverse_ornt, label_slices, parse_window, reorient, reoriented_shape,
+                             resize_slices)
 from icl.data.readers import READERS, Case, read_dataset
-from icl.data.validate import check_pair
+from icl.data.validate import check_grid, check_label
 from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
 
-CACHE_VERSION = 1
-# CT windows (HU). kidney: nnU-Net's KiTS19 foreground 0.5-99.5 percentiles; abdomen: soft-tissue window used for
-# BTCV by UNETR / Swin-UNETR.
-CT_WINDOWS: dict[str, tuple[float, float]] = {"kidney": (-79.0, 304.0), "abdomen": (-175.0, 250.0)}
-MR_PERCENTILES = (0.5, 99.5)
+CACHE_VERSION = 2  # 2: frames from icl.data.frames (canonical orientation, antialiased resize, non-finite rule)
+# Old names kept for callers that predate icl.data.frames (which owns the values).
+CT_WINDOWS: dict[str, tuple[float, float]] = {k[3:]: v for k, v in WINDOWS.items() if v is not None}
 
 
 def _source_stamp(path: Path | None) -> dict[str, Any] | None:
@@ -40,88 +45,67 @@ def _source_stamp(path: Path | None) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _key(case: Case, image_size: int, window: tuple[float, float] | None) -> str:
+def case_window(case: Case, window: str | tuple[float, float] | None = None) -> str | tuple[float, float]:
+    """The frames window of a case: the given one, else the reader's CT preset, or MR percentiles."""
+    if window is not None:
+        return check_window(tuple(window) if not isinstance(window, str) else window)
+    return f"ct_{case.window}" if case.modality == "CT" else "mr"
+
+
+def _key(case: Case, image_size: int, window: str | tuple[float, float]) -> str:
     """Everything the cached arrays depend on; any change invalidates the entry."""
     parts = {
         "version": CACHE_VERSION, "image": _source_stamp(case.image), "label": _source_stamp(case.label),
         "image_size": image_size, "window": window, "modality": case.modality, "channel": case.channel,
-        "slice_axis": case.slice_axis,
+        "slice_axis": case.slice_axis, "percentile_budget": frames.PERCENTILE_VOXEL_BUDGET,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def normalise_intensity(volume: np.ndarray, modality: str, window: tuple[float, float] | None) -> np.ndarray:
-    """CT: clip to ``window`` and scale to [0, 1]; MR: 0.5-99.5 percentile scaling to [0, 1]."""
-    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles  # heavy: import when used
-
-    if modality == "CT":
-        lo, hi = window if window is not None else CT_WINDOWS["abdomen"]
-        t = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-    else:
-        t = ScaleIntensityRangePercentiles(lower=MR_PERCENTILES[0], upper=MR_PERCENTILES[1], b_min=0.0, b_max=1.0,
-                                           clip=True)
-    return np.asarray(t(volume[None].astype(np.float32))[0], dtype=np.float32)
-
-
-def resize_inplane(volume_zhw: np.ndarray, size: Sequence[int], order: int) -> np.ndarray:
-    """Resize every slice of [Z, H, W] to ``size`` (order 1 bilinear, order 0 nearest-exact; Z is untouched)."""
-    import torch
-    from monai.transforms import Resize
-
-    size = tuple(int(s) for s in size)
-    if tuple(volume_zhw.shape[1:]) == size:
-        return np.array(volume_zhw)
-    mode = "bilinear" if order == 1 else "nearest-exact"
-    kw = {"align_corners": False, "anti_aliasing": False} if order == 1 else {}
-    t = Resize(spatial_size=size, mode=mode, **kw)
-    src = torch.from_numpy(np.array(volume_zhw, dtype=np.float32))  # a writable copy (memmaps are read-only)
-    out = t(src)
-    out = out.as_tensor() if hasattr(out, "as_tensor") else out
-    out = out.numpy()
-    return out if order == 1 else np.rint(out).astype(volume_zhw.dtype)
-
-
-def to_slices_first(volume: np.ndarray, slice_axis: int) -> np.ndarray:
-    return np.moveaxis(volume, slice_axis, 0)
+def grid_meta(original_shape: Sequence[int], slice_axis: int, affine: np.ndarray | None = None) -> dict[str, Any]:
+    """What ``to_original_grid`` needs to go back to a file's voxel grid (the cache stores it in meta.json)."""
+    ornt = canonical_ornt(np.eye(4) if affine is None else affine)
+    return {"original_shape": [int(s) for s in original_shape], "slice_axis": int(slice_axis),
+            "orientation": ornt.tolist(), "canonical_shape": list(reoriented_shape(original_shape, ornt))}
 
 
 def to_original_grid(volume_zhw: "np.ndarray | torch.Tensor", meta: dict[str, Any], order: int = 0) -> np.ndarray:
-    """Undo the cache's in-plane resample and axis move: [Z, S, S] → the source NIfTI's voxel order and shape.
+    """Undo the cache's resize, axis move and orientation: [Z, S, S] → the source NIfTI's voxel order and shape.
 
-    ``order`` 0 (nearest, for labels/masks) or 1 (bilinear, for probabilities). Used to write predictions as NIfTI
-    on the original grid (with ``meta["affine"]``) and to score against the original label.
+    ``order`` 0 (nearest, for labels/masks) or 1 (bilinear, for logits/probabilities). Used to write predictions
+    as NIfTI on the original grid (with ``meta["affine"]``) and to score against the original label.
     """
     if hasattr(volume_zhw, "detach"):  # a torch tensor
         volume_zhw = volume_zhw.detach().cpu().numpy()
-    shape = tuple(meta["original_shape"])
+    ornt = np.asarray(meta.get("orientation", RAS), dtype=np.float64)
+    canonical = reoriented_shape(meta["original_shape"], ornt)
     axis = int(meta["slice_axis"])
-    inplane = tuple(s for i, s in enumerate(shape) if i != axis)
-    if volume_zhw.ndim != 3 or volume_zhw.shape[0] != shape[axis]:
-        raise InputError("volume", f"expected [{shape[axis]}, H, W] for case {meta.get('id')}, got "
+    inplane = tuple(s for i, s in enumerate(canonical) if i != axis)
+    if volume_zhw.ndim != 3 or volume_zhw.shape[0] != canonical[axis]:
+        raise InputError("volume", f"expected [{canonical[axis]}, H, W] for case {meta.get('id')}, got "
                                    f"{tuple(volume_zhw.shape)}")
-    back = resize_inplane(volume_zhw, inplane, order)
-    return np.ascontiguousarray(np.moveaxis(back, 0, axis))
+    back = resize_slices(volume_zhw, inplane, "label" if order == 0 else "logits")
+    return np.ascontiguousarray(reorient(np.moveaxis(back, 0, axis), inverse_ornt(ornt)))
+
+
+def _frames_window(modality: str, window: tuple[float, float] | None) -> str | tuple[float, float]:
+    return (tuple(window) if window is not None else "ct_abdomen") if modality == "CT" else "mr"
 
 
 def prepare_image(image: np.ndarray, slice_axis: int, modality: str, window: tuple[float, float] | None,
-                  image_size: int) -> np.ndarray:
-    """One NIfTI-ordered volume → engine input: windowed/normalised, slices-first, resized ``[Z, S, S]`` in [0, 1].
+                  image_size: int, affine: np.ndarray | None = None) -> np.ndarray:
+    """One in-memory volume (file voxel order, ``affine`` default identity) → the cache's frames ``[Z, S, S]``.
 
-    The same transform the cache applies; the inference CLI calls it on a single volume (no cache needed).
+    Exactly ``VolumeFrames`` (``slice_axis`` is canonical); for files prefer ``VolumeFrames(Scan.open(path))``.
     """
-    out = resize_inplane(normalise_intensity(to_slices_first(image, slice_axis), modality, window),
-                         (image_size, image_size), order=1)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    scan = Scan.from_array(image, affine)
+    return VolumeFrames(scan, _frames_window(modality, window), image_size, slice_axis).stack()
 
 
-def prepare_label(label: np.ndarray, slice_axis: int, image_size: int) -> np.ndarray:
-    """Label volume → slices-first ``[Z, S, S]`` uint8, nearest resampling (class ids preserved)."""
-    return resize_inplane(to_slices_first(label, slice_axis).astype(np.uint8), (image_size, image_size), 0)
-
-
-def grid_meta(original_shape: Sequence[int], slice_axis: int) -> dict[str, Any]:
-    """The minimal ``meta`` for ``to_original_grid`` when a volume was prepared without the cache."""
-    return {"original_shape": [int(s) for s in original_shape], "slice_axis": int(slice_axis)}
+def prepare_label(label: np.ndarray, slice_axis: int, image_size: int, affine: np.ndarray | None = None) -> np.ndarray:
+    """Label volume (file voxel order) → slices-first ``[Z, S, S]`` uint8, nearest (class ids preserved)."""
+    scan = Scan.from_array(np.asarray(label).astype(np.uint8), affine)
+    return label_slices(scan, slice_axis, None, image_size)
 
 
 class CachedCase:
@@ -214,12 +198,16 @@ def _save_npy(target: Path, arr: np.ndarray) -> None:
 
 
 def preprocess_case(case: Case, cache: str | Path, image_size: int,
-                    window: tuple[float, float] | None = None) -> tuple[CachedCase, bool]:
-    """Cache one case; returns ``(cached, rebuilt)``. Validation runs before anything is written."""
+                    window: str | tuple[float, float] | None = None) -> tuple[CachedCase, bool]:
+    """Cache one case; returns ``(cached, rebuilt)``. Validation runs before anything is written.
+
+    The image is ``VolumeFrames(Scan.open(image, channel), window, image_size, slice_axis)`` stacked item by item
+    into the .npy (so a cached frame is the CLI's frame, bit for bit); the label is ``label_slices``.
+    """
     if case.label is None:
         raise InputError(case.image, "no label file for this case")
     entry = Path(cache) / case.id
-    window = window if window is not None else (CT_WINDOWS.get(case.window) if case.modality == "CT" else None)
+    window = case_window(case, window)
     key = _key(case, image_size, window)
     meta = _entry_valid(entry, key)
     label_info = {"remap": {str(k): v for k, v in case.remap.items()},
@@ -228,26 +216,37 @@ def preprocess_case(case: Case, cache: str | Path, image_size: int,
         if any(meta.get(k) != v for k, v in label_info.items()):  # label mode changed: arrays stay valid
             write_json(entry / "meta.json", {**meta, **label_info})
         return CachedCase(entry), False
-    image, label, affine = check_pair(case.image, case.label, channel=case.channel, allowed=case.remap.keys())
-    img_zhw = prepare_image(image, case.slice_axis, case.modality, window, image_size)
-    lab_zhw = prepare_label(label, case.slice_axis, image_size)
+    image, label = Scan.open(case.image, case.channel), Scan.open(case.label)
+    check_grid(image.shape, image.affine, label.shape, label.affine, case.label)
+    label_dtype = check_label(label.canonical, case.label, case.remap.keys()).dtype
+    lab_zhw = label_slices(label, case.slice_axis, None, image_size).astype(label_dtype)
+    vf = VolumeFrames(image, window, image_size, case.slice_axis)
+    with atomic_path(entry / "image.npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(vf), image_size, image_size))
+        vf.stack(out)
+        out.flush()
+        del out
+    _save_npy(entry / "label.npy", lab_zhw)
     class_slices = {str(int(v)): np.nonzero((lab_zhw == v).any(axis=(1, 2)))[0].tolist()
                     for v in np.unique(lab_zhw) if v > 0}
-    _save_npy(entry / "image.npy", img_zhw)
-    _save_npy(entry / "label.npy", lab_zhw)
+    resolved = vf.window
     write_json(entry / "meta.json", {
         "id": case.id, "dataset": case.dataset, "key": key, "version": CACHE_VERSION,
         "source": {"image": _source_stamp(case.image), "label": _source_stamp(case.label)},
-        "image_size": image_size, "cached_shape": list(img_zhw.shape), "original_shape": list(label.shape),
-        "slice_axis": case.slice_axis, "spacing": list(case.spacing), "affine": np.asarray(affine).tolist(),
-        "modality": case.modality, "channel": case.channel, "window": list(window) if window else None,
+        "image_size": image_size, "cached_shape": [len(vf), image_size, image_size],
+        **grid_meta(image.shape, case.slice_axis, image.affine),
+        "axcodes": list(nib.aff2axcodes(image.affine)), "spacing": list(case.spacing),
+        "affine": image.affine.tolist(), "modality": case.modality, "channel": case.channel,
+        "window": None if resolved == "mr" else list(vf.value_range),
+        "window_name": resolved if isinstance(resolved, str) else "custom",
+        "value_range": list(vf.value_range), "nonfinite_replaced": image.nonfinite,
         "class_slices": class_slices, **label_info,
     })
     return CachedCase(entry), True
 
 
 def preprocess_cases(cases: Sequence[Case], cache: str | Path, image_size: int = 128,
-                     window: tuple[float, float] | None = None, progress: bool = True) -> list[CachedCase]:
+                     window: str | tuple[float, float] | None = None, progress: bool = True) -> list[CachedCase]:
     """Cache every case (skipping valid entries) and write ``<cache>/index.json``."""
     if not cases:
         raise InputError(cache, "no cases to preprocess")
@@ -262,7 +261,7 @@ def preprocess_cases(cases: Sequence[Case], cache: str | Path, image_size: int =
 
 
 def preprocess_dataset(dataset: str, data_path: str | Path, cache: str | Path, image_size: int = 128,
-                       window: tuple[float, float] | None = None, progress: bool = True,
+                       window: str | tuple[float, float] | None = None, progress: bool = True,
                        **reader_options: Any) -> list[CachedCase]:
     """Read ``data_path`` with the ``dataset`` layout reader and cache it under ``cache``."""
     return preprocess_cases(read_dataset(dataset, data_path, **reader_options), cache, image_size, window, progress)
@@ -286,7 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--label_mode", default=None, help="KiTS: per_class | seed")
     p.add_argument("--modality", type=int, default=None, help="MSD/nnU-Net: input channel")
-    p.add_argument("--window", default=None, help="CT window 'lo,hi' in HU (default per dataset)")
+    p.add_argument("--window", default=None,
+                   help=f"{' | '.join(frames.WINDOW_CHOICES)} | 'lo,hi' in HU (default: the dataset's CT window, "
+                        "or MR percentiles)")
     a = p.parse_args(argv)
     opts: dict[str, Any] = {}
     if a.label_mode is not None:
@@ -296,13 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.image_size < 8:
             raise InputError("--image_size", f"must be >= 8, got {a.image_size}")
-        window = None
-        if a.window:
-            try:
-                lo, hi = (float(v) for v in a.window.split(","))
-            except ValueError:
-                raise InputError("--window", f"expected 'lo,hi', got {a.window!r}") from None
-            window = (lo, hi)
+        window = parse_window(a.window) if a.window else None
         cases = preprocess_dataset(a.dataset, a.data_path, a.cache, a.image_size, window, **opts)
     except InputError as e:
         return report(e)

@@ -3,6 +3,8 @@
 Why: the rest of the pipeline must not care whether data came as KiTS, BTCV or MSD/nnU-Net; a ``Case`` carries what
 preprocessing needs (which file, which channel, which axis is the slice axis, how source label values map onto class
 ids, which CT window). Headers are read and image/label grids cross-checked here, so layout errors surface early.
+The slice axis is an axis of the closest-canonical (RAS) orientation the frames are made in (``icl.data.frames``):
+2, axial, for every layout, whatever order the file stores its voxels in.
 
 Label values: ``Case.remap`` maps *source* label values (as stored in the NIfTI) onto *class ids* (``label_map``
 keys, 0 = background / ignored). The cache stores source values; the remap is applied when sampling, so one cache
@@ -19,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from icl.data.frames import DEFAULT_SLICE_AXIS
 from icl.data.validate import check_dims, check_grid, load_nifti_header, require_dir
 from icl.errors import InputError
 
@@ -33,7 +36,7 @@ BTCV_NAMES = {
 
 @dataclass
 class Case:
-    """One image/label pair. ``spacing`` and ``slice_axis`` are in the NIfTI file's own voxel axis order."""
+    """One image/label pair. ``spacing`` is in the file's own voxel axis order; ``slice_axis`` is canonical (RAS)."""
 
     id: str
     image: Path
@@ -41,10 +44,10 @@ class Case:
     label_map: dict[int, str]  # class id -> name
     spacing: tuple[float, float, float]
     affine: np.ndarray
-    slice_axis: int
+    slice_axis: int  # axis of the closest-canonical (RAS) orientation; 2 = axial
     channel: int | None = None  # modality channel of a 4D image
     modality: str = "CT"  # "CT" (windowed) or "MR" (percentile-scaled)
-    window: str = "abdomen"  # CT window name, see icl.data.preprocess.CT_WINDOWS
+    window: str = "abdomen"  # CT window: icl.data.frames.WINDOWS["ct_" + window]
     remap: dict[int, int] = field(default_factory=dict)  # source label value -> class id (0 = ignore)
     dataset: str = ""
 
@@ -62,8 +65,11 @@ def _header_case(image: Path, label: Path | None, channel: int | None, **kw: Any
     return Case(image=image, label=label, channel=channel, spacing=spacing, affine=img.affine.copy(), **kw)
 
 
-def read_kits(root: str | Path, label_mode: str = "per_class", slice_axis: int = 0) -> list[Case]:
+def read_kits(root: str | Path, label_mode: str = "per_class", slice_axis: int = DEFAULT_SLICE_AXIS) -> list[Case]:
     """KiTS19/23: ``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``, stored slice-axis first.
+
+    The file's first axis is the axial one; its affine maps it to z, so in canonical order it is axis 2 as for
+    every other layout.
 
     ``label_mode``: ``"per_class"`` → 1 kidney, 2 tumor, 3 cyst; ``"seed"`` → kidney+tumor merged into class 1,
     cyst treated as background (the seed protocol of the original ICL-SAM2 KiTS experiments).
@@ -89,7 +95,7 @@ def read_kits(root: str | Path, label_mode: str = "per_class", slice_axis: int =
     return cases
 
 
-def read_btcv(root: str | Path, slice_axis: int = 2) -> list[Case]:
+def read_btcv(root: str | Path, slice_axis: int = DEFAULT_SLICE_AXIS) -> list[Case]:
     """BTCV (Beyond the Cranial Vault abdomen): ``img/imgXXXX.nii.gz`` + ``label/labelXXXX.nii.gz``, 13 organs."""
     root = require_dir(root)
     img_dir = root / "img"
@@ -125,7 +131,7 @@ def _msd_labels(meta: dict, path: Path) -> dict[int, str]:
     return out
 
 
-def read_msd(root: str | Path, modality: int = 0, slice_axis: int = 2) -> list[Case]:
+def read_msd(root: str | Path, modality: int = 0, slice_axis: int = DEFAULT_SLICE_AXIS) -> list[Case]:
     """MSD / nnU-Net raw: ``dataset.json`` + ``imagesTr/`` + ``labelsTr/``.
 
     Images are either 4D (MSD: channel ``modality`` is used) or one file per channel with a ``_000k`` suffix

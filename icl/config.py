@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from icl.errors import InputError
+from icl.errors import InputError, library_errors
 
 DATASETS = ("kits", "btcv", "msd", "combined", "phantom")
 #: Top-level parts of a SAM2 model that ``-freeze`` may name (comma-separated), or ``none``.
@@ -67,7 +67,7 @@ class CommonConfig:
     @property
     def device(self) -> str:
         """``"cpu"`` or ``"cuda:N"`` from ``-gpu_device`` (-1 = CPU; CPU when CUDA is missing)."""
-        return resolve_device(self.gpu_device)
+        return resolve_device(self.gpu_device, "-gpu_device")
 
     @property
     def support_case(self) -> str:
@@ -123,19 +123,31 @@ class EvalConfig(CommonConfig):
     out_dir: str = "./runs/eval"
 
 
-def resolve_device(gpu_device: int) -> str:
-    """Map ``-gpu_device`` to a torch device string; fall back to CPU (with a message) when CUDA is absent."""
+def resolve_device(spec: int | str, flag: str = "--device") -> str:
+    """THE device rule: ``-gpu_device N`` / ``--device cpu|cuda|cuda:N`` -> a torch device string.
+
+    -1 or ``cpu`` = CPU; CUDA asked for on a machine without it falls back to the CPU with a note (so one command
+    line works on both); a GPU index beyond the visible ones, or anything else, is an InputError naming ``flag``.
+    """
     import torch
 
-    if gpu_device < 0:
+    text = str(spec).strip().lower()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        text = "cpu" if index < 0 else f"cuda:{index}"
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if text != "cpu" and match is None:
+        raise InputError(flag, f"expected cpu, cuda or cuda:N (or a GPU index), got {spec!r}")
+    if text == "cpu":
         return "cpu"
     if not torch.cuda.is_available():
-        print(f"note: CUDA is not available, running on CPU (-gpu_device {gpu_device} ignored)", file=sys.stderr)
+        print(f"note: CUDA is not available, running on CPU ({flag} {spec} ignored)", file=sys.stderr)
         return "cpu"
+    index = int(match.group(1) or 0)
     count = torch.cuda.device_count()
-    if gpu_device >= count:
-        raise InputError("-gpu_device", f"GPU {gpu_device} requested but only {count} visible")
-    return f"cuda:{gpu_device}"
+    if index >= count:
+        raise InputError(flag, f"GPU {index} requested but only {count} visible")
+    return f"cuda:{index}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -319,8 +331,11 @@ def _check_files(cfg: CommonConfig) -> None:
     from sam2_ext.build import resolve_config_path
     from sam2_ext.selector import parse_selector_config
 
+    from sam2_ext.errors import ConfigError
+
     try:
         resolve_config_path(cfg.config)
-    except InputError as err:
+    except ConfigError as err:
         raise InputError("-config", err.problem) from None
-    parse_selector_config(cfg.memory_selector)  # raises InputError("-memory_selector", ...)
+    with library_errors("-"):
+        parse_selector_config(cfg.memory_selector)

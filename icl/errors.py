@@ -1,6 +1,9 @@
 """One exception type for bad user input, so the CLIs can print one clear line and exit non-zero."""
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -20,9 +23,24 @@ class InputError(Exception):
 EXIT_INPUT_ERROR = 2
 
 
+def spell_flag(name: str, dashes: str) -> str:
+    """An option's name as a command spells it: ``-image_size`` (the seed's single dash) or ``--image-size``."""
+    return f"-{name}" if dashes == "-" else f"--{name.replace('_', '-')}"
+
+
+@contextlib.contextmanager
+def library_errors(dashes: str = "-") -> Iterator[None]:
+    """The boundary to ``sam2_ext``: its errors become InputError, option names spelled as this command's flags."""
+    from sam2_ext.errors import OptionError, Sam2ExtError
+
+    try:
+        yield
+    except Sam2ExtError as err:
+        where = spell_flag(err.where, dashes) if isinstance(err, OptionError) else err.where
+        raise InputError(where, err.problem) from None
+
+
 def report(err: InputError) -> int:
     """Print the one-line ``error: <where>: <problem>`` message every CLI uses and return its exit status (2)."""
-    import sys
-
     print(f"error: {err}", file=sys.stderr)
     return EXIT_INPUT_ERROR

@@ -5,7 +5,7 @@
         --classes 1,2 --checkpoint ckpt.pt --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
 
 Support slices: ``--support-slices auto`` (3) or N slices spread across the extent of every label value of the support
-label. Each requested class (``--classes``, default every label value) is one SAM2 object; the output label map keeps
+label, or ``labelled``: exactly the slices that carry a label value (a scan annotated on a few slices). Each requested class (``--classes``, default every label value) is one SAM2 object; the output label map keeps
 the original label values (where classes overlap, the highest logit wins) and is written atomically with the
 query's affine and header. Memory stays flat in the query's depth: slices are read, windowed and encoded lazily.
 
@@ -27,7 +27,7 @@ from typing import NoReturn, Sequence
 
 import numpy as np
 
-from icl.errors import EXIT_INPUT_ERROR, InputError, report
+from icl.errors import EXIT_INPUT_ERROR, InputError, library_errors, report
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 EXIT_BAD_INPUT = EXIT_INPUT_ERROR
@@ -42,7 +42,9 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from icl.api import AUTO_SUPPORT_PER_CLASS, WINDOW_CHOICES
+    from icl.api import AUTO_SUPPORT_PER_CLASS
+    from icl.data.frames import WINDOW_CHOICES
+    from icl.engine.precision import AMP_MODES
 
     doc = __doc__.split("\n\n")
     p = _OneLineParser(prog="python -m icl.segment", description=doc[0],
@@ -53,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .nii.gz (one query) or folder (one output per query)")
     p.add_argument("--classes", default=None, help="comma-separated label values (default: all in the support)")
     p.add_argument("--support-slices", default="auto",
-                   help=f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value")
-    p.add_argument("--checkpoint", default=None, help="weights (official SAM2, MedSAM2 or our training checkpoint)")
+                   help=f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or 'labelled' "
+                        "(every slice carrying a label value)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights (ours, official SAM2.1, MedSAM2); default: the model shipped for --config; "
+                        "none: random init")
     p.add_argument("--config", default="tiny_cpu", help="model config: a name in cfg/ or a yaml path")
     p.add_argument("--image-size", type=int, default=None, help="model input size (multiple of 32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -62,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-selector", default=None, help="e.g. scored or scored:budget=4 (default: SAM2's own)")
     p.add_argument("--window", default="auto", choices=WINDOW_CHOICES,
                    help="intensity window: CT presets, mr (percentiles) or auto (CT if air values present)")
-    p.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="voxel axis to slice along")
+    p.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2),
+                   help="axis to slice along, of the closest canonical (RAS) orientation: 2 = axial")
+    p.add_argument("--channel", type=int, default=None, help="channel of a 4D (multi-channel) image, e.g. MSD")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="autocast on CUDA (auto = bf16 if supported)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -107,7 +115,7 @@ def save_overlays(result, out_dir: Path, max_slices: int = 8) -> list[Path]:
     """PNG overlays (prediction in red, any class) of up to ``max_slices`` slices where something was found."""
     from icl.report.overlays import pick_slices, save_overlay_png
 
-    labels_zhw = np.moveaxis(result.labels, result.slice_axis, 0)
+    labels_zhw = np.moveaxis(result.canonical_labels(), result.slice_axis, 0)
     present = labels_zhw.reshape(labels_zhw.shape[0], -1).any(axis=1)
     name = result.query.name.removesuffix(".gz").removesuffix(".nii")
     paths = []
@@ -123,18 +131,19 @@ def run(args: argparse.Namespace) -> list[Path]:
     classes = parse_classes(args.classes)
     parse_support_slices(args.support_slices)
     pairs = plan_outputs(Path(args.query), Path(args.out))
-    for q, _ in pairs:  # every query must be a readable 3D NIfTI before any work starts
-        from icl.data.validate import check_dims, load_nifti_header
+    from icl.data.frames import Scan
 
-        check_dims(load_nifti_header(q).shape, q)
-    load_support(args.support, args.support_label, classes)  # fail fast, before the model is built
+    for q, _ in pairs:  # every query must be a readable 3D NIfTI (or a chosen channel) before any work starts
+        Scan.open(q, args.channel)
+    load_support(args.support, args.support_label, classes, args.channel)  # fail fast, before the model is built
     for folder in sorted({o.parent for _, o in pairs}):
         check_writable(folder, "--out")
     if args.overlays:
         check_writable(Path(args.overlays), "--overlays")
     seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
                        image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
-                       slice_axis=args.slice_axis, support_slices=args.support_slices)
+                       slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
+                       amp=args.amp)
     written = []
     for q, out in pairs:
         result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
@@ -152,7 +161,8 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with library_errors("--"):
+            run(args)
     except InputError as e:
         return report(e)
     return 0

@@ -8,6 +8,11 @@ from typing import Any
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
+    "OptionError",
+    "Sam2ExtError",
+    "SliceResult",
+    "track",
     "ICLPredictor",
     "TensorFrames",
     "build_icl_predictor",
@@ -19,7 +24,12 @@ __all__ = [
 ]
 
 _WHERE = {
-    "CheckpointError": "sam2_ext.build",
+    "CheckpointError": "sam2_ext.errors",
+    "ConfigError": "sam2_ext.errors",
+    "OptionError": "sam2_ext.errors",
+    "Sam2ExtError": "sam2_ext.errors",
+    "SliceResult": "sam2_ext.track",
+    "track": "sam2_ext.track",
     "build_icl_predictor": "sam2_ext.build",
     "load_model_config": "sam2_ext.build",
     "load_weights": "sam2_ext.build",

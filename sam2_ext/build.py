@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from icl.errors import InputError
+from sam2_ext.errors import CheckpointError, ConfigError, OptionError
 
 CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
 DEFAULT_CONFIG = "tiny_cpu"
@@ -25,10 +25,6 @@ IMAGE_SIZE_MULTIPLE = 32
 # SAM2's image embeddings (memory attention RoPE grid, prompt encoder) live at stride 16.
 BACKBONE_STRIDE = 16
 _PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(InputError):
-    """A weights file that cannot be read or does not fit the model."""
 
 
 def _sam2_package_dir() -> Path:
@@ -46,19 +42,19 @@ def resolve_config_path(config: str | Path) -> Path:
         if cand.is_file():
             return cand
     names = sorted(p.stem for p in CFG_DIR.glob("*.yaml"))
-    raise InputError(config, f"model config not found (a yaml path, or one of: {', '.join(names)})")
+    raise ConfigError(config, f"model config not found (a yaml path, or one of: {', '.join(names)})")
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """Load a yaml; when it has ``base:``, load that first (recursively) and merge this file over it."""
     if path in seen:
-        raise InputError(path, "config `base` chain loops back to itself")
+        raise ConfigError(path, "config `base` chain loops back to itself")
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:  # yaml syntax errors and friends
-        raise InputError(path, f"cannot parse model config: {exc}") from None
+        raise ConfigError(path, f"cannot parse model config: {exc}") from None
     if not isinstance(cfg, DictConfig):
-        raise InputError(path, "model config must be a mapping")
+        raise ConfigError(path, "model config must be a mapping")
     base = cfg.pop("base", None)
     if base is not None:
         base_path = None
@@ -67,7 +63,7 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
                 base_path = cand
                 break
         if base_path is None:
-            raise InputError(path, f"base config {base!r} not found next to it, in cfg/ or in the sam2 package")
+            raise ConfigError(path, f"base config {base!r} not found next to it, in cfg/ or in the sam2 package")
         cfg = OmegaConf.merge(_load_yaml(base_path, seen + (path,)), cfg)
     return cfg
 
@@ -91,15 +87,15 @@ def load_model_config(config: str | Path, image_size: int | None = None) -> Dict
     path = resolve_config_path(config)
     cfg = _load_yaml(path)
     if "model" not in cfg or "_target_" not in cfg.model:
-        raise InputError(path, "model config has no `model._target_`")
-    where: str | Path = "--image-size"
+        raise ConfigError(path, "model config has no `model._target_`")
+    given = image_size is not None
     if image_size is None:
         image_size = cfg.model.get("image_size", 1024)
-        where = path
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 \
             or image_size % IMAGE_SIZE_MULTIPLE:
-        raise InputError(where, f"image_size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} "
-                                f"(Hiera's total stride), got {image_size!r}")
+        problem = f"image_size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} (Hiera's total stride), " \
+                  f"got {image_size!r}"
+        raise OptionError("image_size", problem) if given else ConfigError(path, problem)
     cfg.model.image_size = image_size
     _sync_image_size(cfg.model, image_size)
     return cfg

@@ -44,17 +44,17 @@ import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_utils import select_closest_cond_frames
 
-from icl.errors import InputError
+from sam2_ext.errors import OptionError, Sam2ExtError
 
 POLICIES = ("recency", "scored", "oracle")
-FLAG = "-memory_selector"
+OPTION = "memory_selector"  # the name errors give; applications spell it as their flag
 _GT_KEY = "memory_selector_gt"  # inference_state key holding {obj_id: {frame_idx: mask}}
 _CACHE_KEY = "memory_selector_cache"  # inference_state key holding per-memory quality terms
 
 
 @dataclass
 class SelectorConfig:
-    """Options of a :class:`MemorySelector` (one source of truth for the ``-memory_selector`` flag)."""
+    """Options of a :class:`MemorySelector` (one source of truth for a ``memory_selector`` option)."""
 
     policy: str = "recency"
     budget: int | None = None  # K frame memories attended to; None = the model's num_maskmem - 1
@@ -71,21 +71,21 @@ class SelectorConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise InputError(FLAG, f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+            raise OptionError(OPTION, f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.budget is not None and self.budget < 0:
-            raise InputError(FLAG, f"budget must be >= 0, got {self.budget}")
+            raise OptionError(OPTION, f"budget must be >= 0, got {self.budget}")
         if self.policy == "recency" and self.budget is not None:
-            raise InputError(FLAG, "policy 'recency' is SAM2's official behaviour and takes no budget; "
+            raise OptionError(OPTION, "policy 'recency' is SAM2's official behaviour and takes no budget; "
                                    "use 'scored' (e.g. scored:budget=4) to limit the memories")
         for name in ("w_conf", "w_iou", "w_obj", "w_recency"):
             if getattr(self, name) < 0:
-                raise InputError(FLAG, f"{name} must be >= 0, got {getattr(self, name)}")
+                raise OptionError(OPTION, f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.decay <= 1.0:
-            raise InputError(FLAG, f"decay must be in (0, 1], got {self.decay}")
+            raise OptionError(OPTION, f"decay must be in (0, 1], got {self.decay}")
         if self.window is not None and self.window < 1:
-            raise InputError(FLAG, f"window must be >= 1, got {self.window}")
+            raise OptionError(OPTION, f"window must be >= 1, got {self.window}")
         if self.pointers is not None and self.pointers < (self.budget or 0):
-            raise InputError(FLAG, f"pointers ({self.pointers}) must be >= budget ({self.budget}): "
+            raise OptionError(OPTION, f"pointers ({self.pointers}) must be >= budget ({self.budget}): "
                                    "every chosen memory brings its own object pointer")
 
 
@@ -113,7 +113,7 @@ def _parse_value(name: str, text: str, kind: Any) -> Any:
             return float(text)
         return text
     except ValueError:
-        raise InputError(FLAG, f"{name}={text!r} is not a valid {kind}") from None
+        raise OptionError(OPTION, f"{name}={text!r} is not a valid {kind}") from None
 
 
 def parse_selector_config(spec: str) -> SelectorConfig:
@@ -125,7 +125,7 @@ def parse_selector_config(spec: str) -> SelectorConfig:
         name, eq, value = item.partition("=")
         name = name.strip()
         if not eq or name not in fields:
-            raise InputError(FLAG, f"bad option {item!r} in {spec!r}; expected key=value with key in "
+            raise OptionError(OPTION, f"bad option {item!r} in {spec!r}; expected key=value with key in "
                                    f"{', '.join(fields)}")
         kwargs[name] = _parse_value(name, value.strip(), fields[name])
     return SelectorConfig(policy=policy.strip().lower(), **kwargs)
@@ -196,12 +196,12 @@ class MemorySelector:
         state internally); frame indices are then video frames (support slices first, then the queries).
         """
         if not isinstance(masks, Mapping):
-            raise InputError("ground_truth", f"expected a dict {{frame_idx: mask}}, got {type(masks).__name__}")
+            raise Sam2ExtError("ground_truth", f"expected a dict {{frame_idx: mask}}, got {type(masks).__name__}")
         checked: dict[int, torch.Tensor] = {}
         for t, m in masks.items():
             m = torch.as_tensor(m)
             if m.dim() != 2:
-                raise InputError("ground_truth", f"mask of frame {t} has shape {tuple(m.shape)}, expected [H, W]")
+                raise Sam2ExtError("ground_truth", f"mask of frame {t} has shape {tuple(m.shape)}, expected [H, W]")
             checked[int(t)] = m.detach()
         if inference_state is None:
             self._gt[obj_id] = checked
@@ -228,7 +228,7 @@ class MemorySelector:
         n_slots = model.num_maskmem - 1
         budget = n_slots if cfg.budget is None else cfg.budget
         if budget > n_slots:
-            raise InputError(FLAG, f"budget {budget} exceeds the model's num_maskmem - 1 = {n_slots} memory slots")
+            raise OptionError(OPTION, f"budget {budget} exceeds the model's num_maskmem - 1 = {n_slots} memory slots")
         obj_idx = self._find_obj_idx(inference_state, output_dict)
         gt = self._ground_truth(inference_state, obj_idx) if cfg.policy == "oracle" else None
 
@@ -355,10 +355,10 @@ class MemorySelector:
         }
         if gt is not None:
             if t not in gt:
-                raise InputError("ground_truth", f"oracle needs a GT mask for frame {t}; attached frames: "
+                raise Sam2ExtError("ground_truth", f"oracle needs a GT mask for frame {t}; attached frames: "
                                                  f"{sorted(gt)[:5]}{'...' if len(gt) > 5 else ''}")
             if logits is None:
-                raise InputError("ground_truth", f"memory of frame {t} has no pred_masks to compare with GT")
+                raise Sam2ExtError("ground_truth", f"memory of frame {t} has no pred_masks to compare with GT")
             terms["gt_iou"] = mask_iou(logits, gt[t])
         return terms
 
@@ -379,7 +379,7 @@ class MemorySelector:
         if inference_state is not None and obj_idx is not None:
             obj_id = inference_state.get("obj_idx_to_id", {}).get(obj_idx, obj_idx)
         if obj_id not in gts:
-            raise InputError(FLAG, f"policy 'oracle' needs ground truth: call "
+            raise OptionError(OPTION, f"policy 'oracle' needs ground truth: call "
                                    f"selector.attach_ground_truth(state, obj_id={obj_id}, masks) before propagating")
         return gts[obj_id]
 

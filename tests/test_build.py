@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from engine_fixtures import make_tiny_predictor, single_thread, tiny_predictor, toy_slices  # noqa: F401 (fixture)
-from icl.errors import InputError
+from sam2_ext.errors import ConfigError, OptionError, Sam2ExtError
 from sam2_ext.build import (CFG_DIR, CheckpointError, build_icl_predictor, load_model_config, load_weights,
                             resolve_config_path)
 from sam2_ext.icl import segment_with_support
@@ -58,7 +58,7 @@ def test_wrong_keys_name_the_keys(tiny_predictor, tmp_path):
         load_weights(tiny_predictor, path)
     msg = str(err.value)
     assert str(path) in msg and "no_mem_embed" in msg and "extra.weight" in msg
-    assert isinstance(err.value, InputError)
+    assert isinstance(err.value, Sam2ExtError)  # the library's own error type, no icl import
 
 
 def test_shape_mismatch_is_reported(tiny_predictor, tmp_path):
@@ -93,14 +93,14 @@ def test_truncated_and_missing_checkpoint(tiny_predictor, tmp_path):
 
 @pytest.mark.parametrize("bad", [100, 0, -32, 48])
 def test_image_size_validation(bad):
-    with pytest.raises(InputError, match="--image-size: image_size must be a positive multiple of 32"):
+    with pytest.raises(OptionError, match="image_size: image_size must be a positive multiple of 32"):
         load_model_config("tiny_cpu", image_size=bad)
 
 
 def test_bad_image_size_in_config_names_the_file(tmp_path):
     cfg = tmp_path / "odd.yaml"
     cfg.write_text(f"base: {CFG_DIR / 'tiny_cpu.yaml'}\nmodel:\n  image_size: 200\n")
-    with pytest.raises(InputError, match="odd.yaml: image_size"):
+    with pytest.raises(ConfigError, match="odd.yaml: image_size"):
         load_model_config(cfg)
 
 
@@ -121,7 +121,7 @@ def test_config_resolution_and_package_base(tmp_path):
     assert resolve_config_path("tiny_cpu") == CFG_DIR / "tiny_cpu.yaml"
     assert resolve_config_path("sam2.1_hiera_t") == CFG_DIR / "sam2.1_hiera_t.yaml"
     assert resolve_config_path(str(CFG_DIR / "tiny_cpu.yaml")) == CFG_DIR / "tiny_cpu.yaml"
-    with pytest.raises(InputError, match="no_such_model: model config not found"):
+    with pytest.raises(ConfigError, match="no_such_model: model config not found"):
         resolve_config_path("no_such_model")
     for size, embed in (("t", 96), ("s", 96), ("b+", 112), ("l", 144)):
         cfg = load_model_config(f"sam2.1_hiera_{size}")
@@ -133,10 +133,10 @@ def test_config_resolution_and_package_base(tmp_path):
     assert list(cfg.model.memory_attention.layer.cross_attention.feat_sizes) == [64, 64]
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: configs/sam2.1/nope.yaml\n")
-    with pytest.raises(InputError, match="bad.yaml: base config"):
+    with pytest.raises(ConfigError, match="bad.yaml: base config"):
         load_model_config(bad)
     OmegaConf.save(OmegaConf.create({"model": {"image_size": 64}}), tmp_path / "notarget.yaml")
-    with pytest.raises(InputError, match="_target_"):
+    with pytest.raises(ConfigError, match="_target_"):
         load_model_config(tmp_path / "notarget.yaml")
 
 
@@ -145,3 +145,16 @@ def test_real_tiny_size_instantiates():
     model = build_icl_predictor("sam2.1_hiera_t")
     assert isinstance(model, ICLPredictor) and model.image_size == 512
     assert 30e6 < sum(p.numel() for p in model.parameters()) < 45e6
+
+
+def test_sam2_ext_is_a_library_that_imports_nothing_from_icl():
+    """sam2_ext knows nothing of the application built on it (its own error types; no icl import anywhere)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sam2_ext.build, sam2_ext.predictor, sam2_ext.selector, sam2_ext.track, sam2_ext.icl, "
+            "sam2_ext.batching, sam2_ext.errors; print(sorted(m for m in sys.modules if m.split('.')[0] == 'icl'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(CFG_DIR.parent))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

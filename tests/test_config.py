@@ -114,5 +114,13 @@ def test_device_helper(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device(1) == "cuda:1"
     with pytest.raises(InputError) as err:
-        resolve_device(3)
+        resolve_device(3, "-gpu_device")
     assert err.value.where == "-gpu_device"
+    # one rule for -gpu_device N and --device cpu|cuda[:N]
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda:0" and resolve_device("cpu") == "cpu"
+    for bad in ("gpu", "cuda:x", "mps"):
+        with pytest.raises(InputError, match="expected cpu, cuda or cuda:N") as err:
+            resolve_device(bad)
+        assert err.value.where == "--device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cuda:0") == "cpu"

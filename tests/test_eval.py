@@ -44,7 +44,8 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("enc_kits")
     for i in range(CASES):
         label = case_label(i)
-        affine = np.diag([*SPACING, 1.0])
+        # KiTS-style: file axis 0 is z (the affine maps it there), so canonical axial slices are along it
+        affine = np.diag([SPACING[1], SPACING[2], SPACING[0], 1.0]) @ np.eye(4)[:, [2, 0, 1, 3]]
         affine[:3, 3] = (10.0 + i, -20.0, 5.0)
         d = root / f"case_{i:05d}"
         d.mkdir()

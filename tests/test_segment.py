@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl.api import ICLSegmenter, VolumeFrames, choose_support_slices, run_prepended
+from icl.api import ICLSegmenter, choose_support_slices
 from icl.data.phantom import make_phantom_dataset
 from icl.segment import main
 
@@ -73,25 +73,26 @@ def test_api_five_lines(pair, tmp_path):
     assert set(np.unique(saved).tolist()) <= {0, 1, 2}
 
 
-def test_same_file_tracks_both_ways_like_segment_volume_with_support(pair, segmenter):
-    """Support == query: one class equals the engine's two-pass segment_volume_with_support on the same slices."""
-    from sam2_ext.icl import segment_volume_with_support
+def test_same_file_tracks_both_ways_with_the_engine_rule(pair, segmenter):
+    """Support == query: the label map is exactly the one propagation rule (both ways) on the scan's own frames."""
+    from icl.data.frames import Scan, label_slices, resize_slices
+    from sam2_ext.track import track
 
     result = segmenter.segment(query=pair["s"], support=pair["s"], support_label=pair["s_lab"], classes=[1])
     assert result.mode == "both_ways"
-    label = np.asarray(nib.load(str(pair["s_lab"])).dataobj)
-    volume = torch.from_numpy(np.stack([result.frames.slice01(z) for z in range(SHAPE[2])]))
-    prompts = {1: {z: torch.from_numpy((label[..., z] == 1).astype(np.float32)) for z in result.support_slices}}
-    with torch.no_grad():
-        ref = segment_volume_with_support(segmenter.predictor, volume, prompts)["logits"][:, 0]
-    ref_mask = np.moveaxis((ref > 0).numpy(), 0, 2)
-    ours = result.labels == 1
-    assert ref_mask.any() and ours.any()
-    assert (ours == ref_mask).mean() > 0.999  # mean of two passes at low vs video resolution: float noise only
+    frames = result.frames
+    volume = torch.from_numpy(np.stack([frames[z] for z in range(len(frames))]))
+    masks = label_slices(Scan.open(pair["s_lab"]), 2, result.support_slices, IMAGE_SIZE)
+    prompts = {1: {z: torch.from_numpy(masks[i] == 1) for i, z in enumerate(result.support_slices)}}
+    ref = np.zeros(result.canonical_labels().shape, bool)
+    for r in track(segmenter.predictor, volume, prompts, "both"):
+        ref[..., r.index] = resize_slices(r.logits.float(), frames.in_plane_shape, "logits")[0].numpy() > 0
+    ours = result.canonical_labels() == 1
+    assert ref.any() and ours.any()
+    np.testing.assert_array_equal(ours, ref)
     # slices before the first / after the last support slice got a prediction too (both directions ran)
     first, last = min(result.support_slices), max(result.support_slices)
     assert first > 0 or last < SHAPE[2] - 1
-
 
 def test_one_class_matches_two_class_run(pair, segmenter):
     """Class 1 of a 2-class run equals the 1-class run wherever class 2 did not win the pixel."""
@@ -119,27 +120,6 @@ def test_query_folder(pair, tmp_path):
     assert set(np.unique(a).tolist()) <= {0, 2}
 
 
-def test_matches_official_predictor_per_class():
-    """One pass over all classes gives the official SAM2VideoPredictor's logits, run once per class."""
-    from bench.bench_inference import build_pair, official_per_class, setup
-
-    ours, official = build_pair("tiny_cpu", IMAGE_SIZE)
-    support, masks, query, _ = setup(depth=6, size=40, classes=2, image_size=IMAGE_SIZE)
-    # give the classes different first prompts so one class is skipped on frames before its own first prompt
-    masks[2][0] = np.zeros_like(masks[2][0])
-    got = {}
-    with torch.no_grad():
-        run_prepended(ours, support, masks, query, (40, 40), lambda z, logit: got.__setitem__(z, logit.clone()))
-    n = len(support)
-    frames = torch.stack([support[i] for i in range(n)] + [query[i] for i in range(len(query))])
-    ref = official_per_class(official, frames, (40, 40), {c: dict(enumerate(m)) for c, m in masks.items()})
-    assert sorted(got) == list(range(len(query)))
-    for z, logits in got.items():
-        for ci, c in enumerate(masks):
-            torch.testing.assert_close(logits[ci], ref[c][z + n].float(), atol=1e-5, rtol=0)
-
-
-# ---------------------------------------------------------------------------------------------------- bad input
 def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     nib.save(nib.Nifti1Image(arr, affine), str(path))
     return path
@@ -205,16 +185,6 @@ def test_support_slices_spread_over_every_label_value():
     assert picks == sorted(set(picks))
     assert any(2 <= z < 6 for z in picks) and any(12 <= z < 18 for z in picks)
     assert len(picks) == 4
-
-
-def test_volume_frames_are_lazy_and_windowed():
-    vol = np.linspace(-1000, 1000, 8 * 6 * 5, dtype=np.float32).reshape(8, 6, 5)
-    frames = VolumeFrames(vol, 2, (-100.0, 100.0), 32)
-    assert len(frames) == 5
-    s = frames.slice01(1)
-    assert s.shape == (8, 6) and s.min() >= 0 and s.max() <= 1
-    np.testing.assert_allclose(s, np.clip((vol[..., 1] + 100) / 200, 0, 1), atol=1e-6)
-    assert tuple(frames[4].shape) == (3, 32, 32)
 
 
 def test_memory_selector_run(pair):

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from icl.errors import InputError
+from icl.errors import InputError, library_errors
+from sam2_ext.errors import Sam2ExtError
 from sam2_ext.selector import MemorySelector, SelectorConfig, mask_confidence, mask_iou, parse_selector_config
 
 LOW = 16  # low-res mask side of the synthetic bank
@@ -75,7 +76,7 @@ def test_parse_flag_values_and_types():
     sel = MemorySelector.from_name("scored", budget=2)
     assert sel.config.budget == 2 and sel.config.policy == "scored"
     assert MemorySelector().config == SelectorConfig() and SelectorConfig().policy == "recency"
-    with pytest.raises(InputError, match="budget must be >= 0"):
+    with pytest.raises(Sam2ExtError, match="budget must be >= 0"):
         SelectorConfig(policy="scored", budget=-1)
 
 
@@ -88,10 +89,15 @@ def test_parse_flag_values_and_types():
     ("scored:w_iou=-1", "w_iou"),
     ("recency:budget=3", "takes no budget"),
 ])
-def test_parse_flag_errors_name_the_flag(spec, needle):
-    with pytest.raises(InputError, match=needle) as err:
+def test_parse_flag_errors_name_the_option(spec, needle):
+    with pytest.raises(Sam2ExtError, match=needle) as err:
         parse_selector_config(spec)
-    assert err.value.where == "-memory_selector"
+    assert err.value.where == "memory_selector"
+    # at the icl boundary each command spells it as its own flag
+    for dashes, flag in (("-", "-memory_selector"), ("--", "--memory-selector")):
+        with pytest.raises(InputError) as mapped, library_errors(dashes):
+            parse_selector_config(spec)
+        assert mapped.value.where == flag and needle in mapped.value.problem
 
 
 # ---------------------------------------------------------------- scores
@@ -159,7 +165,7 @@ def test_pointers_option_caps_pointer_frames():
     assert sel.last_selection.memory_frames == [19, 18]
     assert sel.last_selection.pointer_frames == [17, 16, 15]
     assert _ptr_frames(view) == {19: 19, 18: 18, 13: 17, 12: 16, 11: 15}  # keys 17..14 are memory slots
-    with pytest.raises(InputError, match="pointers"):
+    with pytest.raises(Sam2ExtError, match="pointers"):
         parse_selector_config("scored:budget=4,pointers=2")
 
 
@@ -180,7 +186,7 @@ def test_min_object_score_none_keeps_absent_frames():
 
 def test_budget_larger_than_slots_is_refused():
     bank = _bank()
-    with pytest.raises(InputError, match="exceeds"):
+    with pytest.raises(Sam2ExtError, match="exceeds"):
         MemorySelector.from_name("scored:budget=7").select(_model(), _state(bank), bank, 10, 20, False)
 
 
@@ -234,7 +240,7 @@ def test_oracle_picks_highest_gt_iou_and_refuses_without_gt():
     bank = _bank(n_cond=1, n_frames=10)
     state = _state(bank)
     sel = MemorySelector.from_name("oracle:budget=2")
-    with pytest.raises(InputError, match="attach_ground_truth"):
+    with pytest.raises(Sam2ExtError, match="attach_ground_truth"):
         sel.select(_model(), state, bank, 10, 20, False)
     gt = {t: _disk() for t in range(10)}
     gt[9] = torch.zeros(LOW, LOW)  # the most recent prediction is now totally wrong
@@ -254,10 +260,10 @@ def test_oracle_missing_frame_and_bad_gt_are_clear_errors():
     bank = _bank(n_cond=1, n_frames=4)
     state = _state(bank)
     sel = MemorySelector.from_name("oracle")
-    with pytest.raises(InputError, match=r"\[H, W\]"):
+    with pytest.raises(Sam2ExtError, match=r"\[H, W\]"):
         sel.attach_ground_truth(state, 7, {1: torch.zeros(1, LOW, LOW)})
     sel.attach_ground_truth(state, 7, {1: _disk(), 2: _disk()})
-    with pytest.raises(InputError, match="frame 3"):
+    with pytest.raises(Sam2ExtError, match="frame 3"):
         sel.select(_model(), state, bank, 4, 20, False)
 
 
@@ -419,7 +425,7 @@ def test_scored_never_attends_a_memory_forced_bad(tiny, video):
 
 
 def test_oracle_picks_highest_iou_frames_and_refuses_without_gt(tiny, video):
-    with pytest.raises(InputError, match="attach_ground_truth"):
+    with pytest.raises(Sam2ExtError, match="attach_ground_truth"):
         _run(tiny, video, "oracle")
     _, sel, _, state = _run(tiny, video, "oracle:budget=2", gt=True)
     bank = state["output_dict_per_obj"][0]["non_cond_frame_outputs"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -185,3 +186,36 @@ def remove_stale_temps(run_dir: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+# ----------------------------------------------------------------------------------------------------- model weights
+CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoint"
+#: The default model shipped for a config (trained by the command in checkpoint/README.md).
+DEFAULT_WEIGHTS = {"tiny_cpu": CHECKPOINT_DIR / "icl_tiny_cpu.pth"}
+NO_WEIGHTS = ("none", "null", "random")
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: str = "--checkpoint") -> Path | None:
+    """THE weights rule of the CLI and the API: which file to load for ``config`` (None = random init).
+
+    * no checkpoint: the default model shipped for the config, said in one line on stderr; a config without a
+      shipped model is an InputError (random weights would give a meaningless mask, never silently);
+    * ``none``: random init, with a warning;
+    * a path: that file (checked when it is loaded).
+    """
+    name = Path(str(config)).name.removesuffix(".yaml")
+    if checkpoint is None or not str(checkpoint).strip():
+        default = DEFAULT_WEIGHTS.get(name)
+        if default is None:
+            raise InputError(flag, f"config {config} has no default weights: give {flag} FILE (SAM2.1, MedSAM2 or "
+                                   f"train_3d.py weights) or {flag} none for a randomly initialised model")
+        if not default.is_file():
+            raise InputError(default, f"the default model for {name} is missing from this checkout; give {flag} "
+                                      "FILE or train it with the command in checkpoint/README.md")
+        print(f"note: using the default model {default.relative_to(CHECKPOINT_DIR.parent)} (config {name})",
+              file=sys.stderr)
+        return default
+    if str(checkpoint).strip().lower() in NO_WEIGHTS:
+        print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
+        return None
+    return Path(checkpoint)

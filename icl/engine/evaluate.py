@@ -40,8 +40,9 @@ from icl.data.preprocess import CachedCase, open_cache, to_original_grid
 from icl.data.sampling import load_splits, make_splits, pick_support_slices
 from icl.data.validate import load_nifti_volume
 from icl.engine.metrics import MetricRows, logits_to_mask
-from icl.engine.train import amp_dtype, autocast, prepare_caches
-from icl.errors import InputError, report
+from icl.engine.precision import amp_dtype, autocast
+from icl.engine.train import prepare_caches
+from icl.errors import InputError, library_errors, report
 from icl.io import atomic_path, write_json
 from sam2_ext.icl import segment_with_support  # module attribute on purpose: tests replace it with a fake
 
@@ -175,9 +176,11 @@ def build_predictor(cfg: EvalConfig, device: str):
     """The eval-mode predictor (weights are loaded per checkpoint by :func:`evaluate`)."""
     from sam2_ext.build import build_icl_predictor
 
+    from sam2_ext.errors import ConfigError
+
     try:
         predictor = build_icl_predictor(cfg.config, device=device, image_size=cfg.image_size)
-    except InputError as err:
+    except ConfigError as err:
         raise InputError("-config", f"{err.where}: {err.problem}") from None
     if cfg.memory_selector.strip().lower() != "recency":
         from sam2_ext.selector import MemorySelector
@@ -396,11 +399,14 @@ def evaluate(cfg: EvalConfig, opts: EvalOptions) -> tuple[Any, list[Path]]:
     from sam2_ext.build import resolve_config_path
     from sam2_ext.selector import parse_selector_config
 
+    from sam2_ext.errors import ConfigError
+
     try:
         resolve_config_path(cfg.config)
-    except InputError as err:
+    except ConfigError as err:
         raise InputError("-config", err.problem) from None
-    parse_selector_config(cfg.memory_selector)
+    with library_errors("-"):
+        parse_selector_config(cfg.memory_selector)
     _warn_config_mismatch(cfg, weights)
     device = cfg.device
     predictor = build_predictor(cfg, device)
@@ -464,8 +470,9 @@ def evaluate(cfg: EvalConfig, opts: EvalOptions) -> tuple[Any, list[Path]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``eval_3d.py`` entry: bad input prints one ``error: ...`` line on stderr and exits 2 (no traceback)."""
     try:
-        cfg, opts = parse_args(argv)
-        evaluate(cfg, opts)
+        with library_errors("-"):
+            cfg, opts = parse_args(argv)
+            evaluate(cfg, opts)
     except InputError as err:
         return report(err)
     return 0

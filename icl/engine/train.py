@@ -14,7 +14,6 @@ the checkpoints; data order depends only on ``(seed, epoch)`` so a resumed run s
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -50,7 +49,8 @@ from icl.engine.checkpoint import (
 )
 from icl.engine.logging import RunLogger, make_logger, overlay
 from icl.engine.losses import ICLLoss
-from icl.errors import InputError, report
+from icl.engine.precision import amp_setup, autocast
+from icl.errors import InputError, library_errors, report
 from icl.io import atomic_path, write_json
 from sam2_ext.build import build_icl_predictor
 from sam2_ext.icl import segment_with_support
@@ -151,26 +151,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def amp_dtype(mode: str, device: str) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where supported (``auto``), fp16, or None (off; always on CPU)."""
-    if not device.startswith("cuda") or mode == "none":
-        return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def amp_setup(mode: str, device: str) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """The autocast dtype (:func:`amp_dtype`) and a GradScaler that is active for fp16 only."""
-    dtype = amp_dtype(mode, device)
-    scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=dtype == torch.float16)
-    return dtype, scaler
-
-
-def autocast(device: str, dtype: torch.dtype | None):
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def unpack(batch: Mapping[str, Any], device: str) -> dict[str, Any]:
@@ -689,7 +669,8 @@ def _current_info() -> dd.DistInfo:
 def main(argv: list[str] | None = None) -> int:
     """``train_3d.py`` entry: flags -> TrainConfig -> train; bad input prints one line and exits 2."""
     try:
-        train(parse_train_args(argv))
+        with library_errors("-"):
+            train(parse_train_args(argv))
     except InputError as err:
         return report(err)
     return 0

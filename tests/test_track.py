@@ -1,0 +1,155 @@
+"""The one propagation rule (sam2_ext.track): per-class bounds, both directions, classes batched, official equality."""
+from __future__ import annotations
+
+import pytest
+import sam2.sam2_video_predictor as svp
+import torch
+from sam2.modeling.sam2_base import NO_OBJ_SCORE
+
+from engine_fixtures import make_tiny_predictor, tiny_predictor, toy_slices  # noqa: F401 (fixture)
+from sam2_ext.predictor import prepare_frames
+from sam2_ext.selector import MemorySelector
+from sam2_ext.track import to_size, track
+
+DEPTH = 9
+
+
+def _three_classes():
+    """Images [9, 64, 64] and prompts of three classes with different first/last slices (and prompt counts)."""
+    images, disc = toy_slices(DEPTH)
+    box = torch.zeros_like(disc)
+    box[:, 5:20, 35:60] = 1
+    ring = torch.zeros_like(disc)
+    ring[:, 40:60, 5:25] = 1
+    prompts = {4: {1: disc[1], 5: disc[5]}, 7: {3: box[3]}, 2: {0: ring[0], 6: ring[6], 8: ring[8] * 0}}
+    return images, prompts
+
+
+def _official_one_class(monkeypatch, weights, images, per_slice, direction):
+    """The official SAM2VideoPredictor prompted with one class alone: {slice: video-res logits [H, W]}."""
+    official = make_tiny_predictor(predictor_cls=svp.SAM2VideoPredictor)
+    official.load_state_dict(weights)
+    h, w = images.shape[-2:]
+    monkeypatch.setattr(svp, "load_video_frames", lambda **kw: (prepare_frames(images, official.image_size), h, w))
+    state = official.init_state("unused-video-path")
+    slices = sorted(z for z, m in per_slice.items() if m.any())
+    for z in slices:
+        official.add_new_mask(state, z, 1, per_slice[z] > 0.5)
+    forward = {f: m[0, 0] for f, _, m in official.propagate_in_video(state, start_frame_idx=slices[0])}
+    if direction == "forward":
+        return forward
+    state["output_dict_per_obj"][0]["non_cond_frame_outputs"].clear()
+    reverse = {f: m[0, 0] for f, _, m in official.propagate_in_video(state, start_frame_idx=slices[-1], reverse=True)}
+    return {f: torch.stack([p[f] for p in (forward, reverse) if f in p]).mean(0) for f in range(len(images))}
+
+
+@pytest.mark.parametrize("direction", ["forward", "both"])
+def test_three_classes_batched_equal_official_per_class(tiny_predictor, monkeypatch, direction):
+    images, prompts = _three_classes()
+    results = {r.index: r for r in track(tiny_predictor, images, prompts, direction)}
+    assert sorted(results) == list(range(DEPTH))
+    weights = tiny_predictor.state_dict()
+    worst = 0.0
+    for col, (cid, per_slice) in enumerate(prompts.items()):
+        ref = _official_one_class(monkeypatch, weights, images, per_slice, direction)
+        first = min(z for z, m in per_slice.items() if m.any())
+        for f in range(DEPTH):
+            ours = to_size(results[f].logits[col], images.shape[-2:])
+            if f in ref:
+                worst = max(worst, (ours - ref[f]).abs().max().item())
+                assert (ref[f] > NO_OBJ_SCORE).all()
+            else:  # forward only: before the class's first prompt it is absent, as SAM2 never visits it alone
+                assert direction == "forward" and f < first and (results[f].logits[col] == NO_OBJ_SCORE).all()
+                assert results[f].object_score_logits[col] == NO_OBJ_SCORE and results[f].iou_pred[col] == 0
+    print(f"max |logit difference| batched vs official per class ({direction}): {worst:.3g}")
+    assert worst <= 1e-4
+
+
+def test_rule_keeps_classes_independent(tiny_predictor):
+    """A class's logits do not depend on which other classes share the batch."""
+    images, prompts = _three_classes()
+    together = {r.index: r.logits for r in track(tiny_predictor, images, prompts, "both")}
+    for col, cid in enumerate(prompts):
+        alone = {r.index: r.logits[0] for r in track(tiny_predictor, images, {cid: prompts[cid]}, "both")}
+        assert max((together[f][col] - alone[f]).abs().max().item() for f in alone) <= 1e-4
+
+
+def test_unprompted_class_is_absent_and_no_prompt_runs_nothing(tiny_predictor, monkeypatch):
+    images, prompts = _three_classes()
+    results = list(track(tiny_predictor, images, {**prompts, 9: {2: torch.zeros(64, 64)}}, "both"))
+    assert all((r.logits[3] == NO_OBJ_SCORE).all() and r.iou_pred[3] == 0 for r in results)
+    monkeypatch.setattr(tiny_predictor, "forward_image", lambda x: pytest.fail("no prompt: the model must not run"))
+    empty = list(track(tiny_predictor, images, {1: {}, 2: {0: torch.zeros(64, 64)}}, "forward"))
+    assert len(empty) == DEPTH and all((r.logits == NO_OBJ_SCORE).all() for r in empty)
+
+
+def test_prompted_slices_give_the_mask(tiny_predictor):
+    images, prompts = _three_classes()
+    results = {r.index: r for r in track(tiny_predictor, images, prompts, "both")}
+    mask = prompts[4][5]
+    logits = to_size(results[5].logits[0], (64, 64))
+    assert ((logits > 0) == (mask > 0.5)).float().mean() > 0.97
+    assert results[5].iou_pred[0] == 1
+
+
+def test_bad_prompts(tiny_predictor):
+    images, _ = toy_slices(4)
+    with pytest.raises(ValueError, match="outside"):
+        list(track(tiny_predictor, images, {1: {7: torch.ones(64, 64)}}))
+    with pytest.raises(ValueError, match="direction"):
+        track(tiny_predictor, images, {}, "sideways")
+    with pytest.raises(ValueError, match=r"\[H, W\]"):
+        list(track(tiny_predictor, images, {1: {0: torch.ones(2, 64, 64)}}))
+
+
+def test_grad_mode_keeps_heads_for_the_loss(tiny_predictor):
+    images, prompts = _three_classes()
+    tiny_predictor.train()
+    results = list(track(tiny_predictor, images, prompts, "forward", grad=True))
+    heads = [t for r in results for t in r.tracked]
+    assert heads and all(t.multimask_logits.shape[1] == 3 and t.multimask_ious.shape[1] == 3 for t in heads)
+    loss = sum(t.multimask_ious.sum() + t.multimask_logits.mean() for t in heads)
+    loss.backward()
+    iou_head = tiny_predictor.sam_mask_decoder.iou_prediction_head
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in iou_head.parameters())
+    # prompted slices are conditioning frames: no head outputs to train there
+    assert all(c not in t.columns for r in results if r.index == 3 for t in r.tracked if 1 in prompts.get(7, {}))
+    with torch.no_grad():
+        assert all(not r.tracked and not r.logits.requires_grad for r in track(tiny_predictor, images, prompts))
+
+
+def test_grad_mode_is_not_leaked_by_a_no_grad_run(tiny_predictor):
+    images, prompts = _three_classes()
+    steps = track(tiny_predictor, images, prompts, "forward")
+    next(steps)
+    assert torch.is_grad_enabled()  # the caller's own grad mode between two slices
+    steps.close()
+
+
+def test_history_rule(tiny_predictor):
+    keep = tiny_predictor.min_exact_history()
+    assert tiny_predictor.history_to_keep() == keep
+    tiny_predictor.memory_selector = MemorySelector.from_name("scored:window=40")
+    assert tiny_predictor.history_to_keep() == 40
+    tiny_predictor.memory_selector = MemorySelector.from_name("scored:window=3")
+    assert tiny_predictor.history_to_keep() == keep
+    tiny_predictor.memory_selector = MemorySelector.from_name("scored")  # may pick any stored frame
+    assert tiny_predictor.history_to_keep() is None
+    tiny_predictor.memory_selector = MemorySelector.from_name("recency")
+    assert tiny_predictor.history_to_keep() == keep
+
+
+def test_bank_stays_bounded(tiny_predictor, monkeypatch):
+    """The rule prunes tracked outputs beyond history_to_keep() in both passes."""
+    depth = tiny_predictor.min_exact_history() + 8
+    images, disc = toy_slices(depth, size=32)
+    longest = []
+    original = tiny_predictor._prune_history
+
+    def spy(state, frame_idx, reverse):
+        original(state, frame_idx, reverse)
+        longest.append(max(len(b["non_cond_frame_outputs"]) for b in state["output_dict_per_obj"].values()))
+
+    monkeypatch.setattr(tiny_predictor, "_prune_history", spy)
+    list(track(tiny_predictor, images, {1: {1: disc[1]}}, "both"))  # forward pass: 22 slices
+    assert max(longest) == tiny_predictor.min_exact_history() + 1

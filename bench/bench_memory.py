@@ -4,7 +4,8 @@ One phantom CT scan is resampled along its slice axis to 64 and to 512 slices (t
 original scan with its label (another file, so support slices are prepended). Every (method, depth) runs in a fresh
 subprocess that reports its peak RSS (``resource.ru_maxrss``) and its RSS after imports and model build (base).
 Ours streams slices through a lazy frame source and keeps a uint8 label map; the official predictor is given the
-whole prepared video (``load_video_frames`` monkeypatched, as it would load a JPEG folder) and run once per class.
+whole prepared video (``load_video_frames`` monkeypatched, as it would load a JPEG folder) and run once per class
+(``bench/official.py``).
 Target: ours flat within ±20 % between 64 and 512 slices. Tiny config, random weights.
 
     .venv/bin/python bench/bench_memory.py [--depths 64,512] [--image-size 128] [--work /tmp/bench_memory]
@@ -60,7 +61,7 @@ def child_ours(a: argparse.Namespace) -> dict:
     from icl.api import ICLSegmenter
 
     torch.manual_seed(0)
-    seg = ICLSegmenter(checkpoint=None, config=a.config, device="cpu", image_size=a.image_size)
+    seg = ICLSegmenter(checkpoint="none", config=a.config, device="cpu", image_size=a.image_size)
     with torch.no_grad():  # random object-score heads: bias them to "present" so masks are tracked
         seg.predictor.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(5.0)
     base = _rss_mb()
@@ -73,8 +74,9 @@ def child_official(a: argparse.Namespace) -> dict:
     import torch
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-    from bench.bench_inference import official_per_class
-    from icl.api import ConcatFrames, Scan, VolumeFrames, choose_support_slices, intensity_range, load_support
+    from bench.official import run_official
+    from icl.api import ConcatFrames, PreparedFrames, choose_support_slices, load_support
+    from icl.data.frames import Scan, VolumeFrames, label_slices
     from sam2_ext.build import build_icl_predictor
 
     torch.manual_seed(0)
@@ -83,16 +85,18 @@ def child_official(a: argparse.Namespace) -> dict:
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(5.0)
     base = _rss_mb()
     t0 = time.perf_counter()
-    label, classes = load_support(a.support, a.support_label)
+    s_scan, label_scan, label, classes = load_support(a.support, a.support_label)
     picks = choose_support_slices(label, 2, 3)
-    s, q = Scan.open(a.support), Scan.open(a.query)
-    sup = VolumeFrames(s.volume, 2, intensity_range(s.volume, 2, "auto"), model.image_size, indices=picks)
-    qry = VolumeFrames(q.volume, 2, intensity_range(q.volume, 2, "auto"), model.image_size)
-    video = ConcatFrames(sup, qry)
+    q = Scan.open(a.query)
+    sup = VolumeFrames(s_scan, "auto", model.image_size, indices=picks)
+    qry = VolumeFrames(q, "auto", model.image_size)
+    video = ConcatFrames(PreparedFrames(sup), PreparedFrames(qry))
     frames = torch.stack([video[i] for i in range(len(video))])  # what load_video_frames would hold
-    prompts = {c: {i: label[..., z] == c for i, z in enumerate(picks)} for c in classes}
-    out = np.zeros(q.volume.shape, np.uint8)
-    best = np.full(q.volume.shape, -np.inf, np.float32)
+    masks = label_slices(label_scan, 2, picks, model.image_size)
+    prompts = {c: {i: torch.from_numpy(masks[i] == c) for i in range(len(picks))} for c in classes}
+    hw = qry.in_plane_shape
+    out = np.zeros(q.canonical_shape, np.uint8)
+    best = np.full(q.canonical_shape, -np.inf, np.float32)
 
     def fold(c: int, f: int, logits) -> None:  # compact accumulation, as ours does
         if f >= len(picks):
@@ -101,7 +105,9 @@ def child_official(a: argparse.Namespace) -> dict:
             out[..., z][win] = c
             best[..., z] = np.maximum(best[..., z], lg)
 
-    official_per_class(model, frames, q.volume.shape[:2], prompts, on_frame=fold)
+    # one state per class: with all classes in one state sam2 tracks a class on slices before its first mask and
+    # crashes on the CPU there (its bf16 memories meet float32 layers without an object pointer to promote them)
+    run_official(model, frames, hw, prompts, one_state=False, on_frame=fold)
     return {"base": base, "seconds": time.perf_counter() - t0, "fg": int((out > 0).sum())}
 
 

@@ -1,108 +1,181 @@
-"""Options for training and evaluation: one dataclass per command, built from argparse.
+"""One definition of every option of ``train_3d.py``, ``eval_3d.py`` and ``python -m icl.segment``.
 
-The flags are single-dash and keep MedSAM2-ICL's names (``-exp_name``, ``-val_freq``, ``-gpu_device`` ...) so
-existing command lines keep working. Every validation problem raises :class:`icl.errors.InputError` naming the
-flag, which the thin scripts turn into one ``error: ...`` line and exit status 2.
+Why one: the commands share options (model config, image size, memory selector, mixed precision ...). Each option
+is a dataclass field defined once here, with its help, type, choices and check; each command's argparse parser is
+generated from its dataclass in that command's spelling: the seed's single dash for train_3d.py and eval_3d.py
+(``-exp_name``, ``-gpu_device``, booleans as ``True``/``False`` words, so MedSAM2-ICL command lines keep working)
+and conventional double dashes for ``python -m icl.segment`` (``--support-label``, ``--quiet``). Values are checked
+once, in :func:`validate`; every problem is an :class:`icl.errors.InputError` naming the flag as the command spells
+it, which the commands print as one ``error: ...`` line with exit status 2.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
+from icl.api import AUTO_SUPPORT_PER_CLASS, LABELLED
+from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES
+from icl.engine.precision import AMP_MODES
 from icl.errors import InputError, library_errors
+from icl.options import (NONE_WORDS, NON_NEGATIVE, POSITIVE, Opt, Options, at_least, none_word, opt, parse_options,
+                         probability)
+from icl.options import build_parser, str2bool, validate  # noqa: F401  (the commands' parsers and checks)
 
 DATASETS = ("kits", "btcv", "msd", "combined", "phantom")
 #: Top-level parts of a SAM2 model that ``-freeze`` may name (comma-separated), or ``none``.
 FREEZABLE = ("image_encoder", "memory_attention", "memory_encoder", "sam_prompt_encoder", "sam_mask_decoder")
-AMP_MODES = ("auto", "bf16", "fp16", "none")
 QUERY_MODES = ("gt_slices", "context")
+PROTOCOLS = ("gt_slices", "full_volume")
+SPLITS = ("val", "train", "all")
 DEFAULT_PRETRAIN = "./checkpoint/MedSAM2_pretrain.pth"
+DEFAULT_CHECKPOINT_PATH = "./checkpoint"
+#: Values of a weights option (``-pretrain``, ``--checkpoint``) that mean "no weights file: random init".
+NO_WEIGHTS = (*NONE_WORDS, "random")
 
-_TRUE = {"true", "1", "yes", "y", "t"}
-_FALSE = {"false", "0", "no", "n", "f"}
+
+def no_weights(value: Any) -> bool:
+    """THE random-init rule of every weights option: ``none``, ``null``, ``random`` (or empty) name no file."""
+    return value is not None and str(value).strip().lower() in NO_WEIGHTS
 
 
-def str2bool(text: str | bool) -> bool:
-    """Parse ``True/False/true/false/1/0`` (MedSAM2-ICL passes booleans as words)."""
-    if isinstance(text, bool):
+# ----------------------------------------------------------------------------------------------------- checks
+def _weights(value: str) -> str | None:
+    return None if no_weights(value) else value
+
+
+def _exp_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+        raise ValueError(f"use letters, digits, '.', '_' or '-' only, got {value!r}")
+    return value
+
+
+def _class_list(value: str) -> str:
+    text = value.strip().lower().replace(" ", "") or "all"
+    if text == "all":
         return text
-    low = str(text).strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True/False/1/0, got {text!r}")
+    try:
+        ids = [int(c) for c in text.split(",") if c]
+    except ValueError:
+        raise ValueError(f"expected all or comma-separated integers, got {value!r}") from None
+    if not ids or min(ids) < 1:
+        raise ValueError(f"class ids are >= 1 (0 is background), got {value!r}")
+    return text
+
+
+def _parts(value: str) -> str:
+    parts = [] if value == "none" else [p for p in value.split(",") if p]
+    unknown = [p for p in parts if p not in FREEZABLE]
+    if unknown or (value != "none" and not parts):
+        raise ValueError(f"unknown part {','.join(unknown) or value!r}; use none or {','.join(FREEZABLE)}")
+    return value
+
+
+# shared by the commands that have them: one default, help, type and check each
+CONFIG = Opt("sam2.1_hiera_t", "model config: a name in cfg/ (e.g. sam2.1_hiera_t, tiny_cpu) or a yaml path")
+IMAGE_SIZE = Opt(512, "model input size in pixels, a multiple of 32 (Hiera's total stride)", int)
+MEMORY_SELECTOR = Opt("recency", "memories each slice attends to: recency (SAM2's own) or scored[:key=value,...], "
+                                 "e.g. scored:budget=4 (see sam2_ext/selector.py)")
+AMP = Opt("auto", "mixed precision on CUDA: auto (bf16 if supported, else fp16), bf16, fp16 or none; the CPU "
+                  "always runs float32", choices=AMP_MODES)
+SUPPORT_INSTANCE = Opt("case_00028.nii.gz", "case the support slices come from (none: another training case "
+                                            "holding the class)", check=none_word)
 
 
 @dataclass
-class CommonConfig:
+class CommonConfig(Options):
     """Fields shared by training and evaluation (model, data, device, logging)."""
 
-    exp_name: str = "icl"
-    dataset: str = "kits"
-    data_path: str = "./datasets/kits"
-    cache_dir: str | None = None
-    pretrain: str | None = DEFAULT_PRETRAIN
-    config: str = "sam2.1_hiera_t"
-    gpu_device: int = 0
-    image_size: int = 512
-    out_size: int = 512
-    video_length: int = 12
-    num_support: int = 8
-    support_instance: str = "case_00028.nii.gz"
-    memory_selector: str = "recency"
-    fold: int = 0
-    folds: int = 5
-    num_workers: int = 0
-    seed: int = 0
-    checkpoint_path: str = "./checkpoint"
-    distributed: bool = False
-    wandb_enabled: bool = True
+    exp_name: str = opt("icl", "run name; run folder is <checkpoint_path>/<exp_name>_<timestamp>", check=_exp_name)
+    dataset: str = opt("kits", "dataset layout", choices=DATASETS)
+    data_path: str | None = opt(None, "dataset root (default ./datasets/<dataset>)")
+    cache_dir: str | None = opt(None, "preprocess cache (default: the data helper's)")
+    pretrain: str | None = opt(DEFAULT_PRETRAIN, "weights to start from; none = random init", check=_weights)
+    config: str = CONFIG()
+    gpu_device: int = opt(0, "CUDA index; -1 = CPU", int)
+    image_size: int = IMAGE_SIZE()
+    out_size: int = opt(512, "size the logits are scored at", int, check=POSITIVE)
+    video_length: int = opt(12, "query slices per sample", int, check=POSITIVE)
+    num_support: int = opt(8, "support slices per sample", int, check=POSITIVE)
+    support_instance: str | None = SUPPORT_INSTANCE()
+    memory_selector: str = MEMORY_SELECTOR()
+    fold: int = opt(0, "cross-validation fold, in [0, -folds)", int)
+    folds: int = opt(5, "number of cross-validation folds", int, check=POSITIVE)
+    num_workers: int = opt(0, "data loader workers", int, check=NON_NEGATIVE)
+    seed: int = opt(0, "seed of init, sampling and the fold split", int)
+    checkpoint_path: str = opt(DEFAULT_CHECKPOINT_PATH, "folder the run folders are made in")
+    distributed: bool = opt(False, "True when launched by torchrun", bool)
+    wandb_enabled: bool = opt(True, "log to Weights & Biases (offline without credentials)", bool)
+    amp: str = AMP()
 
     @property
     def device(self) -> str:
         """``"cpu"`` or ``"cuda:N"`` from ``-gpu_device`` (-1 = CPU; CPU when CUDA is missing)."""
-        return resolve_device(self.gpu_device, "-gpu_device")
+        return resolve_device(self.gpu_device, self.flag("gpu_device"))
 
     @property
-    def support_case(self) -> str:
+    def support_case(self) -> str | None:
         """Case id of ``-support_instance`` without the NIfTI suffix (``case_00028.nii.gz`` -> ``case_00028``)."""
+        if self.support_instance is None:
+            return None
         return re.sub(r"\.nii(\.gz)?$", "", Path(self.support_instance).name)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of builtins (for checkpoints and wandb)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+    def finish(self) -> None:
+        if self.data_path is None:
+            self.data_path = f"./datasets/{self.dataset}"
+        if not 0 <= self.fold < self.folds:
+            raise InputError(self.flag("fold"), f"must be in [0, {self.folds}), got {self.fold}")
+
+    def check_files(self) -> None:
+        """The model config (with ``-image_size``, checked by sam2_ext) and ``-memory_selector``."""
+        from sam2_ext.build import load_model_config
+        from sam2_ext.errors import ConfigError
+        from sam2_ext.selector import parse_selector_config
+
+        with library_errors(self.DASHES):
+            try:
+                load_model_config(self.config, self.image_size)
+            except ConfigError as err:
+                problem = err.problem if err.where == str(self.config) else f"{err.where}: {err.problem}"
+                raise InputError(self.flag("config"), problem) from None
+            parse_selector_config(self.memory_selector)
 
 
 @dataclass
 class TrainConfig(CommonConfig):
     """Everything ``train_3d.py`` needs; one source of truth for the training loop."""
 
-    epochs: int = 100
-    val_freq: int = 5
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
-    amp: str = "auto"
-    freeze: str = "none"
-    resume: str | None = None
-    steps_per_epoch: int = 0
-    val_samples: int = 0
-    log_images: int = 4
-    count_flops: bool = True
-    obj_loss_weight: float = 1.0
-    keep_epochs: int = 0
-    classes: str = "all"
-    query_mode: str = "gt_slices"
-    time_limit_min: float = 0.0
-    same_case_support: float = 0.0
-    classes_per_sample: int = 1
+    DESCRIPTION: ClassVar[str] = "Train SAM2 for in-context 3D medical segmentation."
+
+    epochs: int = opt(100, "training epochs", int, check=POSITIVE)
+    val_freq: int = opt(5, "validate every N epochs (and after the last)", int, check=POSITIVE)
+    lr: float = opt(5e-5, "AdamW learning rate", float, check=POSITIVE)
+    weight_decay: float = opt(0.01, "AdamW weight decay", float, check=NON_NEGATIVE)
+    warmup_epochs: float = opt(1.0, "linear warm-up before cosine decay", float, check=NON_NEGATIVE)
+    grad_clip: float = opt(1.0, "max grad norm; 0 = off", float, check=NON_NEGATIVE)
+    freeze: str = opt("none", f"none or comma list of {','.join(FREEZABLE)}", check=_parts)
+    resume: str | None = opt(None, "checkpoint file or run folder to continue", check=none_word)
+    steps_per_epoch: int = opt(0, "cap on samples per epoch; 0 = all", int, check=NON_NEGATIVE)
+    val_samples: int = opt(0, "cap on validation samples; 0 = all", int, check=NON_NEGATIVE)
+    log_images: int = opt(4, "overlay images logged per validation", int, check=NON_NEGATIVE)
+    count_flops: bool = opt(True, "print FLOPs per frame at start", bool)
+    obj_loss_weight: float = opt(1.0, "weight of the object-presence BCE added to Dice + BCE/focal", float,
+                                 check=NON_NEGATIVE)
+    keep_epochs: int = opt(0, "keep only the newest N epoch_N.pth (last/best always kept); 0 = keep all", int,
+                           check=NON_NEGATIVE)
+    classes: str = opt("all", "comma list of class ids to train and validate on (e.g. 1,2,3,4,5 holds out class "
+                              "6); all = every class", check=_class_list)
+    query_mode: str = opt("gt_slices", "gt_slices: query clips only hold slices with the class; context: "
+                                       "-video_length consecutive slices around the object, so clips also hold "
+                                       "empty slices and other classes", choices=QUERY_MODES)
+    time_limit_min: float = opt(0.0, "wall-clock cap in minutes: stop after the step that crosses it (validate + "
+                                     "save); 0 = off", float, check=NON_NEGATIVE)
+    same_case_support: float = opt(0.0, "probability that a training sample's support slices come from its own "
+                                        "query scan (0..1)", float, check=probability)
+    classes_per_sample: int = opt(1, "classes tracked together per training sample on the same query slices "
+                                     "(1 = seed)", int, check=POSITIVE)
 
     @property
     def frozen_parts(self) -> list[str]:
@@ -114,15 +187,103 @@ class TrainConfig(CommonConfig):
         """Class ids named by ``-classes`` (None for ``all``)."""
         return None if self.classes == "all" else [int(c) for c in self.classes.split(",") if c.strip()]
 
+    def check_files(self) -> None:
+        """Fail early, before any model is built, on paths that do not exist."""
+        if self.pretrain is not None and not Path(self.pretrain).is_file():
+            raise InputError(self.flag("pretrain"), f"weights file {self.pretrain} not found; download MedSAM2 or "
+                             "SAM2.1 weights (e.g. sam2.1_hiera_tiny.pt) into ./checkpoint/ (see checkpoint/README.md"
+                             "), or pass -pretrain none to train from random init")
+        if self.dataset != "phantom" and not Path(self.data_path).is_dir():
+            raise InputError(self.flag("data_path"),
+                             f"dataset folder {self.data_path} does not exist (see datasets/README.md)")
+        if self.resume is not None and not Path(self.resume).exists():
+            raise InputError(self.flag("resume"), f"{self.resume} does not exist (give a checkpoint .pth or a run "
+                                                  "folder)")
+        super().check_files()
+
 
 @dataclass
 class EvalConfig(CommonConfig):
-    """Options of an evaluation run (shares model/data/device fields with training)."""
+    """Everything ``eval_3d.py`` needs (the shared fields, some with eval's own default or meaning)."""
 
-    protocol: str = "gt_slices"
-    out_dir: str = "./runs/eval"
+    DESCRIPTION: ClassVar[str] = "Evaluate an in-context SAM2 model on 3D volumes."
+    EPILOG: ClassVar[str] = (
+        "Weights: -checkpoint_path names them when it is given (a .pth file, or a run folder: its best.pth, else "
+        "last.pth); -pretrain is used only when -checkpoint_path is left at its default. none (for either) = "
+        "random init. -all_checkpoints RUN evaluates every epoch_N.pth of a run folder instead.")
+
+    pretrain: str | None = opt(DEFAULT_PRETRAIN, "weights when -checkpoint_path is left at its default; none = "
+                                                 "random init", check=_weights)
+    checkpoint_path: str = opt(DEFAULT_CHECKPOINT_PATH, "weights to evaluate: a .pth file (ours or official "
+                               "{'model': ...}) or a run folder (best.pth, else last.pth); wins over -pretrain")
+    support_instance: str | None = SUPPORT_INSTANCE(
+        default=None, help="case the support slices come from (default / none: the training case with most classes)")
+    protocol: str = opt("both", "gt_slices (seed, optimistic) | full_volume (every slice) | both",
+                        choices=(*PROTOCOLS, "both"))
+    out_dir: str | None = opt(None, "folder for the tables (default runs/eval/<exp_name>)")
+    split: str = opt("val", "cases to evaluate: the -fold's val (default) or train split, or all cases",
+                     choices=SPLITS)
+    splits: str | None = opt(None, "splits.json (default: beside the checkpoint, in the cache, else made from -seed)")
+    all_checkpoints: str | None = opt(None, "run folder: evaluate every epoch_N.pth")
+    save_nifti: str | None = opt(None, "folder for predicted label maps (.nii.gz)")
+    save_pic: str | None = opt(None, "folder for overlay PNGs")
+    nsd_tolerance: float = opt(2.0, "surface Dice tolerance in mm", float, check=at_least(0, unit=" mm"))
+    max_cases: int = opt(0, "evaluate at most N cases (0 = all)", int, check=NON_NEGATIVE)
+
+    def finish(self) -> None:
+        super().finish()
+        if self.out_dir is None:
+            self.out_dir = str(Path("runs") / "eval" / self.exp_name)
 
 
+@dataclass
+class SegmentOptions(Options):
+    """The options of ``python -m icl.segment`` (its --help text is that module's docstring)."""
+
+    DASHES: ClassVar[str] = "--"
+
+    support: str | None = opt(help="support image (NIfTI)", required=True)
+    support_label: str | None = opt(help="label map of the support image (same grid)", required=True)
+    query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
+    out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
+    classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
+    support_slices: str = opt("auto", f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or "
+                                      f"'{LABELLED}' (every slice carrying a label value)")
+    checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
+                                       "--config; none: random init")
+    config: str = CONFIG(default="tiny_cpu")
+    image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the config's own")
+    device: str = opt("cpu", "cpu, cuda or cuda:N (CUDA asked for without a GPU runs on the CPU)")
+    overlays: str | None = opt(None, "folder for overlay PNGs of the prediction")
+    memory_selector: str = MEMORY_SELECTOR()
+    window: str = opt("auto", "intensity window: CT presets, mr (percentiles) or auto (CT if air values present)",
+                      choices=WINDOW_CHOICES)
+    slice_axis: int = opt(DEFAULT_SLICE_AXIS, "axis to slice along, of the closest canonical (RAS) orientation: "
+                                              "2 = axial", int, choices=(0, 1, 2))
+    channel: int | None = opt(None, "channel of a 4D (multi-channel) image, e.g. MSD", int)
+    amp: str = AMP()
+    quiet: bool = opt(False, "no progress bar", bool)
+
+
+# ----------------------------------------------------------------------------------------------------- parsing
+def parse_train_args(argv: Sequence[str] | None = None, check_files: bool = True) -> TrainConfig:
+    """``train_3d.py``'s command line -> validated TrainConfig."""
+    return parse_options(TrainConfig, argv, check_files)
+
+
+def parse_eval_args(argv: Sequence[str] | None = None, check_files: bool = True) -> EvalConfig:
+    """``eval_3d.py``'s command line -> validated EvalConfig (weights are resolved by the evaluation)."""
+    return parse_options(EvalConfig, argv, check_files)
+
+
+def parse_segment_args(argv: Sequence[str] | None = None) -> SegmentOptions:
+    """``python -m icl.segment``'s command line -> SegmentOptions (files are checked by the run, before any work)."""
+    from icl.segment import build_parser as segment_parser  # the parser with segment's own --help text
+
+    return parse_options(SegmentOptions, argv, check_files=False, parser=segment_parser())
+
+
+# ----------------------------------------------------------------------------------------------------- device
 def resolve_device(spec: int | str, flag: str = "--device") -> str:
     """THE device rule: ``-gpu_device N`` / ``--device cpu|cuda|cuda:N`` -> a torch device string.
 
@@ -148,194 +309,3 @@ def resolve_device(spec: int | str, flag: str = "--device") -> str:
     if index >= count:
         raise InputError(flag, f"GPU {index} requested but only {count} visible")
     return f"cuda:{index}"
-
-
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises InputError instead of printing usage and exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        match = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
-        if match:
-            raise InputError(match.group(1), match.group(2))
-        raise InputError("arguments", message)
-
-
-def _common_parser(description: str) -> argparse.ArgumentParser:
-    p = _Parser(description=description, exit_on_error=False)
-    d = CommonConfig()
-    p.add_argument("-exp_name", type=str, default=d.exp_name, help="run name; run folder is <checkpoint_path>/<exp_name>_<timestamp>")
-    p.add_argument("-dataset", type=str, default=d.dataset, choices=DATASETS)
-    p.add_argument("-data_path", type=str, default=None, help="dataset root (default ./datasets/<dataset>)")
-    p.add_argument("-cache_dir", type=str, default=None, help="preprocess cache (default: the data helper's)")
-    p.add_argument("-pretrain", type=str, default=d.pretrain, help="weights to start from; 'none' = random init")
-    p.add_argument("-config", type=str, default=d.config, help="model config name (sam2.1_hiera_t) or yaml path")
-    p.add_argument("-gpu_device", type=int, default=d.gpu_device, help="CUDA index; -1 = CPU")
-    p.add_argument("-image_size", type=int, default=d.image_size)
-    p.add_argument("-out_size", type=int, default=d.out_size)
-    p.add_argument("-video_length", type=int, default=d.video_length, help="query slices per sample")
-    p.add_argument("-num_support", type=int, default=d.num_support, help="support slices per sample")
-    p.add_argument("-support_instance", type=str, default=d.support_instance, help="case the support slices come from")
-    p.add_argument("-memory_selector", type=str, default=d.memory_selector)
-    p.add_argument("-fold", type=int, default=d.fold)
-    p.add_argument("-folds", type=int, default=d.folds)
-    p.add_argument("-num_workers", type=int, default=d.num_workers)
-    p.add_argument("-seed", type=int, default=d.seed)
-    p.add_argument("-checkpoint_path", type=str, default=d.checkpoint_path)
-    p.add_argument("-distributed", type=str2bool, default=d.distributed, help="True when launched by torchrun")
-    p.add_argument("-wandb_enabled", type=str2bool, default=d.wandb_enabled)
-    return p
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    """The ``train_3d.py`` command line (MedSAM2-ICL compatible flags plus our own)."""
-    p = _common_parser("Train SAM2 for in-context 3D medical segmentation.")
-    d = TrainConfig()
-    p.add_argument("-epochs", type=int, default=d.epochs)
-    p.add_argument("-val_freq", type=int, default=d.val_freq, help="validate every N epochs (and after the last)")
-    p.add_argument("-lr", type=float, default=d.lr)
-    p.add_argument("-weight_decay", type=float, default=d.weight_decay)
-    p.add_argument("-warmup_epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cosine decay")
-    p.add_argument("-grad_clip", type=float, default=d.grad_clip, help="max grad norm; 0 = off")
-    p.add_argument("-amp", type=str, default=d.amp, choices=AMP_MODES, help="mixed precision on CUDA (auto = bf16 if supported)")
-    p.add_argument("-freeze", type=str, default=d.freeze, help=f"none or comma list of {','.join(FREEZABLE)}")
-    p.add_argument("-resume", type=str, default=None, help="checkpoint file or run folder to continue")
-    p.add_argument("-steps_per_epoch", type=int, default=d.steps_per_epoch, help="cap on samples per epoch; 0 = all")
-    p.add_argument("-val_samples", type=int, default=d.val_samples, help="cap on validation samples; 0 = all")
-    p.add_argument("-log_images", type=int, default=d.log_images, help="overlay images logged per validation")
-    p.add_argument("-obj_loss_weight", type=float, default=d.obj_loss_weight,
-                   help="weight of the object-presence BCE added to Dice + BCE/focal")
-    p.add_argument("-keep_epochs", type=int, default=d.keep_epochs,
-                   help="keep only the newest N epoch_N.pth (last/best always kept); 0 = keep all")
-    p.add_argument("-classes", type=str, default=d.classes,
-                   help="comma list of class ids to train and validate on (e.g. 1,2,3,4,5 holds out class 6); all = every class")
-    p.add_argument("-query_mode", type=str, default=d.query_mode, choices=QUERY_MODES,
-                   help="gt_slices: query clips only hold slices with the class; context: -video_length consecutive "
-                        "slices around the object, so clips also hold empty slices and other classes")
-    p.add_argument("-same_case_support", type=float, default=d.same_case_support,
-                   help="probability that a training sample's support slices come from its own query scan (0..1)")
-    p.add_argument("-classes_per_sample", type=int, default=d.classes_per_sample,
-                   help="classes tracked together per training sample on the same query slices (1 = seed)")
-    p.add_argument("-time_limit_min", type=float, default=d.time_limit_min,
-                   help="wall-clock cap in minutes: stop after the step that crosses it (validate + save); 0 = off")
-    p.add_argument("-count_flops", type=str2bool, default=d.count_flops, help="print FLOPs per frame at start")
-    return p
-
-
-def build_eval_parser() -> argparse.ArgumentParser:
-    """Command line of an evaluation run (common flags plus protocol and output folder)."""
-    p = _common_parser("Evaluate an in-context SAM2 model on 3D volumes.")
-    p.add_argument("-protocol", type=str, default="gt_slices", choices=("gt_slices", "full_volume"))
-    p.add_argument("-out_dir", type=str, default="./runs/eval")
-    return p
-
-
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
-    try:
-        ns = parser.parse_args(list(argv) if argv is not None else None)
-    except argparse.ArgumentError as err:
-        raise InputError(err.argument_name or "arguments", err.message) from None
-    values = vars(ns)
-    if values.get("data_path") is None:
-        values["data_path"] = f"./datasets/{values['dataset']}"
-    return values
-
-
-def parse_train_args(argv: Sequence[str] | None = None, check_files: bool = True) -> TrainConfig:
-    """Command line -> validated TrainConfig (``check_files=False`` skips the file-system checks)."""
-    cfg = TrainConfig(**_parse(build_train_parser(), argv))
-    validate(cfg, check_files=check_files)
-    return cfg
-
-
-def parse_eval_args(argv: Sequence[str] | None = None, check_files: bool = True) -> EvalConfig:
-    """Command line -> validated EvalConfig."""
-    cfg = EvalConfig(**_parse(build_eval_parser(), argv))
-    validate(cfg, check_files=check_files)
-    return cfg
-
-
-def _positive(flag: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InputError(flag, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def validate(cfg: CommonConfig, check_files: bool = True) -> None:
-    """Check values and (optionally) that the named files exist; normalise ``-pretrain none`` to None."""
-    if cfg.dataset not in DATASETS:
-        raise InputError("-dataset", f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.exp_name):
-        raise InputError("-exp_name", f"use letters, digits, '.', '_' or '-' only, got {cfg.exp_name!r}")
-    for flag in ("image_size", "out_size", "video_length", "num_support", "folds"):
-        _positive(f"-{flag}", getattr(cfg, flag))
-    if cfg.image_size % 32:
-        raise InputError("-image_size", f"must be a multiple of 32 (Hiera's total stride), got {cfg.image_size}")
-    _positive("-num_workers", cfg.num_workers, allow_zero=True)
-    if not 0 <= cfg.fold < cfg.folds:
-        raise InputError("-fold", f"must be in [0, {cfg.folds}), got {cfg.fold}")
-    if isinstance(cfg.pretrain, str) and cfg.pretrain.strip().lower() in ("", "none", "null"):
-        cfg.pretrain = None
-    if isinstance(cfg, TrainConfig):
-        _validate_train(cfg)
-    if check_files:
-        _check_files(cfg)
-
-
-def _validate_train(cfg: TrainConfig) -> None:
-    _positive("-epochs", cfg.epochs)
-    _positive("-val_freq", cfg.val_freq)
-    _positive("-lr", cfg.lr)
-    _positive("-weight_decay", cfg.weight_decay, allow_zero=True)
-    _positive("-warmup_epochs", cfg.warmup_epochs, allow_zero=True)
-    _positive("-grad_clip", cfg.grad_clip, allow_zero=True)
-    _positive("-steps_per_epoch", cfg.steps_per_epoch, allow_zero=True)
-    _positive("-val_samples", cfg.val_samples, allow_zero=True)
-    _positive("-log_images", cfg.log_images, allow_zero=True)
-    _positive("-obj_loss_weight", cfg.obj_loss_weight, allow_zero=True)
-    _positive("-keep_epochs", cfg.keep_epochs, allow_zero=True)
-    _positive("-time_limit_min", cfg.time_limit_min, allow_zero=True)
-    _positive("-classes_per_sample", cfg.classes_per_sample)
-    if not 0.0 <= cfg.same_case_support <= 1.0:
-        raise InputError("-same_case_support", f"must be a probability in [0, 1], got {cfg.same_case_support}")
-    if cfg.query_mode not in QUERY_MODES:
-        raise InputError("-query_mode", f"choose from {', '.join(QUERY_MODES)}, got {cfg.query_mode!r}")
-    cfg.classes = cfg.classes.strip().lower().replace(" ", "") or "all"
-    if cfg.classes != "all":
-        try:
-            ids = cfg.class_ids
-        except ValueError:
-            raise InputError("-classes", f"expected all or comma-separated integers, got {cfg.classes!r}") from None
-        if not ids or min(ids) < 1:
-            raise InputError("-classes", f"class ids are >= 1 (0 is background), got {cfg.classes!r}")
-    if cfg.amp not in AMP_MODES:
-        raise InputError("-amp", f"choose from {', '.join(AMP_MODES)}, got {cfg.amp!r}")
-    unknown = [p for p in cfg.frozen_parts if p not in FREEZABLE]
-    if unknown or (cfg.freeze != "none" and not cfg.frozen_parts):
-        raise InputError("-freeze", f"unknown part {','.join(unknown) or cfg.freeze!r}; use none or {','.join(FREEZABLE)}")
-    if cfg.resume is not None and cfg.resume.strip().lower() in ("", "none"):
-        cfg.resume = None
-
-
-def _check_files(cfg: CommonConfig) -> None:
-    """Fail early, before any model is built, on paths that do not exist."""
-    if cfg.pretrain is not None and not Path(cfg.pretrain).is_file():
-        raise InputError(
-            "-pretrain",
-            f"weights file {cfg.pretrain} not found; download MedSAM2 or SAM2.1 weights "
-            "(e.g. sam2.1_hiera_tiny.pt) into ./checkpoint/ (see checkpoint/README.md), "
-            "or pass -pretrain none to train from random init",
-        )
-    if cfg.dataset != "phantom" and not Path(cfg.data_path).is_dir():
-        raise InputError("-data_path", f"dataset folder {cfg.data_path} does not exist (see datasets/README.md)")
-    if isinstance(cfg, TrainConfig) and cfg.resume is not None and not Path(cfg.resume).exists():
-        raise InputError("-resume", f"{cfg.resume} does not exist (give a checkpoint .pth or a run folder)")
-    from sam2_ext.build import resolve_config_path
-    from sam2_ext.selector import parse_selector_config
-
-    from sam2_ext.errors import ConfigError
-
-    try:
-        resolve_config_path(cfg.config)
-    except ConfigError as err:
-        raise InputError("-config", err.problem) from None
-    with library_errors("-"):
-        parse_selector_config(cfg.memory_selector)

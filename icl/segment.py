@@ -23,56 +23,23 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from icl.errors import EXIT_INPUT_ERROR, InputError, library_errors, report
+from icl.errors import EXIT_INPUT_ERROR, InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 EXIT_BAD_INPUT = EXIT_INPUT_ERROR
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one ``error:`` line (no usage block), like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from icl.api import AUTO_SUPPORT_PER_CLASS
-    from icl.data.frames import WINDOW_CHOICES
-    from icl.engine.precision import AMP_MODES
+    """The parser generated from ``icl.config.SegmentOptions``, with this module's docstring as its --help text."""
+    from icl.config import SegmentOptions, build_parser as options_parser
 
     doc = __doc__.split("\n\n")
-    p = _OneLineParser(prog="python -m icl.segment", description=doc[0],
-                       epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--support", required=True, help="support image (NIfTI)")
-    p.add_argument("--support-label", required=True, help="label map of the support image (same grid)")
-    p.add_argument("--query", required=True, help="query image, or a folder of .nii/.nii.gz query images")
-    p.add_argument("--out", required=True, help="output .nii.gz (one query) or folder (one output per query)")
-    p.add_argument("--classes", default=None, help="comma-separated label values (default: all in the support)")
-    p.add_argument("--support-slices", default="auto",
-                   help=f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or 'labelled' "
-                        "(every slice carrying a label value)")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights (ours, official SAM2.1, MedSAM2); default: the model shipped for --config; "
-                        "none: random init")
-    p.add_argument("--config", default="tiny_cpu", help="model config: a name in cfg/ or a yaml path")
-    p.add_argument("--image-size", type=int, default=None, help="model input size (multiple of 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--overlays", default=None, help="folder for overlay PNGs of the prediction")
-    p.add_argument("--memory-selector", default=None, help="e.g. scored or scored:budget=4 (default: SAM2's own)")
-    p.add_argument("--window", default="auto", choices=WINDOW_CHOICES,
-                   help="intensity window: CT presets, mr (percentiles) or auto (CT if air values present)")
-    p.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2),
-                   help="axis to slice along, of the closest canonical (RAS) orientation: 2 = axial")
-    p.add_argument("--channel", type=int, default=None, help="channel of a 4D (multi-channel) image, e.g. MSD")
-    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="autocast on CUDA (auto = bf16 if supported)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    return options_parser(SegmentOptions, prog="python -m icl.segment", description=doc[0],
+                          epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -159,13 +126,11 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with library_errors("--"):
-            run(args)
-    except InputError as e:
-        return report(e)
-    return 0
+    """A bad flag or input prints one ``error: ...`` line and exits 2; ``--help`` prints the usage and exits 0."""
+    from icl.config import parse_segment_args
+    from icl.options import run_command
+
+    return run_command(parse_segment_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ import pytest
 from icl.config import (
     DEFAULT_PRETRAIN,
     EvalConfig,
+    SegmentOptions,
     TrainConfig,
+    build_parser,
     parse_eval_args,
+    parse_segment_args,
     parse_train_args,
     resolve_device,
     str2bool,
@@ -124,3 +127,100 @@ def test_device_helper(capsys, monkeypatch):
         assert err.value.where == "--device"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("cuda:0") == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------- one options module
+def _actions(parser) -> dict[str, object]:
+    return {a.dest: a for a in parser._actions}
+
+
+def test_the_three_parsers_come_from_the_same_field_definitions():
+    from icl.segment import build_parser as segment_parser
+
+    parsers = {"-": [build_parser(TrainConfig), build_parser(EvalConfig)], "--": [segment_parser()]}
+    for dest, spelled in (("amp", ("-amp", "--amp")), ("memory_selector", ("-memory_selector", "--memory-selector")),
+                          ("image_size", ("-image_size", "--image-size")), ("config", ("-config", "--config"))):
+        seen = []
+        for dashes, flag in zip(("-", "--"), spelled):
+            for parser in parsers[dashes]:
+                action = _actions(parser)[dest]
+                assert action.option_strings == [flag]
+                seen.append(action)
+        assert len({a.help.split(";")[0] for a in seen}) == 1, f"{dest}: one help text"
+        if dest in ("amp", "memory_selector"):
+            assert len({(a.default, a.help, a.metavar) for a in seen}) == 1, f"{dest}: one definition"
+    assert _actions(parsers["-"][0])["amp"].metavar == "{auto,bf16,fp16,none}"
+    # booleans: True/False words with one dash, a store-true switch with two
+    assert _actions(parsers["-"][0])["distributed"].option_strings == ["-distributed"]
+    assert _actions(parsers["--"][0])["quiet"].nargs == 0
+    assert {f for f in SegmentOptions.__dataclass_fields__} >= {"support_label", "slice_axis", "quiet"}
+
+
+def test_flag_errors_name_the_flag_as_each_command_spells_it():
+    seg = ["--support", "s", "--support-label", "l", "--query", "q", "--out", "o"]
+    for parse, argv, flag in (
+        (parse_train_args, BASE + ["-image_size", "100"], "-image_size"),
+        (parse_eval_args, BASE + ["-image_size", "100"], "-image_size"),
+        (parse_train_args, BASE + ["-memory_selector", "scored:budget=x"], "-memory_selector"),
+        (parse_eval_args, BASE + ["-memory_selector", "telepathy"], "-memory_selector"),
+        (parse_eval_args, BASE + ["-amp", "fp8"], "-amp"),
+        (parse_eval_args, BASE + ["-nsd_tolerance", "-1"], "-nsd_tolerance"),
+        (parse_segment_args, seg + ["--amp", "fp8"], "--amp"),
+        (parse_segment_args, seg + ["--slice-axis", "5"], "--slice-axis"),
+        (parse_segment_args, seg + ["--image-size", "big"], "--image-size"),
+        (parse_segment_args, seg[:2], "--support-label, --query, --out"),
+    ):
+        with pytest.raises(InputError) as err:
+            parse(argv)
+        assert err.value.where == flag, (argv, err.value)
+    opts = parse_segment_args(seg + ["--quiet", "--image-size", "64"])
+    assert opts.quiet is True and opts.image_size == 64 and opts.memory_selector == "recency" and opts.amp == "auto"
+
+
+@pytest.mark.parametrize("word", ["none", "None", "null", "", "random"])
+def test_none_means_random_init_everywhere(word, capsys):
+    from icl.engine.checkpoint import resolve_checkpoint, resolve_weights
+
+    assert parse_train_args(["-dataset", "phantom", "-pretrain", word]).pretrain is None
+    assert resolve_weights(parse_eval_args(["-pretrain", word])) == [(None, None)]
+    assert resolve_weights(parse_eval_args(["-checkpoint_path", word])) == [(None, None)]
+    if word:  # segment: no --checkpoint (or an empty one) is the default model, a none word is random init
+        opts = parse_segment_args(["--support", "s", "--support-label", "l", "--query", "q", "--out", "o",
+                                   "--checkpoint", word])
+        assert resolve_checkpoint(opts.checkpoint, opts.config) is None
+        assert "--checkpoint none: random weights" in capsys.readouterr().err
+
+
+def test_eval_weights_checkpoint_path_wins_over_pretrain(tmp_path):
+    from icl.engine.checkpoint import resolve_weights
+
+    pretrain, chosen = tmp_path / "pretrain.pth", tmp_path / "epoch_7.pth"
+    for path in (pretrain, chosen):
+        path.write_bytes(b"x")
+    both = parse_eval_args(["-pretrain", str(pretrain), "-checkpoint_path", str(chosen)])
+    assert resolve_weights(both) == [(7, chosen)]
+    assert resolve_weights(parse_eval_args(["-pretrain", str(pretrain)])) == [(None, pretrain)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"x")
+    assert resolve_weights(parse_eval_args(["-pretrain", str(pretrain), "-checkpoint_path", str(run)])) == \
+        [(None, run / "last.pth")]
+    (run / "best.pth").write_bytes(b"x")
+    assert resolve_weights(parse_eval_args(["-checkpoint_path", str(run)])) == [(None, run / "best.pth")]
+    with pytest.raises(InputError, match="checkpoint not found"):
+        resolve_weights(parse_eval_args(["-pretrain", str(pretrain), "-checkpoint_path", str(tmp_path / "gone")]))
+    shown = " ".join(build_parser(EvalConfig).format_help().split())  # eval_3d.py -h says the rule
+    assert "-pretrain is used only when -checkpoint_path is left at its default" in shown
+
+
+def test_one_memory_selector_rule():
+    from icl.engine.model import make_memory_selector
+    from sam2_ext.errors import OptionError
+    from sam2_ext.selector import MemorySelector
+
+    for value in (None, "", "recency", " Recency "):
+        assert make_memory_selector(value) is None
+    selector = make_memory_selector("scored:budget=2")
+    assert isinstance(selector, MemorySelector) and selector.config.budget == 2
+    with pytest.raises(OptionError):
+        make_memory_selector("recency:budget=2")

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from icl.config import parse_eval_args
 from icl.engine import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +98,7 @@ def hand_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def run_eval(argv: list[str]):
-    cfg, opts = ev.parse_args(argv)
-    opts.progress = False
-    return ev.evaluate(cfg, opts)
+    return ev.evaluate(parse_eval_args(argv), progress=False)
 
 
 def test_table_rows_columns_and_hand_checked_values(data, tmp_path, monkeypatch):
@@ -167,9 +166,9 @@ def test_real_model_both_protocols_nifti_and_pictures(data, tmp_path):
 def test_defaults_and_support_from_training_split(data, tmp_path, monkeypatch):
     from icl.data.sampling import make_splits
 
-    cfg, opts = ev.parse_args(["-exp_name", "abc", "-pretrain", "none"])
+    cfg = parse_eval_args(["-exp_name", "abc", "-pretrain", "none"])
     assert cfg.protocol == "both" and Path(cfg.out_dir) == Path("runs/eval/abc") and cfg.support_instance is None
-    assert opts.split == "val" and opts.all_checkpoints is None
+    assert cfg.split == "val" and cfg.all_checkpoints is None
     monkeypatch.setattr(ev, "segment_with_support", fake_segment())
     argv = args(data, tmp_path, "-split", "val", "-folds", "3", "-fold", "0", "-protocol", "gt_slices")
     i = argv.index("-support_instance")

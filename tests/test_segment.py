@@ -165,6 +165,16 @@ def test_bad_input_one_line_exit_2(case, pair, bad, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--image-size", "100"), ("--memory-selector", "telepathy")])
+def test_option_errors_name_the_double_dash_flag(flag, value, pair, tmp_path, capsys):
+    """sam2_ext's option errors reach the user spelled as this command's flags, not as -image_size or image_size."""
+    out = tmp_path / "pred.nii.gz"
+    assert main(_args(pair, pair["q"], out, flag, value)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag}: "), err
+    assert not out.exists()
+
+
 def test_bad_input_subprocess_no_traceback(pair, bad, tmp_path):
     out = tmp_path / "pred.nii.gz"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

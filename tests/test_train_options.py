@@ -10,7 +10,9 @@ import pytest
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
 from icl.config import parse_train_args
 from icl.engine import distributed as dd
-from icl.engine.train import ICLStep, TrainClipDataset, build_loaders, context_window, train, unpack
+from icl.engine.clips import TrainClipDataset, build_loaders, context_window, unpack
+from icl.engine.model import ICLStep
+from icl.engine.train import train
 from icl.errors import InputError
 
 

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
 
 from icl.data import frames
 from icl.data.frames import (MR_PERCENTILES, RAS, WINDOWS, Scan, VolumeFrames, canonical_ornt,  # noqa: F401
@@ -32,6 +31,7 @@ from icl.data.readers import READERS, Case, read_dataset
 from icl.data.validate import check_grid, check_label
 from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
+from icl.progress import progress as progress_bar
 
 CACHE_VERSION = 2  # 2: frames from icl.data.frames (canonical orientation, antialiased resize, non-finite rule)
 # Old names kept for callers that predate icl.data.frames (which owns the values).
@@ -251,7 +251,7 @@ def preprocess_cases(cases: Sequence[Case], cache: str | Path, image_size: int =
     if not cases:
         raise InputError(cache, "no cases to preprocess")
     out = []
-    for case in tqdm(cases, desc="preprocess", disable=not progress, unit="case"):
+    for case in progress_bar(cases, enabled=progress, desc="preprocess", unit="case"):
         out.append(preprocess_case(case, cache, image_size, window)[0])
     write_json(Path(cache) / "index.json", {
         "dataset": cases[0].dataset, "image_size": image_size, "cases": [c.id for c in cases],

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from icl.config import DEFAULT_CHECKPOINT_PATH, no_weights
 from icl.errors import InputError
 from icl.io import atomic_path
 
@@ -133,10 +134,27 @@ def epoch_path(run_dir: str | Path, epoch: int) -> Path:
     return Path(run_dir) / f"epoch_{int(epoch)}.pth"
 
 
+def _epoch_of(path: Path) -> int | None:
+    """N of an ``epoch_N.pth`` name, else None."""
+    match = _EPOCH_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def _epoch_files(run_dir: Path) -> list[tuple[int, Path]]:
     """``(N, epoch_N.pth)`` newest first; temp files (``.epoch_N.pth.*.tmp.pth``) never match."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _EPOCH_RE.match(p.name)) and p.is_file()]
+    found = [(n, p) for p in run_dir.iterdir() if (n := _epoch_of(p)) is not None and p.is_file()]
     return sorted(found, reverse=True)
+
+
+def epoch_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(N, epoch_N.pth)`` of a run folder, oldest first (``eval_3d.py -all_checkpoints``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "run folder not found (-all_checkpoints)")
+    found = _epoch_files(run_dir)[::-1]
+    if not found:
+        raise InputError(run_dir, "no epoch_N.pth checkpoints in this run folder")
+    return found
 
 
 def _loads(path: Path) -> dict[str, Any] | None:
@@ -192,7 +210,6 @@ def remove_stale_temps(run_dir: str | Path) -> list[Path]:
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoint"
 #: The default model shipped for a config (trained by the command in checkpoint/README.md).
 DEFAULT_WEIGHTS = {"tiny_cpu": CHECKPOINT_DIR / "icl_tiny_cpu.pth"}
-NO_WEIGHTS = ("none", "null", "random")
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: str = "--checkpoint") -> Path | None:
@@ -215,7 +232,34 @@ def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: 
         print(f"note: using the default model {default.relative_to(CHECKPOINT_DIR.parent)} (config {name})",
               file=sys.stderr)
         return default
-    if str(checkpoint).strip().lower() in NO_WEIGHTS:
+    if no_weights(checkpoint):
         print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
         return None
     return Path(checkpoint)
+
+
+def resolve_weights(cfg: Any) -> list[tuple[int | None, Path | None]]:
+    """THE weights rule of ``eval_3d.py``: ``[(epoch or None, file or None = random init)]`` to evaluate.
+
+    ``-all_checkpoints RUN``: every epoch_N.pth of the run. Else ``-checkpoint_path`` when it is not left at its
+    default: a file, or a run folder (its best.pth, else last.pth); else ``-pretrain``. ``none`` = random init.
+    """
+    if cfg.all_checkpoints:
+        return list(epoch_checkpoints(cfg.all_checkpoints))
+    given = cfg.checkpoint_path != DEFAULT_CHECKPOINT_PATH
+    flag, weights = ("-checkpoint_path", cfg.checkpoint_path) if given else ("-pretrain", cfg.pretrain)
+    if weights is None or no_weights(weights):
+        print(f"note: {flag} none: evaluating a randomly initialised model", file=sys.stderr)
+        return [(None, None)]
+    path = Path(weights)
+    if path.is_file():
+        return [(_epoch_of(path), path)]
+    if not given:
+        raise InputError(flag, f"weights file {weights} not found; give -checkpoint_path FILE, -pretrain FILE or "
+                               "-pretrain none (random init)")
+    if path.is_dir():
+        for name in ("best.pth", "last.pth"):
+            if (path / name).is_file():
+                return [(None, path / name)]
+        raise InputError(path, "run folder has no best.pth or last.pth (use -all_checkpoints for epoch_N.pth)")
+    raise InputError(path, "checkpoint not found (-checkpoint_path)")

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from icl.config import AUTO_SUPPORT_PER_CLASS, LABELLED, resolve_device
 from icl.data.frames import DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_slice_axis, label_slices, resize_slices
 from icl.data.sampling import pick_support_slices
 from icl.data.validate import AFFINE_TOL
@@ -39,8 +40,6 @@ from icl.errors import InputError, library_errors
 from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
 
-AUTO_SUPPORT_PER_CLASS = 3
-LABELLED = "labelled"
 
 
 # ---------------------------------------------------------------------------------------------------- frames
@@ -191,7 +190,6 @@ class ICLSegmenter:
                  device: str | torch.device = "cpu", image_size: int | None = None,
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto"):
-        from icl.config import resolve_device
         from icl.engine.checkpoint import resolve_checkpoint
         from icl.engine.precision import check_amp
 
@@ -204,14 +202,9 @@ class ICLSegmenter:
         self.per_class = parse_support_slices(support_slices)
         weights = resolve_checkpoint(checkpoint, config)
         with library_errors("--"):
-            from sam2_ext.build import build_icl_predictor
+            from icl.engine.model import build_predictor
 
-            self.predictor = build_icl_predictor(config, self.device, checkpoint=weights,
-                                                 image_size=image_size).eval()
-            if memory_selector and memory_selector.strip().lower() != "recency":
-                from sam2_ext.selector import MemorySelector
-
-                self.predictor.memory_selector = MemorySelector.from_name(memory_selector)
+            self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
 
     def segment(self, query: str | Path, support: str | Path, support_label: str | Path,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:

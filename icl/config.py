@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from icl.api import AUTO_SUPPORT_PER_CLASS, LABELLED
 from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES
 from icl.engine.precision import AMP_MODES
 from icl.errors import InputError, library_errors
 from icl.options import (NONE_WORDS, NON_NEGATIVE, POSITIVE, Opt, Options, at_least, none_word, opt, parse_options,
                          probability)
 from icl.options import build_parser, str2bool, validate  # noqa: F401  (the commands' parsers and checks)
+
+AUTO_SUPPORT_PER_CLASS = 3  # support slices per label value for --support-slices auto
+LABELLED = "labelled"  # --support-slices labelled: exactly the slices that carry a label value
 
 DATASETS = ("kits", "btcv", "msd", "combined", "phantom")
 #: Top-level parts of a SAM2 model that ``-freeze`` may name (comma-separated), or ``none``.

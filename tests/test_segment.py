@@ -12,25 +12,15 @@ import pytest
 import torch
 
 from icl.api import ICLSegmenter, choose_support_slices
-from icl.data.phantom import make_phantom_dataset
 from icl.segment import main
+from segment_fixtures import IMAGE_SIZE, SHAPE, make_segment_data
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = 64
-SHAPE = (40, 36, 14)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    """Two 2-class phantom scans (BTCV layout: img/, label/) and a checkpoint whose object heads say 'present'."""
-    root = tmp_path_factory.mktemp("seg")
-    make_phantom_dataset(root / "ph", "btcv", 2, seed=0, shape=SHAPE, classes=("ellipsoid", "box"))
-    from engine_fixtures import make_tiny_predictor
-
-    model = make_tiny_predictor(seed=0, image_size=IMAGE_SIZE)
-    torch.save({"model": model.state_dict()}, root / "ckpt.pt")
-    return {"s": root / "ph/img/img0001.nii.gz", "s_lab": root / "ph/label/label0001.nii.gz",
-            "q": root / "ph/img/img0002.nii.gz", "ckpt": root / "ckpt.pt", "root": root}
+    return make_segment_data(tmp_path_factory.mktemp("seg"), seed=0)
 
 
 @pytest.fixture(scope="module")

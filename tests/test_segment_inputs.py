@@ -13,27 +13,17 @@ import pytest
 import torch
 
 from icl.api import ICLSegmenter
-from icl.data.phantom import make_phantom_dataset
 from icl.engine import checkpoint as ckpt_module
 from icl.errors import InputError
 from icl.segment import main
+from segment_fixtures import IMAGE_SIZE, SHAPE, make_segment_data
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = 64
-SHAPE = (40, 36, 14)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("inputs")
-    make_phantom_dataset(root / "btcv", "btcv", 2, seed=3, shape=SHAPE, classes=("ellipsoid", "box"))
-    make_phantom_dataset(root / "msd", "msd", 1, seed=3, shape=SHAPE, classes=("ellipsoid", "box"))
-    from engine_fixtures import make_tiny_predictor
-
-    torch.save({"model": make_tiny_predictor(seed=0, image_size=IMAGE_SIZE).state_dict()}, root / "ckpt.pt")
-    return {"s": root / "btcv/img/img0001.nii.gz", "s_lab": root / "btcv/label/label0001.nii.gz",
-            "q": root / "btcv/img/img0002.nii.gz", "msd": root / "msd/imagesTr/phantom_001.nii.gz",
-            "msd_lab": root / "msd/labelsTr/phantom_001.nii.gz", "ckpt": root / "ckpt.pt", "root": root}
+    return make_segment_data(tmp_path_factory.mktemp("inputs"), seed=3, msd=True)
 
 
 def _seg(data, **kw) -> ICLSegmenter:

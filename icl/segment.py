@@ -1,20 +1,27 @@
 """Segment NIfTI scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
 
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
+    python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
+        --support-slices labelled
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query QUERIES/ --out PREDS/ \\
-        --classes 1,2 --checkpoint ckpt.pt --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
+        --classes 1,2 --checkpoint ckpt.pth --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
 
-Support slices: ``--support-slices auto`` (3) or N slices spread across the extent of every label value of the support
-label, or ``labelled``: exactly the slices that carry a label value (a scan annotated on a few slices). Each requested class (``--classes``, default every label value) is one SAM2 object; the output label map keeps
-the original label values (where classes overlap, the highest logit wins) and is written atomically with the
-query's affine and header. Memory stays flat in the query's depth: slices are read, windowed and encoded lazily.
+Weights: without --checkpoint the default model shipped for --config is used (said on stderr; tiny_cpu only);
+--checkpoint none is a randomly initialised model (a warning says so).
 
-Propagation direction: when --support and --query are the same file, the scan is tracked in both directions from
-its support slices (forward from each class's first support slice, backward from its last; slices seen by both
-passes get the mean logit). When the support comes from another scan, its support slices are prepended to the
-query's slices and the query is tracked in slice order (0 → last).
+Support slices: 'auto' (3) or N slices spread across the extent of every label value of the support label, or
+'labelled': exactly the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).
+Each requested class (--classes, default every label value) is one SAM2 object; the output keeps the original
+label values (where classes overlap the highest logit wins), in the query's own orientation, affine and header,
+written atomically. Scans are read in their closest canonical (RAS) orientation, so RAS, LPS and oblique files
+meet the model the same way; NaN voxels become the scan's minimum (one warning line); 4D images need --channel.
 
-Bad input prints one line ``error: <file>: <problem>`` on stderr and exits with status 2; nothing is written.
+Propagation: support and query the same file -> tracked both ways from the support slices (forward from each
+class's first support slice, backward from its last; slices seen by both passes get the mean logit); with
+'labelled' the annotated slices are written back as given. Support from another scan -> its support slices are
+put in front of the query, which is tracked from its first slice to its last.
+
+Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
 from __future__ import annotations
 

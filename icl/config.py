@@ -54,6 +54,26 @@ def _exp_name(value: str) -> str:
     return value
 
 
+def _schedule(text: str) -> str:
+    from icl.engine.tasks import parse_schedule
+
+    try:
+        parse_schedule(text)
+    except InputError as err:
+        raise ValueError(err.problem) from None
+    return text
+
+
+def _shape_list(text: str) -> str:
+    from icl.data.lookalike import SHAPES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shape class(es) {unknown}; choose from {', '.join(SHAPES)}")
+    return ",".join(names)
+
+
 def _class_list(value: str) -> str:
     text = value.strip().lower().replace(" ", "") or "all"
     if text == "all":
@@ -178,6 +198,22 @@ class TrainConfig(CommonConfig):
                                         "query scan (0..1)", float, check=probability)
     classes_per_sample: int = opt(1, "classes tracked together per training sample on the same query slices "
                                      "(1 = seed)", int, check=POSITIVE)
+    tasks: str = opt("0:clips=1", "what training shows the model, along the steps: 'STEP:source=weight,...;STEP:...' "
+                                  "with sources clips (the dataset's clips) and the look-alike levels discs_fixed, "
+                                  "discs_random, adjacent, far, sparse, cross (icl/data/lookalike.py)", check=_schedule)
+    loss: str = opt("sam2", "sam2 (SAM2's loss: best candidate mask, IoU head, object score) or dice_bce (Dice + BCE "
+                            "of the returned mask + object-score BCE)", choices=("sam2", "dice_bce"))
+    mask_logits: str = opt("raw", "masks the loss scores: raw (the decoder's, before SAM2's object-score gate) or "
+                                  "gated (SAM2's, constant where the object is called absent)", choices=("raw", "gated"))
+    multimask_tracking: str = opt("config", "track with SAM2's 3 candidate masks (on), its single mask (off), or as "
+                                            "the model config says", choices=("config", "on", "off"))
+    qk_init: float = opt(0.0, "start every memory cross-attention as a pure relative-position kernel: q/k weights 0, "
+                              "biases this constant (e.g. 4); from-scratch training only; 0 = off", float,
+                         check=NON_NEGATIVE)
+    lookalike_k: int = opt(3, "look-alike objects per generated volume", int, check=at_least(2))
+    lookalike_depth: int = opt(12, "slices per generated look-alike volume", int, check=at_least(4))
+    held_out_shapes: str = opt("", "look-alike shape classes never trained on (comma names, e.g. torus,cone)",
+                               check=_shape_list)
 
     @property
     def frozen_parts(self) -> list[str]:

@@ -81,7 +81,7 @@ class TensorFrames:
 
 # keys of a stored frame output that carry one row per object (split after a batched step)
 _PER_OBJECT_KEYS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits", "iou_pred",
-                    "multimask_logits", "multimask_ious")
+                    "multimask_logits", "raw_multimask_logits", "multimask_ious")
 
 
 def _split_outputs(batched: dict, count: int) -> list[dict]:
@@ -107,6 +107,8 @@ class ICLPredictor(SAM2VideoPredictor):
         self._current_state: dict | None = None
         self._batch_banks: list[dict] | None = None  # the memory banks of the objects in the current batched step
         self._last_heads: tuple | None = None  # (ious [B, M], multimask logits [B, M, h, w]) of the last step
+        self._raw_multimasks: torch.Tensor | None = None  # the decoder's masks before SAM2's object-score gate
+        self.sam_mask_decoder.register_forward_hook(self._keep_raw_multimasks)
 
     # ------------------------------------------------------------------ state
     def init_state_from_frames(self, frames: torch.Tensor | FrameSource, video_height: int | None = None,
@@ -290,7 +292,15 @@ class ICLPredictor(SAM2VideoPredictor):
         compact_out["iou_pred"] = ious.max(dim=-1, keepdim=True).values.detach().float()
         if torch.is_grad_enabled():  # training: the loss needs every candidate mask and its predicted IoU
             compact_out["multimask_logits"], compact_out["multimask_ious"] = multimasks, ious
+            raw = self._raw_multimasks
+            compact_out["raw_multimask_logits"] = raw.float() if raw is not None else multimasks
+        self._raw_multimasks = None
         return compact_out, pred_masks
+
+    def _keep_raw_multimasks(self, module, args, output) -> None:
+        """Forward hook of the mask decoder: its candidate masks before SAM2 replaces an "absent" object's masks
+        by a constant (which carries no gradient), for losses that train the masks whatever the object score."""
+        self._raw_multimasks = output[0]
 
     def _track_step(self, *args, **kwargs):
         """Record the heads' outputs, and keep object scores in train mode too.

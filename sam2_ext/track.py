@@ -44,6 +44,7 @@ class Tracked:
     multimask_logits: torch.Tensor  # [K, M, h, w] every candidate mask (M = 3 with multimask output, else 1)
     multimask_ious: torch.Tensor  # [K, M] the IoU head's prediction for each candidate
     object_score_logits: torch.Tensor  # [K]
+    raw_multimask_logits: torch.Tensor  # [K, M, h, w] the same masks before SAM2's object-score gate
 
 
 @dataclass
@@ -123,9 +124,10 @@ def _collect(outs: list[dict | None], prompted: set[int], columns: list[int], nu
             heads.append((col, out))
     tracked = []
     if heads:
-        tracked.append(Tracked([c for c, _ in heads], torch.cat([o["multimask_logits"] for _, o in heads]).float(),
-                               torch.cat([o["multimask_ious"] for _, o in heads]).float(),
-                               torch.cat([o["object_score_logits"].reshape(1) for _, o in heads]).float()))
+        cat = lambda key: torch.cat([o[key] for _, o in heads]).float()  # noqa: E731
+        tracked.append(Tracked([c for c, _ in heads], cat("multimask_logits"), cat("multimask_ious"),
+                               torch.cat([o["object_score_logits"].reshape(1) for _, o in heads]).float(),
+                               cat("raw_multimask_logits")))
     return _Pass(torch.stack(logits), torch.stack(scores), torch.stack(ious), seen, tracked)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
 from icl.config import parse_train_args
 from icl.engine import distributed as dd
-from icl.engine.clips import TrainClipDataset, build_loaders, context_window, unpack
+from icl.engine.clips import TrainClipDataset, build_loaders, context_window
 from icl.engine.model import ICLStep
 from icl.engine.train import train
 from icl.errors import InputError
@@ -47,15 +47,18 @@ def test_classes_and_context_mode_shape_the_training_samples(train_data, tmp_pat
     cfg = parse_train_args(train_argv(train_data, tmp_path, "x", "-classes", "2", "-query_mode", "context",
                                       "-video_length", "6"))
     train_loader, val_loader = build_loaders(cfg, dd.DistInfo())
-    assert isinstance(train_loader.dataset, TrainClipDataset)
+    clips = train_loader.dataset.clips  # served to the loop as tasks (icl.engine.tasks.ClipTasks)
+    assert isinstance(clips, TrainClipDataset)
     empty = 0
-    for batch in train_loader:
-        assert batch["class_id"] == 2
-        idx = batch["slice_index"][0].numpy()
+    for i in range(len(clips)):
+        sample = clips[i]
+        assert sample["class_id"] == 2
+        idx = sample["slice_index"].numpy()
         assert len(idx) == 6 and np.all(np.diff(idx) == 1)
-        assert batch["image"].shape[1] == 6 and batch["label"].shape == batch["image"].shape
-        empty += int((batch["label"][0].flatten(1).amax(1) == 0).sum())
-    assert all(b["class_id"] == 2 for b in val_loader)
+        assert sample["image"].shape[0] == 6 and sample["label"].shape == sample["image"].shape
+        empty += int((sample["label"].flatten(1).amax(1) == 0).sum())
+    assert all(task.class_ids == [2] for task in train_loader)
+    assert all(task.class_ids == [2] for task in val_loader)
     assert empty > 0, "context clips of 6 slices reach slices without the class"
 
 
@@ -75,7 +78,7 @@ def test_same_case_support_and_several_classes_per_sample(train_data, tmp_path, 
     cfg = parse_train_args(train_argv(train_data, tmp_path, "x", "-support_instance", "none", "-query_mode", "context",
                                       "-video_length", "5", "-same_case_support", "1", "-classes_per_sample", "2"))
     train_loader, _ = build_loaders(cfg, dd.DistInfo())
-    ds = train_loader.dataset
+    ds = train_loader.dataset.clips  # the clips, served as tasks
     s = ds[0]
     case = next(c for c in ds.cases if c.id == s["name"])
     ids = s["class_ids"].tolist()
@@ -87,12 +90,11 @@ def test_same_case_support_and_several_classes_per_sample(train_data, tmp_path, 
     for k, c in enumerate(ids):
         np.testing.assert_array_equal(s["labels"][k].numpy(), case.mask(c, s["slice_index"].numpy()))
         np.testing.assert_array_equal(s["support_labels"][k].numpy(), case.mask(c, sup))
-    batch = next(iter(train_loader))
-    sample = unpack(batch, "cpu")
-    assert sample["class_id"] == batch["class_ids"][0].tolist() and sample["label"].shape[0] == 2
+    task = next(iter(train_loader))
+    assert task.kind == "clips" and len(task.class_ids) == 2 and task.direction == "forward"
+    assert task.targets.shape[:2] == (2, 4 + 5) and task.scored == list(range(4, 9))  # 4 support + 5 query frames
+    assert all(sorted(p) == [0, 1, 2, 3] for p in task.prompts.values())
     from sam2_ext.build import build_icl_predictor
 
-    out = ICLStep(build_icl_predictor("tiny_cpu", "cpu", image_size=64), 32)(
-        sample["image"], sample["label"], sample["support_image"], sample["support_label"], sample["class_id"])
-    assert out["logits"].shape == out["target"].shape == (5, 2, 32, 32)
-    assert out["present"].shape == out["object_score_logits"].shape == (5, 2)
+    out = ICLStep(build_icl_predictor("tiny_cpu", "cpu", image_size=64))(task)
+    assert out["logits"].shape == (9, 2, 16, 16) and out["object_score_logits"].shape == (9, 2)

@@ -194,7 +194,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 def make_loader(
     dataset: ICLDataset, shuffle: bool = True, num_workers: int = 0, distributed: bool = False, seed: int = 0,
-    num_replicas: int | None = None, rank: int | None = None,
+    num_replicas: int | None = None, rank: int | None = None, collate_fn: Any = None,
 ) -> DataLoader:
     """DataLoader with batch_size 1 and ``collate``; ``distributed`` uses a DistributedSampler (call
     ``set_epoch(loader, epoch)`` every epoch so shuffling and chunk rotation move on)."""
@@ -204,8 +204,8 @@ def make_loader(
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=False)
+    return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn or collate, persistent_workers=False)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -9,23 +9,27 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import ConcatDataset, Subset
 
 from icl.config import CommonConfig, TrainConfig
 from icl.data.loaders import ICLDataset, make_loader, open_caches
 from icl.data.phantom import make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
+from icl.data.lookalike import LEVELS
 from icl.data.sampling import make_splits, spread
 from icl.engine import distributed as dd
+from icl.engine.tasks import CLIPS, ClipTasks, LookalikeSet, TaskMix, first, parse_schedule
 from icl.errors import InputError, spell_flag
 from icl.io import write_json
 
 
 PHANTOM_CASES = 8  # cases generated when -dataset phantom points at a folder that does not exist yet
+TASKS_PER_EPOCH = 100  # steps per epoch of a schedule without clips, unless -steps_per_epoch says otherwise
+VAL_TASKS_PER_LEVEL = 6  # fixed look-alike validation tasks per level of the schedule
 COMBINED_PARTS = ("kits", "btcv", "msd")
 
 
@@ -172,11 +176,40 @@ def open_training_caches(cfg: CommonConfig, info: dd.DistInfo) -> tuple[list[Cac
 
 
 def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = None) -> tuple[Any, Any]:
-    """Train loader (order depends only on (seed, epoch); sharded over ranks) and this rank's val shard.
+    """Train and validation loaders of :class:`~icl.engine.tasks.Task` s, as ``-tasks`` schedules them.
 
-    Cases are split by ``-fold``/``-folds`` (deterministic k-fold on case ids, written to ``splits.json``); support
-    slices come from ``-support_instance`` (``none``: another training case holding the class).
+    Clips (``clips`` in the schedule) come from the dataset's caches, split by ``-fold``/``-folds`` (deterministic
+    k-fold on case ids, written to ``splits.json``), support slices from ``-support_instance`` (``none``: another
+    training case holding the class). Look-alike levels are generated on the fly; their validation tasks are a
+    fixed set of seeds training never draws. The train order depends only on (seed, epoch), so resume is exact.
     """
+    schedule = parse_schedule(cfg.tasks)
+    sources = {name for _, mix in schedule for name in mix}
+    levels = [lv for lv in LEVELS if lv in sources]
+    clip_train, clip_val = _clip_sets(cfg, info, run_dir) if CLIPS in sources else (None, None)
+    held_out = [s for s in cfg.held_out_shapes.split(",") if s]
+    if sources == {CLIPS}:  # the seed's training: every clip once per epoch, shuffled
+        train_set, shuffle = ClipTasks(clip_train), True
+    else:
+        length = cfg.steps_per_epoch or (len(clip_train) if clip_train is not None else TASKS_PER_EPOCH)
+        train_set = TaskMix(schedule, length, cfg.image_size, cfg.lookalike_depth, cfg.lookalike_k, held_out,
+                            cfg.seed, clip_train, info.world_size)
+        shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
+    val_parts = [ClipTasks(clip_val)] if clip_val is not None else []
+    if levels:
+        val_parts.append(LookalikeSet(levels, VAL_TASKS_PER_LEVEL, cfg.image_size, cfg.lookalike_depth,
+                                      cfg.lookalike_k, held_out))
+    val_set = ConcatDataset(val_parts)
+    # DistributedSampler even on one process: its order is a function of (seed, epoch), which makes resume exact.
+    train_loader = make_loader(train_set, shuffle=shuffle, num_workers=cfg.num_workers, distributed=True,
+                               seed=cfg.seed, num_replicas=info.world_size, rank=info.rank, collate_fn=first)
+    val_loader = make_loader(Subset(val_set, dd.shard_indices(len(val_set), info)), shuffle=False,
+                             num_workers=cfg.num_workers, collate_fn=first)
+    return train_loader, val_loader
+
+
+def _clip_sets(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None) -> tuple[Any, Any]:
+    """The training and validation clip datasets of the caches (see :func:`build_loaders`)."""
     cases = open_training_caches(cfg, info)[0]
     with seed_spelling():
         ids = [c.id for c in cases]
@@ -201,27 +234,4 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
         val_set = ICLDataset(val_cases, "gt_slices", **common)
     if run_dir is not None and info.is_main:  # same format as icl.data.sampling.make_splits(path=...)
         write_json(run_dir / "splits.json", {"seed": cfg.seed, "folds": cfg.folds, "splits": splits})
-    # DistributedSampler even on one process: its order is a function of (seed, epoch), which makes resume exact.
-    train_loader = make_loader(train_set, shuffle=True, num_workers=cfg.num_workers, distributed=True,
-                               seed=cfg.seed, num_replicas=info.world_size, rank=info.rank)
-    val_loader = make_loader(Subset(val_set, dd.shard_indices(len(val_set), info)), shuffle=False,
-                             num_workers=cfg.num_workers)
-    return train_loader, val_loader
-
-
-def unpack(batch: Mapping[str, Any], device: str) -> dict[str, Any]:
-    """A collated batch of one sample (contract in docs/CONTRACTS.md) -> tensors on ``device`` without batch dim."""
-    def one(x: torch.Tensor) -> torch.Tensor:
-        return (x[0] if x.dim() == 4 else x).to(device, non_blocking=True).float()
-
-    cid = batch["class_id"]
-    cid = int(cid.reshape(-1)[0]) if isinstance(cid, torch.Tensor) else int(cid[0] if isinstance(cid, (list, tuple)) else cid)
-    name = batch.get("name", "")
-    name = name[0] if isinstance(name, (list, tuple)) else str(name)
-    sample = {"image": one(batch["image"]), "label": one(batch["label"]), "support_image": one(batch["support_image"]),
-              "support_label": one(batch["support_label"]), "class_id": cid, "name": name}
-    if "class_ids" in batch:  # -classes_per_sample > 1: K classes tracked together (TrainClipDataset)
-        sample.update(class_id=[int(c) for c in batch["class_ids"].reshape(-1)],
-                      label=batch["labels"][0].to(device).float(),
-                      support_label=batch["support_labels"][0].to(device).float())
-    return sample
+    return train_set, val_set

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from icl.errors import InputError
-from sam2_ext.icl import segment_with_support
+from icl.engine.tasks import Task
+from sam2_ext.track import track
 
 
 def make_memory_selector(value: str | None):
@@ -66,35 +66,47 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 class ICLStep(nn.Module):
-    """One in-context forward pass as an ``nn.Module``, so DDP's hooks see the whole step in ``forward``.
+    """One in-context forward pass over a :class:`~icl.engine.tasks.Task`, as an ``nn.Module`` (what DDP wraps).
 
-    ``forward`` returns ``logits``/``target`` ``[T, 1, out, out]`` and ``object_score_logits``/``present`` ``[T, 1]``
-    for one sample (one class).
+    Runs the engine's one propagation rule (``sam2_ext.track.track``, with grad in grad mode) and returns
+    ``logits`` [N, K, h, w] (low resolution, every frame), ``object_score_logits`` [N, K] and ``tracked``:
+    ``[(frame, Tracked)]``, the heads' raw outputs the SAM2 loss reads (grad mode only).
     """
 
-    def __init__(self, predictor: nn.Module, out_size: int):
+    def __init__(self, predictor: nn.Module):
         super().__init__()
         self.predictor = predictor
-        self.out_size = out_size
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor, support_image: torch.Tensor,
-                support_label: torch.Tensor, class_id: int | Sequence[int]) -> dict[str, torch.Tensor]:
-        """One class (``label`` [T, H, W], ``support_label`` [S, H, W], ``class_id`` int) or K classes tracked in
-        one pass (``label`` [K, T, H, W], ``support_label`` [K, S, H, W], ``class_id`` K ids); outputs have C = K."""
-        ids = [int(class_id)] if isinstance(class_id, int) else [int(c) for c in class_id]
-        labels = label if label.dim() == 4 else label[None]
-        supports = support_label if support_label.dim() == 4 else support_label[None]
-        out = segment_with_support(self.predictor, support_image, {c: supports[i] for i, c in enumerate(ids)}, image,
-                                   grad=torch.is_grad_enabled())
-        logits = out["logits"]
-        target = labels.transpose(0, 1).to(logits.dtype)  # [T, K, H, W]
-        if logits.shape[-1] != self.out_size or logits.shape[-2] != self.out_size:
-            logits = F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
-        if target.shape[-2:] != logits.shape[-2:]:
-            target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
-        present = (labels.transpose(0, 1).flatten(2) > 0.5).any(2).to(logits.dtype)  # [T, K]
-        return {"logits": logits, "target": target, "object_score_logits": out["object_score_logits"],
-                "present": present}
+    def forward(self, task: Task) -> dict:
+        results = sorted(track(self.predictor, task.frames, task.prompts, task.direction,
+                               grad=torch.is_grad_enabled()), key=lambda r: r.index)
+        return {"logits": torch.stack([r.logits for r in results]),
+                "object_score_logits": torch.stack([r.object_score_logits for r in results]),
+                "tracked": [(r.index, t) for r in results for t in r.tracked]}
+
+
+def positional_memory_init(predictor: nn.Module, constant: float) -> None:
+    """Start every memory cross-attention as a pure relative-position kernel (``-qk_init``).
+
+    Why: from random init the q/k projections make memory attention nearly uniform, so a query location reads the
+    average of the memory and the support mask's *where* is lost; the model then learns to ignore its memory. With
+    the q/k weights zeroed and their biases set to ``constant``, q.k at the start is RoPE's relative-position kernel
+    alone: each location reads the memory at its own place (on the tiny model's 8x8 grid, c = 4 puts ~80 % of the
+    weight there). Training then moves q/k freely. Only for a model trained from scratch.
+    """
+    with torch.no_grad():
+        for layer in predictor.memory_attention.layers:
+            attn = layer.cross_attn_image
+            for proj in (attn.q_proj, attn.k_proj):
+                proj.weight.zero_()
+                proj.bias.fill_(constant)
+
+
+def set_multimask_tracking(predictor: nn.Module, on: bool) -> None:
+    """Track with SAM2's 3 candidate masks (the IoU head picks one) or with its single mask token."""
+    predictor.multimask_output_for_tracking = bool(on)
+    if not on:  # SAM2's fallback to the multimask tokens on "unstable" masks would pick untrained candidates
+        predictor.sam_mask_decoder.dynamic_multimask_via_stability = False
 
 
 def flops_per_frame(step: ICLStep, image_size: int, device: str) -> int:
@@ -105,15 +117,16 @@ def flops_per_frame(step: ICLStep, image_size: int, device: str) -> int:
     """
     gen = torch.Generator().manual_seed(0)  # private generator: leaves the global RNG (and resume) untouched
     frames = torch.rand(2, image_size, image_size, generator=gen).to(device)
-    mask = torch.zeros(1, image_size, image_size, device=device)
+    mask = torch.zeros(image_size, image_size, device=device)
     q = image_size // 4
-    mask[:, q:3 * q, q:3 * q] = 1.0
+    mask[q:3 * q, q:3 * q] = 1.0
+    task = Task(frames, {0: {0: mask}}, "forward", torch.zeros(1, 2, image_size, image_size, device=device), [1])
     was_training = step.training
     step.eval()
     counter = FlopCounterMode(display=False)
     try:
         with torch.enable_grad(), counter:
-            step(frames[1:], torch.zeros_like(frames[1:]), frames[:1], mask, 1)
+            step(task)
     finally:
         step.train(was_training)
     return int(counter.get_total_flops() // 2)

@@ -1,18 +1,20 @@
-"""The training loop of ``train_3d.py``: in-context fine-tuning of a SAM2 video model on 3D volumes.
+"""The training loop of ``train_3d.py``: in-context training of a SAM2 video model on 3D volumes.
 
-One training sample = support slices with their GT mask (written into SAM2's memory as conditioning frames) plus
-query slices that SAM2 tracks from that memory; the loss (Dice + BCE/focal) is taken on the query logits and
+One training step = one task (``icl.engine.tasks``): frames, each object's support masks, the propagation direction
+and the truth. The masks go into SAM2's memory as conditioning frames, the engine's one propagation rule tracks the
+other frames (``sam2_ext.track``, with grad), and the loss (``-loss``: SAM2's own by default, or Dice + BCE) is
 back-propagated through mask decoder, memory attention, memory encoder and (unless frozen) the image encoder.
 
-Options that change what a sample asks of the model (defaults = the seed's recipe): ``-classes`` (train on some
-classes only, e.g. hold one out), ``-query_mode context`` (query clips reach past the object: empty slices and other
-classes), ``-same_case_support p`` (supports from the query scan itself), ``-classes_per_sample K`` (K classes on
-the same query slices, each with its own support masks). ``-time_limit_min`` caps the wall clock.
+What the tasks are (``-tasks``): clips of the preprocessed datasets (the seed's samples; ``-classes``, ``-query_mode
+context``, ``-same_case_support``, ``-classes_per_sample`` change them) and/or look-alike tasks generated on the
+fly, which cannot be solved without reading the support, mixed along a step schedule. Model levers for training from
+scratch: ``-qk_init`` (memory attention starts as a relative-position kernel), ``-multimask_tracking``.
+``-time_limit_min`` caps the wall clock.
 
-This module is the loop; the model comes from :mod:`icl.engine.model`, the clips from :mod:`icl.engine.clips` and
-mixed precision from :mod:`icl.engine.precision`. Everything needed to continue a run exactly (weights, optimizer,
-scheduler, step counter, RNG states) goes into the checkpoints; data order depends only on ``(seed, epoch)`` so a
-resumed run sees the same samples.
+This module is the loop; the model comes from :mod:`icl.engine.model`, the tasks from :mod:`icl.engine.clips` and
+:mod:`icl.engine.tasks`, the loss from :mod:`icl.engine.objective`, validation from :mod:`icl.engine.validation`.
+Everything needed to continue a run exactly (weights, optimizer, scheduler, step counter, RNG states) goes into the
+checkpoints; data order depends only on ``(seed, epoch)`` so a resumed run sees the same samples.
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 from torch import nn
 
@@ -43,10 +44,12 @@ from icl.engine.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from icl.engine.clips import build_loaders, unpack
-from icl.engine.logging import RunLogger, make_logger, overlay
-from icl.engine.losses import ICLLoss
-from icl.engine.model import ICLStep, build_predictor, count_parameters, flops_per_frame
+from icl.engine.clips import build_loaders
+from icl.engine.logging import RunLogger, make_logger
+from icl.engine.model import (ICLStep, build_predictor, count_parameters, flops_per_frame, positional_memory_init,
+                              set_multimask_tracking)
+from icl.engine.objective import TaskLoss
+from icl.engine.validation import validate_tasks
 from icl.engine.precision import amp_setup, autocast
 from icl.errors import InputError
 from icl.io import atomic_path, write_json
@@ -75,16 +78,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def clip_dice(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """3D Dice over all query slices of one sample at ``logit > 0``; NaN when both are empty (not scored)."""
-    pred = logits.detach() > 0
-    truth = target > 0.5
-    denom = int(pred.sum()) + int(truth.sum())
-    if denom == 0:
-        return math.nan
-    return 2.0 * int((pred & truth).sum()) / denom
 
 
 # ----------------------------------------------------------------------------------------------------- the run
@@ -138,7 +131,11 @@ def setup(cfg: TrainConfig) -> Run:
     run_dir = resume_file.parent if resume_file else dd.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)
     weights = None if resume_file is not None else cfg.pretrain  # a resumed run's weights come from its checkpoint
     predictor = build_predictor(cfg.config, device, weights, cfg.image_size, cfg.memory_selector, cfg.frozen_parts)
-    step_module = dd.wrap_ddp(ICLStep(predictor, cfg.out_size), info, device)
+    if cfg.multimask_tracking != "config":
+        set_multimask_tracking(predictor, cfg.multimask_tracking == "on")
+    if cfg.qk_init > 0 and weights is None and resume_file is None:
+        positional_memory_init(predictor, cfg.qk_init)
+    step_module = dd.wrap_ddp(ICLStep(predictor), info, device)
     params = [p for p in predictor.parameters() if p.requires_grad]
     if not params:
         raise InputError("-freeze", "every parameter is frozen; nothing to train")
@@ -152,7 +149,8 @@ def setup(cfg: TrainConfig) -> Run:
     if info.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
     logger = make_logger(cfg.wandb_enabled, run_dir, run_dir.name, cfg.to_dict(), info.is_main)
-    run = Run(cfg, device, info, run_dir, predictor, step_module, ICLLoss().to(device), optimizer, scheduler, scaler,
+    loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight).to(device)
+    run = Run(cfg, device, info, run_dir, predictor, step_module, loss_fn, optimizer, scheduler, scaler,
               amp_dtype, train_loader, val_loader, steps_per_epoch, logger)
     _report_model(run)
     if resume_file is not None:
@@ -193,36 +191,32 @@ def _resume(run: Run, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- epochs
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """One pass over (at most ``steps_per_epoch``) training samples; returns the mean loss terms over ranks."""
+    """One pass over (at most ``steps_per_epoch``) training tasks; returns the mean loss terms over ranks."""
     run.step_module.train()
     set_epoch(run.train_loader, epoch)
-    sums = {"loss": 0.0, "dice_loss": 0.0, "ce_loss": 0.0, "obj_loss": 0.0}
+    sums: dict[str, float] = {}
     bar = progress(run.train_loader, enabled=run.info.is_main, total=run.steps_per_epoch, desc=f"epoch {epoch}")
     n = 0
-    for batch in bar:
+    for task in bar:
         if n >= run.steps_per_epoch or (n > 0 and out_of_time(run)):  # at least one step per epoch
             break
-        terms = train_step(run, unpack(batch, run.device))
+        terms = train_step(run, task.to(run.device))
         n += 1
-        for k in sums:
-            sums[k] += terms[k]
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{terms['loss']:.4f}")
         run.logger.log({f"train/{k}": v for k, v in terms.items()}, step=run.progress.step)
     bar.close()
-    means = dd.all_reduce_mean({k: v / max(1, n) for k, v in sums.items()}, run.info)
-    return means
+    keys = sorted(set().union(*dd.all_gather_objects(sorted(sums), run.info)))
+    return dd.all_reduce_mean({k: sums.get(k, 0.0) / max(1, n) for k in keys}, run.info)
 
 
-def train_step(run: Run, sample: Mapping[str, Any]) -> dict[str, float]:
-    """Forward one sample, back-propagate, clip, step optimizer and scheduler."""
+def train_step(run: Run, task: Any) -> dict[str, float]:
+    """Forward one task, back-propagate, clip, step optimizer and scheduler (loss: ``-loss``, see objective.py)."""
     with autocast(run.device, run.amp_dtype):
-        out = run.step_module(sample["image"], sample["label"], sample["support_image"], sample["support_label"],
-                              sample["class_id"])
-    terms = run.loss_fn.terms(out["logits"], out["target"])
-    # SAM2 replaces the masks of slices it calls "object absent" by a constant, which carries no gradient; so the
-    # presence head is trained too (BCE against "the slice holds the class"), as in SAM2's own training.
-    obj = F.binary_cross_entropy_with_logits(out["object_score_logits"].float(), out["present"].float())
-    loss = terms["loss"] + run.cfg.obj_loss_weight * obj
+        out = run.step_module(task)
+    terms = run.loss_fn(out, task)
+    loss = terms["loss"]
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if run.cfg.grad_clip > 0:
@@ -232,62 +226,18 @@ def train_step(run: Run, sample: Mapping[str, Any]) -> dict[str, float]:
     run.scaler.update()
     run.scheduler.step()
     run.progress.step += 1
-    return {"loss": float(loss.detach()), "dice_loss": float(terms["dice"].detach()),
-            "ce_loss": float(terms["ce"].detach()), "obj_loss": float(obj.detach()),
-            "lr": float(run.optimizer.param_groups[0]["lr"])}
+    return {**{k: float(v.detach()) for k, v in terms.items()}, "lr": float(run.optimizer.param_groups[0]["lr"])}
 
 
-@torch.no_grad()
 def validate(run: Run) -> tuple[dict[str, float], list[tuple[np.ndarray, str]]]:
-    """Mean per-class 3D Dice over this rank's validation samples, reduced over ranks (each sample once)."""
+    """Validation metrics (``icl.engine.validation``), reduced over ranks, and overlays for the logger."""
     model = unwrap(run.step_module)
     model.eval()
-    sums: dict[str, float] = {}
-    overlays: list[tuple[np.ndarray, str]] = []
-    limit = run.cfg.val_samples or None
-    bar = progress(run.val_loader, enabled=run.info.is_main, desc="validate")
-    for i, batch in enumerate(bar):
-        if limit is not None and i >= limit:
-            break
-        s = unpack(batch, run.device)
-        with autocast(run.device, run.amp_dtype):
-            out = model(s["image"], s["label"], s["support_image"], s["support_label"], s["class_id"])
-        logits, target = out["logits"], out["target"]
-        dice = clip_dice(logits, target)
-        if not math.isnan(dice):
-            key = f"c{s['class_id']}"
-            sums[f"{key}_sum"] = sums.get(f"{key}_sum", 0.0) + dice
-            sums[f"{key}_n"] = sums.get(f"{key}_n", 0.0) + 1
-        if len(overlays) < run.cfg.log_images:
-            overlays.append(_overlay_of(s, logits, target, dice))
-    bar.close()
-    model.train()
-    return _per_class(_reduce_keyed_sums(sums, run.info)), overlays
-
-
-def _reduce_keyed_sums(sums: dict[str, float], info: dd.DistInfo) -> dict[str, float]:
-    """Sum ``{key: value}`` over ranks whose key sets may differ (classes seen on each rank)."""
-    keys = sorted(set().union(*dd.all_gather_objects(sorted(sums), info)))
-    return dd.all_reduce_sum({k: sums.get(k, 0.0) for k in keys}, info)
-
-
-def _per_class(sums: Mapping[str, float]) -> dict[str, float]:
-    out = {}
-    for key in sorted(k[:-4] for k in sums if k.endswith("_sum")):
-        n = sums[f"{key}_n"]
-        if n:
-            out[f"val/dice_class_{key[1:]}"] = sums[f"{key}_sum"] / n
-    out["val/dice_mean"] = float(np.mean(list(out.values()))) if out else math.nan
-    return out
-
-
-def _overlay_of(s: Mapping[str, Any], logits: torch.Tensor, target: torch.Tensor, dice: float) -> tuple[np.ndarray, str]:
-    """Overlay of the query slice with the most ground truth (prediction red, truth green)."""
-    area = target[:, 0].flatten(1).sum(1)
-    t = int(area.argmax())
-    image = F.interpolate(s["image"][t][None, None], size=target.shape[-2:], mode="bilinear")[0, 0]
-    pic = overlay(image.float().cpu().numpy(), (logits[t, 0] > 0).float().cpu().numpy(), target[t, 0].float().cpu().numpy())
-    return pic, f"{s['name']} class {s['class_id']} slice {t} dice {dice:.3f}"
+    try:
+        return validate_tasks(model, run.val_loader, run.info, run.device, run.amp_dtype, run.cfg.out_size,
+                              run.cfg.val_samples, run.cfg.log_images)
+    finally:
+        model.train()
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,66 @@
+"""The training objective of one task: SAM2's own loss (default) or the Dice + BCE of the returned masks.
+
+``sam2`` (``icl.engine.sam2_loss``): best-candidate focal + Dice, the IoU head and the object-score head, on every
+(scored frame, object) the rule tracked — conditioning frames have no decoder output and are not scored.
+``dice_bce`` (``icl.engine.losses.ICLLoss``): 3D Dice + BCE of the returned masks over the scored frames at
+``out_size``, plus BCE of SAM2's object score against "the object is present" (SAM2 replaces an absent object's
+masks by a constant without gradient, so the presence head must learn too).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icl.engine.losses import ICLLoss
+from icl.engine.sam2_loss import SAM2Loss
+from icl.engine.tasks import Task
+
+LOSSES = ("sam2", "dice_bce")
+MASK_LOGITS = ("raw", "gated")
+
+
+class TaskLoss(nn.Module):
+    """``forward(out, task) -> {"loss", parts...}`` for the outputs of ``icl.engine.model.ICLStep``."""
+
+    def __init__(self, kind: str = "sam2", out_size: int = 128, mask_logits: str = "raw", obj_weight: float = 1.0):
+        super().__init__()
+        if kind not in LOSSES or mask_logits not in MASK_LOGITS:
+            raise ValueError(f"loss {kind!r} / mask logits {mask_logits!r} not in {LOSSES} / {MASK_LOGITS}")
+        self.kind, self.out_size, self.mask_logits, self.obj_weight = kind, out_size, mask_logits, obj_weight
+        self.sam2 = SAM2Loss()
+        self.dice_bce = ICLLoss()
+
+    def forward(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
+        return self._sam2(out, task) if self.kind == "sam2" else self._dice_bce(out, task)
+
+    def _sam2(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
+        scored = set(task.scored)
+        items = [(f, row, col, t) for f, t in out["tracked"] if f in scored for row, col in enumerate(t.columns)]
+        if not items:  # nothing tracked on a scored frame: a zero that keeps the graph
+            return {"loss": out["logits"].sum() * 0.0}
+        masks = "raw_multimask_logits" if self.mask_logits == "raw" else "multimask_logits"
+        return self.sam2(torch.stack([getattr(t, masks)[row] for _, row, _, t in items]),
+                         torch.stack([t.multimask_ious[row] for _, row, _, t in items]),
+                         torch.stack([t.object_score_logits[row] for _, row, _, t in items]),
+                         torch.stack([task.targets[col, f] for f, _, col, _ in items]),
+                         torch.tensor([col for _, _, col, _ in items], device=task.targets.device))
+
+    def _dice_bce(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
+        logits, target = scored_logits(out, task, self.out_size)
+        terms = self.dice_bce.terms(logits, target)
+        present = target.flatten(2).amax(2)
+        obj = F.binary_cross_entropy_with_logits(out["object_score_logits"][task.scored].float(), present)
+        return {"loss": terms["loss"] + self.obj_weight * obj, "dice": terms["dice"].detach(),
+                "ce": terms["ce"].detach(), "obj": obj.detach()}
+
+
+def scored_logits(out: dict, task: Task, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of the scored frames at ``size`` x ``size``: ([T, K, S, S], [T, K, S, S])."""
+    logits = out["logits"][task.scored].float()
+    if logits.shape[-2:] != (size, size):
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+    target = task.targets[:, task.scored].transpose(0, 1).float()
+    if target.shape[-2:] != (size, size):
+        target = F.interpolate(target, size=(size, size), mode="nearest")
+    return logits, target

@@ -1,0 +1,69 @@
+"""The training objectives: SAM2's loss trains the chosen candidate, the IoU head and the object score."""
+from __future__ import annotations
+
+import torch
+
+from engine_fixtures import tiny_predictor, toy_slices  # noqa: F401 (fixture)
+from icl.engine.model import ICLStep
+from icl.engine.objective import TaskLoss
+from icl.engine.sam2_loss import SAM2Loss
+from icl.engine.tasks import Task
+from icl.engine.validation import task_dice, summarise
+
+
+def test_sam2_loss_backpropagates_the_best_candidate_and_every_iou():
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(2, 16, 16)
+    target[0, 4:12, 4:12] = 1  # item 1: object absent on its frame
+    good = target[0] * 20 - 10
+    logits = torch.stack([torch.stack([torch.randn(16, 16, generator=g), good, -good]),
+                          torch.randn(3, 16, 16, generator=g)]).requires_grad_()
+    ious = torch.rand(2, 3, generator=g).requires_grad_()
+    scores = torch.zeros(2, requires_grad=True)
+    out = SAM2Loss()(logits, ious, scores, target, torch.tensor([0, 1]))
+    out["loss"].backward()
+    grad = logits.grad.flatten(2).abs().sum(-1)
+    assert grad[0, 1] > 0 and grad[0, 0] == 0 and grad[0, 2] == 0  # only the best candidate of a present object
+    assert (grad[1] == 0).all()  # an absent object trains no mask
+    assert (ious.grad[0] != 0).all() and (ious.grad[1] == 0).all()  # IoU head: every candidate, where present
+    assert (scores.grad != 0).all()  # object score: always
+    assert set(out) == {"loss", "mask", "dice", "iou", "obj"}
+
+
+def _disc_task(images, masks) -> Task:
+    return Task(images, {0: {0: masks[0]}, 1: {0: 1 - masks[0]}}, "forward", torch.stack([masks, 1 - masks]),
+                list(range(1, len(images))), "adjacent")
+
+
+def test_task_loss_reaches_the_heads_through_the_model(tiny_predictor):
+    images, masks = toy_slices(5)
+    tiny_predictor.train()
+    step = ICLStep(tiny_predictor)
+    for kind in ("sam2", "dice_bce"):
+        tiny_predictor.zero_grad(set_to_none=True)
+        task = _disc_task(images, masks)
+        terms = TaskLoss(kind, out_size=64)(step(task), task)
+        terms["loss"].backward()
+        decoder = tiny_predictor.sam_mask_decoder
+        got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+               for name, module in (("iou", decoder.iou_prediction_head), ("obj", decoder.pred_obj_score_head),
+                                    ("memory", tiny_predictor.memory_attention))}
+        assert got["obj"] and got["memory"], (kind, got)
+        assert got["iou"] == (kind == "sam2"), (kind, got)  # only SAM2's loss trains the IoU head
+
+
+def test_validation_dice_marked_and_others():
+    images, masks = toy_slices(4, size=32)
+    task = _disc_task(images, masks)
+    perfect = {"logits": torch.stack([masks, 1 - masks], dim=1) * 20 - 10,
+               "object_score_logits": torch.zeros(4, 2)}
+    scores = task_dice(perfect, task, 32)
+    assert scores["adjacent_marked"] == [1.0, 1.0] and max(scores["adjacent_others"]) == 0.0
+    blind = {"logits": torch.ones(4, 2, 32, 32), "object_score_logits": torch.zeros(4, 2)}  # everything, always
+    blind_scores = task_dice(blind, task, 32)
+    assert 0 < min(blind_scores["adjacent_marked"]) < 1 and min(blind_scores["adjacent_others"]) > 0
+    sums = {"adjacent_marked|sum": 1.8, "adjacent_marked|n": 2, "adjacent_others|sum": 0.2, "adjacent_others|n": 2,
+            "c3|sum": 0.5, "c3|n": 1}
+    out = summarise(sums)
+    assert out["val/adjacent_marked"] == 0.9 and out["val/dice_class_3"] == 0.5
+    assert abs(out["val/dice_mean"] - (0.5 + 0.8) / 2) < 1e-9  # class Dice and the marked-minus-others margin

@@ -207,6 +207,9 @@ class TrainConfig(CommonConfig):
                                   "gated (SAM2's, constant where the object is called absent)", choices=("raw", "gated"))
     multimask_tracking: str = opt("config", "track with SAM2's 3 candidate masks (on), its single mask (off), or as "
                                             "the model config says", choices=("config", "on", "off"))
+    aux: float = opt(0.0, "weight of an auxiliary loss: a training-only 1x1 probe on the memory-conditioned features "
+                          "must locate the target (trains memory encoder and attention directly); 0 = off", float,
+                     check=NON_NEGATIVE)
     qk_init: float = opt(0.0, "start every memory cross-attention as a pure relative-position kernel: q/k weights 0, "
                               "biases this constant (e.g. 4); from-scratch training only; 0 = off", float,
                          check=NON_NEGATIVE)
@@ -214,6 +217,8 @@ class TrainConfig(CommonConfig):
     lookalike_depth: int = opt(12, "slices per generated look-alike volume", int, check=at_least(4))
     held_out_shapes: str = opt("", "look-alike shape classes never trained on (comma names, e.g. torus,cone)",
                                check=_shape_list)
+    export: str | None = opt(None, "at the end, write the weights alone of best.pth (else last.pth) to this file "
+                                   "(e.g. checkpoint/icl_tiny_cpu.pth)", check=none_word)
 
     @property
     def frozen_parts(self) -> list[str]:

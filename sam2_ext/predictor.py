@@ -81,7 +81,7 @@ class TensorFrames:
 
 # keys of a stored frame output that carry one row per object (split after a batched step)
 _PER_OBJECT_KEYS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits", "iou_pred",
-                    "multimask_logits", "raw_multimask_logits", "multimask_ious")
+                    "multimask_logits", "raw_multimask_logits", "multimask_ious", "memory_features")
 
 
 def _split_outputs(batched: dict, count: int) -> list[dict]:
@@ -106,7 +106,7 @@ class ICLPredictor(SAM2VideoPredictor):
         self.can_mask_memory = enable_key_masks(self.memory_attention)
         self._current_state: dict | None = None
         self._batch_banks: list[dict] | None = None  # the memory banks of the objects in the current batched step
-        self._last_heads: tuple | None = None  # (ious [B, M], multimask logits [B, M, h, w]) of the last step
+        self._last_heads: tuple | None = None  # (ious, multimask logits, memory-conditioned features) of a step
         self._raw_multimasks: torch.Tensor | None = None  # the decoder's masks before SAM2's object-score gate
         self.sam_mask_decoder.register_forward_hook(self._keep_raw_multimasks)
 
@@ -287,13 +287,14 @@ class ICLPredictor(SAM2VideoPredictor):
             )
         finally:
             self._current_state = None
-        ious, multimasks = self._last_heads
+        ious, multimasks, memory_features = self._last_heads
         # SAM2 picks the mask with the highest predicted IoU when it outputs several
         compact_out["iou_pred"] = ious.max(dim=-1, keepdim=True).values.detach().float()
         if torch.is_grad_enabled():  # training: the loss needs every candidate mask and its predicted IoU
             compact_out["multimask_logits"], compact_out["multimask_ious"] = multimasks, ious
             raw = self._raw_multimasks
             compact_out["raw_multimask_logits"] = raw.float() if raw is not None else multimasks
+            compact_out["memory_features"] = memory_features  # the decoder's input: image features + memory
         self._raw_multimasks = None
         return compact_out, pred_masks
 
@@ -309,7 +310,7 @@ class ICLPredictor(SAM2VideoPredictor):
         bookkeeping reads it always, so training through the predictor needs it set here.)
         """
         current_out, sam_outputs, high_res_features, pix_feat = super()._track_step(*args, **kwargs)
-        self._last_heads = (sam_outputs[2], sam_outputs[0])
+        self._last_heads = (sam_outputs[2], sam_outputs[0], pix_feat)
         current_out["object_score_logits"] = sam_outputs[6]
         return current_out, sam_outputs, high_res_features, pix_feat
 

@@ -45,6 +45,7 @@ class Tracked:
     multimask_ious: torch.Tensor  # [K, M] the IoU head's prediction for each candidate
     object_score_logits: torch.Tensor  # [K]
     raw_multimask_logits: torch.Tensor  # [K, M, h, w] the same masks before SAM2's object-score gate
+    memory_features: torch.Tensor  # [K, D, h', w'] the memory-conditioned image features the decoder read
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _collect(outs: list[dict | None], prompted: set[int], columns: list[int], nu
         cat = lambda key: torch.cat([o[key] for _, o in heads]).float()  # noqa: E731
         tracked.append(Tracked([c for c, _ in heads], cat("multimask_logits"), cat("multimask_ious"),
                                torch.cat([o["object_score_logits"].reshape(1) for _, o in heads]).float(),
-                               cat("raw_multimask_logits")))
+                               cat("raw_multimask_logits"), cat("memory_features")))
     return _Pass(torch.stack(logits), torch.stack(scores), torch.stack(ious), seen, tracked)
 
 

@@ -16,6 +16,7 @@ import torch
 from icl.engine.checkpoint import (
     capture_rng,
     epoch_path,
+    export_weights,
     find_resume_point,
     load_checkpoint,
     remove_stale_temps,
@@ -171,3 +172,17 @@ def test_sigkill_mid_save_leaves_last_good_checkpoint(tmp_path):
     assert found == run / "last.pth"
     assert load_checkpoint(found)["epoch"] == 1 and load_checkpoint(found)["step"] == 5
     assert remove_stale_temps(run) == temps and not list(run.glob(".*"))
+
+
+def test_export_keeps_the_weights_and_the_run_config_only(tmp_path):
+    model, opt, sched = _parts()
+    _one_step(model, opt, sched)
+    src = save_checkpoint(tmp_path / "best.pth", model, opt, sched, 4, 40, {"tasks": "0:sparse=1", "lr": 1e-3}, 0.7)
+    dst = export_weights(src, tmp_path / "out" / "model.pth")
+    payload = torch.load(dst, map_location="cpu", weights_only=True)
+    assert set(payload) == {"model", "trained"} and "optimizer" not in payload
+    assert payload["trained"]["config"]["tasks"] == "0:sparse=1" and payload["trained"]["step"] == 40
+    for key, value in model.state_dict().items():
+        assert torch.equal(payload["model"][key], value)
+    assert dst.stat().st_size < src.stat().st_size
+    assert [p.name for p in dst.parent.iterdir()] == ["model.pth"]  # written atomically, no temp left

@@ -25,9 +25,11 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert seconds < 120, f"--quick took {seconds:.0f} s"
-    for step in ("icl.data.phantom", "icl.data.preprocess", "train_3d.py", "eval_3d.py"):
+    for step in ("icl.segment", "icl.data.phantom", "icl.data.preprocess", "train_3d.py", "eval_3d.py"):
         assert f"$ python {step}" in proc.stdout or f"$ python -m {step}" in proc.stdout, f"{step} not shown"
-    assert "summary: 3D Dice" in proc.stdout and "| protocol | class |" in proc.stdout
+    assert "| default model (icl.segment) |" in proc.stdout and "| nearest annotated slice |" in proc.stdout
+    assert (out / "sparse" / "filled.nii.gz").is_file()
+    assert "summary of the freshly trained model: 3D Dice" in proc.stdout and "| protocol | class |" in proc.stdout
     df = pd.read_csv(out / "eval" / "eval.csv")
     assert {(p, c) for p, c in zip(df.protocol, df.class_name)} == {
         (p, c) for p in ("gt_slices", "full_volume") for c in ("kidney", "tumor", "cyst")}
@@ -57,5 +59,5 @@ def test_failing_step_stops_with_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "commands", broken)
     assert demo.main(["--quick", "--out", str(tmp_path / "d")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "1/4 generate a phantom dataset" in err[0]
+    assert len(err) == 1 and "2/5 generate a phantom dataset" in err[0]
     assert not (tmp_path / "d" / "runs").exists(), "later steps did not run"

@@ -67,3 +67,19 @@ def test_validation_dice_marked_and_others():
     out = summarise(sums)
     assert out["val/adjacent_marked"] == 0.9 and out["val/dice_class_3"] == 0.5
     assert abs(out["val/dice_mean"] - (0.5 + 0.8) / 2) < 1e-9  # class Dice and the marked-minus-others margin
+
+
+def test_auxiliary_probe_trains_memory_attention_directly(tiny_predictor):
+    images, masks = toy_slices(5)
+    tiny_predictor.train()
+    step = ICLStep(tiny_predictor, aux_probe=True)
+    task = _disc_task(images, masks)
+    out = step(task)
+    assert len(out["probe"]) == len(out["tracked"]) and out["probe"][0][2].shape[1:] == (1, 8, 8)  # the 128 px model's 8x8 grid
+    aux_only = TaskLoss("sam2", out_size=64, aux=1.0)(out, task)
+    plain = TaskLoss("sam2", out_size=64)(out, task)
+    assert "aux" in aux_only and "aux" not in plain
+    (aux_only["loss"] - plain["loss"]).backward()  # the auxiliary term alone
+    assert step.aux_probe.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_predictor.memory_attention.parameters())
+    assert "aux_probe" not in "".join(tiny_predictor.state_dict())  # never part of the model's weights

@@ -86,3 +86,24 @@ def test_cli_exits_2_without_traceback_on_missing_weights(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: -pretrain: weights file")
     assert "-pretrain none" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lookalike_schedule_with_levers_trains_and_exports(train_data, tmp_path, one_thread, capsys):  # noqa: F811
+    """-tasks mixes generated look-alike tasks with the dataset's clips; the levers apply; -export writes weights."""
+    export = tmp_path / "shipped" / "model.pth"
+    argv = train_argv(train_data, tmp_path / "ck", "mix", "-epochs", "1", "-tasks", "0:sparse=1,clips=1;1:cross=1",
+                      "-lookalike_depth", "6", "-qk_init", "4", "-multimask_tracking", "off",
+                      "-export", str(export), "-val_samples", "0")
+    summary = train(parse_train_args(argv))
+    assert summary["step"] == 2 and summary["exported"] == str(export)
+    payload = torch.load(export, map_location="cpu", weights_only=True)
+    assert payload["trained"]["config"]["tasks"] == "0:sparse=1,clips=1;1:cross=1"
+    model = build_icl_predictor("tiny_cpu", "cpu", image_size=128)
+    load_weights(model, export)  # the exported file loads like any SAM2 checkpoint
+    val = summary["last_val"]
+    assert {"val/sparse_marked", "val/sparse_others", "val/cross_marked", "val/cross_others"} <= set(val)
+    assert any(k.startswith("val/dice_class_") for k in val) and math.isfinite(val["val/dice_mean"])
+    # the positional init was applied before training (q/k biases start at the constant, weights at 0)
+    start = torch.load(Path(summary["run_dir"]) / "epoch_1.pth", weights_only=True)["model"]
+    q_bias = start["memory_attention.layers.0.cross_attn_image.q_proj.bias"]
+    assert (q_bias - 4).abs().max() < 0.1, "two steps move the positional init only a little"

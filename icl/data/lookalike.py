@@ -171,10 +171,11 @@ def render_case(rng: np.random.Generator, kinds: Sequence[str], size: int, depth
         raise RuntimeError(f"could not place {len(kinds)} objects in a {size}px image")
     masks = np.stack([np.stack([o.render(z, yy, xx) for z in range(depth)]) for o in objs]).astype(np.uint8)
     bg_mean = rng.uniform(0.15, 0.85)
-    obj_mean = bg_mean + rng.choice([-1, 1]) * rng.uniform(0.15, 0.35)
+    obj_mean = bg_mean + rng.choice([-1, 1]) * rng.uniform(0.2, 0.4)
     if not 0.05 <= obj_mean <= 0.95:
         obj_mean = bg_mean - (obj_mean - bg_mean)
-    vol = bg_mean + rng.uniform(0.03, 0.1) * _smooth_noise(rng, (depth, size, size), rng.uniform(2, 6) * size / 128)
+    # background texture smoother and weaker than the objects' contrast: texture blobs must not look like objects
+    vol = bg_mean + rng.uniform(0.02, 0.06) * _smooth_noise(rng, (depth, size, size), rng.uniform(4, 10) * size / 128)
     inside = masks.any(0)
     obj_tex = obj_mean + rng.uniform(0.01, 0.05) * _smooth_noise(rng, (depth, size, size), 1.5 * size / 128)
     vol = np.where(inside, obj_tex, vol) + rng.normal(scale=rng.uniform(0.01, 0.04), size=vol.shape)

@@ -79,8 +79,11 @@ def save_checkpoint(
     config: Mapping[str, Any] | Any,
     best_metric: float | None,
     scaler: Any = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write everything needed to continue training exactly, atomically (temp file + rename)."""
+    """Write everything needed to continue training exactly, atomically (temp file + rename).
+
+    ``extra``: state dicts of training-only modules (e.g. the auxiliary probe), never part of the model's weights."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     payload = {
@@ -94,6 +97,7 @@ def save_checkpoint(
         "best_metric": None if best_metric is None else float(best_metric),
         "config": _plain(dict(config)),
         "rng": capture_rng(),
+        "extra": dict(extra or {}),
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -204,6 +208,21 @@ def remove_stale_temps(run_dir: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def export_weights(src: str | Path, dst: str | Path) -> Path:
+    """Write the model weights of a training checkpoint alone (what ``-export`` ships; a fraction of the size).
+
+    ``{"model": state_dict, "trained": {epoch, step, best_metric, config}}``: loads like an official SAM2 file
+    (``weights_only=True``), and ``trained.config`` holds every flag of the run that made it.
+    """
+    ck = load_checkpoint(src)
+    payload = {"model": ck["model"],
+               "trained": {"epoch": ck["epoch"], "step": ck["step"], "best_metric": ck.get("best_metric"),
+                           "config": ck.get("config") or {}, "from": Path(src).name}}
+    with atomic_path(dst) as tmp:
+        torch.save(payload, tmp)
+    return Path(dst)
 
 
 # ----------------------------------------------------------------------------------------------------- model weights

@@ -70,19 +70,26 @@ class ICLStep(nn.Module):
 
     Runs the engine's one propagation rule (``sam2_ext.track.track``, with grad in grad mode) and returns
     ``logits`` [N, K, h, w] (low resolution, every frame), ``object_score_logits`` [N, K] and ``tracked``:
-    ``[(frame, Tracked)]``, the heads' raw outputs the SAM2 loss reads (grad mode only).
+    ``[(frame, Tracked)]``, the heads' raw outputs the SAM2 loss reads (grad mode only). With ``aux_probe`` a
+    training-only 1x1 convolution reads the memory-conditioned features of every tracked frame (``probe``:
+    ``[(frame, columns, logits [K, 1, h', w'])]``) for the auxiliary loss (``icl.engine.objective``); it is part of
+    this step, not of the model, so DDP keeps it in step on every rank and the exported weights never hold it.
     """
 
-    def __init__(self, predictor: nn.Module):
+    def __init__(self, predictor: nn.Module, aux_probe: bool = False):
         super().__init__()
         self.predictor = predictor
+        self.aux_probe = nn.Conv2d(predictor.hidden_dim, 1, kernel_size=1) if aux_probe else None
 
     def forward(self, task: Task) -> dict:
         results = sorted(track(self.predictor, task.frames, task.prompts, task.direction,
                                grad=torch.is_grad_enabled()), key=lambda r: r.index)
-        return {"logits": torch.stack([r.logits for r in results]),
-                "object_score_logits": torch.stack([r.object_score_logits for r in results]),
-                "tracked": [(r.index, t) for r in results for t in r.tracked]}
+        tracked = [(r.index, t) for r in results for t in r.tracked]
+        out = {"logits": torch.stack([r.logits for r in results]),
+               "object_score_logits": torch.stack([r.object_score_logits for r in results]), "tracked": tracked}
+        if self.aux_probe is not None:
+            out["probe"] = [(f, t.columns, self.aux_probe(t.memory_features.float())) for f, t in tracked]
+        return out
 
 
 def positional_memory_init(predictor: nn.Module, constant: float) -> None:

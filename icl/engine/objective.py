@@ -5,6 +5,12 @@
 ``dice_bce`` (``icl.engine.losses.ICLLoss``): 3D Dice + BCE of the returned masks over the scored frames at
 ``out_size``, plus BCE of SAM2's object score against "the object is present" (SAM2 replaces an absent object's
 masks by a constant without gradient, so the presence head must learn too).
+
+``aux`` > 0 adds an auxiliary loss: a 1x1 probe on the memory-conditioned features (``ICLStep(aux_probe=True)``)
+must predict how much of each feature cell the target covers (BCE). Why: from random init the decoder can lower
+the loss by segmenting every look-alike from the image alone, and the memory path is then trained *away*; asking
+the features that come out of memory attention to locate the target gives memory encoder and attention a direct
+gradient to write and read "where the object is". The probe is dropped after training.
 """
 from __future__ import annotations
 
@@ -23,16 +29,22 @@ MASK_LOGITS = ("raw", "gated")
 class TaskLoss(nn.Module):
     """``forward(out, task) -> {"loss", parts...}`` for the outputs of ``icl.engine.model.ICLStep``."""
 
-    def __init__(self, kind: str = "sam2", out_size: int = 128, mask_logits: str = "raw", obj_weight: float = 1.0):
+    def __init__(self, kind: str = "sam2", out_size: int = 128, mask_logits: str = "raw", obj_weight: float = 1.0,
+                 aux: float = 0.0):
         super().__init__()
         if kind not in LOSSES or mask_logits not in MASK_LOGITS:
             raise ValueError(f"loss {kind!r} / mask logits {mask_logits!r} not in {LOSSES} / {MASK_LOGITS}")
         self.kind, self.out_size, self.mask_logits, self.obj_weight = kind, out_size, mask_logits, obj_weight
+        self.aux = aux
         self.sam2 = SAM2Loss()
         self.dice_bce = ICLLoss()
 
     def forward(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
-        return self._sam2(out, task) if self.kind == "sam2" else self._dice_bce(out, task)
+        terms = self._sam2(out, task) if self.kind == "sam2" else self._dice_bce(out, task)
+        if self.aux > 0 and out.get("probe"):
+            aux = probe_loss(out["probe"], task)
+            terms = {**terms, "loss": terms["loss"] + self.aux * aux, "aux": aux.detach()}
+        return terms
 
     def _sam2(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
         scored = set(task.scored)
@@ -53,6 +65,17 @@ class TaskLoss(nn.Module):
         obj = F.binary_cross_entropy_with_logits(out["object_score_logits"][task.scored].float(), present)
         return {"loss": terms["loss"] + self.obj_weight * obj, "dice": terms["dice"].detach(),
                 "ce": terms["ce"].detach(), "obj": obj.detach()}
+
+
+def probe_loss(probe: list, task: Task) -> torch.Tensor:
+    """BCE of the probe's logits with the target's coverage of each feature cell, over scored tracked frames."""
+    scored = set(task.scored)
+    losses = []
+    for f, columns, logits in probe:
+        if f in scored:
+            cover = F.interpolate(task.targets[columns, f][:, None].float(), size=logits.shape[-2:], mode="area")
+            losses.append(F.binary_cross_entropy_with_logits(logits.float(), cover))
+    return torch.stack(losses).mean() if losses else probe[0][2].sum() * 0.0
 
 
 def scored_logits(out: dict, task: Task, size: int) -> tuple[torch.Tensor, torch.Tensor]:

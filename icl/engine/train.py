@@ -37,6 +37,7 @@ from icl.data.loaders import set_epoch
 from icl.engine import distributed as dd
 from icl.engine.checkpoint import (
     epoch_path,
+    export_weights,
     load_checkpoint,
     remove_stale_temps,
     resolve_resume,
@@ -135,8 +136,9 @@ def setup(cfg: TrainConfig) -> Run:
         set_multimask_tracking(predictor, cfg.multimask_tracking == "on")
     if cfg.qk_init > 0 and weights is None and resume_file is None:
         positional_memory_init(predictor, cfg.qk_init)
-    step_module = dd.wrap_ddp(ICLStep(predictor), info, device)
-    params = [p for p in predictor.parameters() if p.requires_grad]
+    step = ICLStep(predictor, aux_probe=cfg.aux > 0).to(device)
+    step_module = dd.wrap_ddp(step, info, device)
+    params = [p for p in step.parameters() if p.requires_grad]  # the model's, and the auxiliary probe's
     if not params:
         raise InputError("-freeze", "every parameter is frozen; nothing to train")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -149,7 +151,7 @@ def setup(cfg: TrainConfig) -> Run:
     if info.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
     logger = make_logger(cfg.wandb_enabled, run_dir, run_dir.name, cfg.to_dict(), info.is_main)
-    loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight).to(device)
+    loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight, cfg.aux).to(device)
     run = Run(cfg, device, info, run_dir, predictor, step_module, loss_fn, optimizer, scheduler, scaler,
               amp_dtype, train_loader, val_loader, steps_per_epoch, logger)
     _report_model(run)
@@ -177,6 +179,9 @@ def _resume(run: Run, path: Path) -> None:
         if key in saved and saved[key] != getattr(run.cfg, key):
             raise InputError("-resume", f"{path} was trained with -{key} {saved[key]}, not {getattr(run.cfg, key)}")
     run.predictor.load_state_dict(ck["model"])
+    probe = unwrap(run.step_module).aux_probe
+    if probe is not None and "aux_probe" in (ck.get("extra") or {}):
+        probe.load_state_dict(ck["extra"]["aux_probe"])
     run.optimizer.load_state_dict(ck["optimizer"])
     if ck.get("scheduler") is not None:
         run.scheduler.load_state_dict(ck["scheduler"])
@@ -246,8 +251,10 @@ def write_checkpoints(run: Run, improved: bool) -> None:
     if not run.info.is_main:
         return
     p = run.progress
+    probe = unwrap(run.step_module).aux_probe
+    extra = {"aux_probe": probe.state_dict()} if probe is not None else None
     path = save_checkpoint(epoch_path(run.run_dir, p.epoch), run.predictor, run.optimizer, run.scheduler, p.epoch,
-                           p.step, run.cfg, p.best_metric, scaler=run.scaler)
+                           p.step, run.cfg, p.best_metric, scaler=run.scaler, extra=extra)
     _atomic_copy(path, run.run_dir / "last.pth")
     if improved:
         _atomic_copy(path, run.run_dir / "best.pth")
@@ -309,6 +316,11 @@ def fit(run: Run) -> dict[str, Any]:
             run.summary["stopped_by_time_limit"] = True
             break
     run.summary.update(run_dir=str(run.run_dir), epoch=p.epoch, step=p.step, best_metric=p.best_metric)
+    if cfg.export and run.info.is_main:
+        best = run.run_dir / "best.pth"
+        source = best if best.is_file() else run.run_dir / "last.pth"
+        run.summary["exported"] = str(export_weights(source, cfg.export))
+        print(f"exported the weights of {source} to {cfg.export}", file=sys.stderr)
     return run.summary
 
 

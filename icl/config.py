@@ -176,6 +176,8 @@ class TrainConfig(CommonConfig):
     lr: float = opt(5e-5, "AdamW learning rate", float, check=POSITIVE)
     weight_decay: float = opt(0.01, "AdamW weight decay", float, check=NON_NEGATIVE)
     warmup_epochs: float = opt(1.0, "linear warm-up before cosine decay", float, check=NON_NEGATIVE)
+    lr_schedule: str = opt("cosine", "after the warm-up: cosine decay over all epochs, or constant",
+                           choices=("cosine", "constant"))
     grad_clip: float = opt(1.0, "max grad norm; 0 = off", float, check=NON_NEGATIVE)
     freeze: str = opt("none", f"none or comma list of {','.join(FREEZABLE)}", check=_parts)
     resume: str | None = opt(None, "checkpoint file or run folder to continue", check=none_word)
@@ -213,6 +215,8 @@ class TrainConfig(CommonConfig):
     qk_init: float = opt(0.0, "start every memory cross-attention as a pure relative-position kernel: q/k weights 0, "
                               "biases this constant (e.g. 4); from-scratch training only; 0 = off", float,
                          check=NON_NEGATIVE)
+    lookalike_objects: str = opt("all", "look-alike tasks: every look-alike seen on a support slice is an object "
+                                        "with its own support (all), or only the target", choices=("all", "target"))
     lookalike_k: int = opt(3, "look-alike objects per generated volume", int, check=at_least(2))
     lookalike_depth: int = opt(12, "slices per generated look-alike volume", int, check=at_least(4))
     held_out_shapes: str = opt("", "look-alike shape classes never trained on (comma names, e.g. torus,cone)",

@@ -105,15 +105,21 @@ def test_bad_prompts(tiny_predictor):
 def test_grad_mode_keeps_heads_for_the_loss(tiny_predictor):
     images, prompts = _three_classes()
     tiny_predictor.train()
-    results = list(track(tiny_predictor, images, prompts, "forward", grad=True))
-    heads = [t for r in results for t in r.tracked]
-    assert heads and all(t.multimask_logits.shape[1] == 3 and t.multimask_ious.shape[1] == 3 for t in heads)
-    loss = sum(t.multimask_ious.sum() + t.multimask_logits.mean() for t in heads)
-    loss.backward()
-    iou_head = tiny_predictor.sam_mask_decoder.iou_prediction_head
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in iou_head.parameters())
-    # prompted slices are conditioning frames: no head outputs to train there
-    assert all(c not in t.columns for r in results if r.index == 3 for t in r.tracked if 1 in prompts.get(7, {}))
+    for multimask, candidates in ((False, 1), (True, 3)):  # tiny_cpu tracks with one mask; SAM2.1 with three
+        tiny_predictor.multimask_output_for_tracking = multimask
+        tiny_predictor.zero_grad(set_to_none=True)
+        results = list(track(tiny_predictor, images, prompts, "forward", grad=True))
+        heads = [t for r in results for t in r.tracked]
+        assert heads and all(t.multimask_logits.shape[1] == t.multimask_ious.shape[1] == candidates for t in heads)
+        assert all(t.raw_multimask_logits.shape == t.multimask_logits.shape for t in heads)
+        loss = sum(t.multimask_ious.sum() + t.raw_multimask_logits.mean() + t.memory_features.mean() for t in heads)
+        loss.backward()
+        iou_head = tiny_predictor.sam_mask_decoder.iou_prediction_head
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in iou_head.parameters())
+    # a prompted slice is a conditioning frame of its class: no head outputs to train there for that class
+    by_slice = {r.index: [c for t in r.tracked for c in t.columns] for r in results}
+    assert 1 not in by_slice[3] and 0 not in by_slice[5] and 2 not in by_slice[6]
+    assert 0 in by_slice[3] and 2 in by_slice[3]  # the other classes are tracked on slice 3
     with torch.no_grad():
         assert all(not r.tracked and not r.logits.requires_grad for r in track(tiny_predictor, images, prompts))
 

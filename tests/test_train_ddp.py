@@ -51,7 +51,9 @@ def _worker(rank: int, port: int, argv: list[str], out: str) -> None:
 def test_ddp_two_cpu_processes(train_data, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     out.mkdir()
-    argv = train_argv(train_data, tmp_path / "ck", "ddp", "-epochs", "1", "-distributed", "True")
+    # clips and generated look-alike tasks mixed, with the training-only probe: all of it must stay in step
+    argv = train_argv(train_data, tmp_path / "ck", "ddp", "-epochs", "1", "-distributed", "True",
+                      "-tasks", "0:clips=1,sparse=1", "-lookalike_depth", "6", "-aux", "1", "-qk_init", "4")
     # fork: the ranks inherit the imported modules (spawn would re-import torch + sam2 per rank: ~15 s on CI)
     mp.start_processes(_worker, args=(_free_port(), argv, str(out)), nprocs=WORLD, join=True, start_method="fork")
 
@@ -66,6 +68,7 @@ def test_ddp_two_cpu_processes(train_data, tmp_path):  # noqa: F811
         assert torch.equal(w0[k], w1[k]), f"ranks diverged on {k}: gradients were not all-reduced"
     ck = load_checkpoint(run / "last.pth")
     assert ck["step"] == 2 and ck["epoch"] == 1 and torch.equal(ck["model"]["no_mem_embed"], w0["no_mem_embed"])
+    assert set(ck["extra"]) == {"aux_probe"}  # the probe is saved for resume, beside (not inside) the model
 
     s0, s1 = (json.loads((out / f"summary_rank{r}.json").read_text()) for r in range(WORLD))
     assert s0["last_val"] == s1["last_val"], "validation Dice is reduced over ranks"

@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Subset
 
 from icl.config import CommonConfig, TrainConfig
 from icl.data.loaders import ICLDataset, make_loader, open_caches
-from icl.data.phantom import make_phantom_dataset
+from icl.data.phantom import DEFAULT_CLASSES, SHAPES, make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
 from icl.data.lookalike import LEVELS
 from icl.data.sampling import make_splits, spread
@@ -44,13 +44,24 @@ def _layout_of(folder: Path) -> str:
     raise InputError("-data_path", f"{folder}: no KiTS, BTCV or MSD layout found")
 
 
+def phantom_shapes(cfg: CommonConfig) -> tuple[str, ...]:
+    """Shape classes of a generated phantom dataset: the KiTS-layout default, or, when training holds shape classes
+    out (``-held_out_shapes``), every other phantom class, so held-out classes stay unseen in clips too."""
+    held_out = [s for s in getattr(cfg, "held_out_shapes", "").split(",") if s]
+    if not held_out:
+        return DEFAULT_CLASSES["kits"]
+    return tuple(s for s in SHAPES if s not in held_out)
+
+
 def _sources(cfg: CommonConfig) -> list[tuple[str, Path]]:
     """(layout, folder) pairs to cache; a missing phantom folder is generated first."""
     root = Path(cfg.data_path)
     if cfg.dataset == "phantom":
         if not root.exists():
-            print(f"note: generating {PHANTOM_CASES} phantom cases in {root}", file=sys.stderr)
-            make_phantom_dataset(root, "kits", PHANTOM_CASES, seed=cfg.seed)
+            shapes = phantom_shapes(cfg)
+            print(f"note: generating {PHANTOM_CASES} phantom cases in {root} ({', '.join(shapes)})", file=sys.stderr)
+            make_phantom_dataset(root, "kits" if len(shapes) <= 3 else "btcv", PHANTOM_CASES, seed=cfg.seed,
+                                 classes=shapes)
         return [(_layout_of(root), root)]
     if cfg.dataset == "combined":
         parts = [(name, root / name) for name in COMBINED_PARTS if (root / name).is_dir()]
@@ -193,7 +204,7 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
     else:
         length = cfg.steps_per_epoch or (len(clip_train) if clip_train is not None else TASKS_PER_EPOCH)
         train_set = TaskMix(schedule, length, cfg.image_size, cfg.lookalike_depth, cfg.lookalike_k, held_out,
-                            cfg.seed, clip_train, info.world_size)
+                            cfg.seed, clip_train, info.world_size, objects=cfg.lookalike_objects)
         shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
     val_parts = [ClipTasks(clip_val)] if clip_val is not None else []
     if levels:

@@ -143,13 +143,13 @@ class TaskMix(Dataset):
 
     def __init__(self, schedule: list[tuple[int, dict[str, float]]], length: int, image_size: int, depth: int,
                  k: int, held_out: Sequence[str] = (), seed: int = 0, clips: Dataset | None = None,
-                 world_size: int = 1, depths: Mapping[str, int] | None = None):
+                 world_size: int = 1, depths: Mapping[str, int] | None = None, objects: str = "all"):
         if any(CLIPS in mix for _, mix in schedule) and clips is None:
             raise InputError("-tasks", "the schedule asks for clips but no dataset is given")
         self.schedule, self.length, self.image_size = schedule, int(length), int(image_size)
         self.depth, self.k, self.held_out, self.seed = int(depth), int(k), tuple(held_out), int(seed)
         self.clips, self.world_size, self.epoch = clips, int(world_size), 1
-        self.depths = dict(depths or {})
+        self.depths, self.objects = dict(depths or {}), objects
 
     def __len__(self) -> int:
         return self.length * self.world_size
@@ -168,7 +168,7 @@ class TaskMix(Dataset):
         task_seed = int(rng.integers(2**31))
         task = make_task(task_seed, source, size=self.image_size, depth=self.depths.get(source, self.depth),
                          k=self.k, held_out=self.held_out)
-        return task_from_lookalike(task, seed=task_seed)
+        return task_from_lookalike(task, objects=self.objects, seed=task_seed)
 
 
 class ClipTasks(Dataset):

@@ -67,14 +67,16 @@ def seed_everything(seed: int) -> None:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                   min_ratio: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to ``min_ratio * lr``; stepped once per optimizer step."""
+                   min_ratio: float = 0.01, kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to ``min_ratio * lr`` (or constant); stepped once per optimizer step."""
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
         done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
@@ -146,7 +148,8 @@ def setup(cfg: TrainConfig) -> Run:
     steps_per_epoch = len(train_loader) if not cfg.steps_per_epoch else min(cfg.steps_per_epoch, len(train_loader))
     if steps_per_epoch == 0:
         raise InputError("-data_path", "the training split has no samples")
-    scheduler = make_scheduler(optimizer, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = make_scheduler(optimizer, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
+                               kind=cfg.lr_schedule)
     amp_dtype, scaler = amp_setup(cfg.amp, device)
     if info.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())

@@ -48,8 +48,9 @@ def test_task_loss_reaches_the_heads_through_the_model(tiny_predictor):
         got = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
                for name, module in (("iou", decoder.iou_prediction_head), ("obj", decoder.pred_obj_score_head),
                                     ("memory", tiny_predictor.memory_attention))}
-        assert got["obj"] and got["memory"], (kind, got)
-        assert got["iou"] == (kind == "sam2"), (kind, got)  # only SAM2's loss trains the IoU head
+        # both train the IoU head: the selector reads it, and DDP stops on a returned head without gradient
+        assert got["obj"] and got["memory"] and got["iou"], (kind, got)
+        assert float(terms["iou"]) > 0, kind
 
 
 def test_validation_dice_marked_and_others():

@@ -51,9 +51,10 @@ def _worker(rank: int, port: int, argv: list[str], out: str) -> None:
 def test_ddp_two_cpu_processes(train_data, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     out.mkdir()
-    # clips and generated look-alike tasks mixed, with the training-only probe: all of it must stay in step
+    # clips and generated look-alike tasks mixed, with the training-only probe and the default model's loss (every head
+    # it returns must get a gradient on every rank, or DDP stops): all of it must stay in step
     argv = train_argv(train_data, tmp_path / "ck", "ddp", "-epochs", "1", "-distributed", "True",
-                      "-tasks", "0:clips=1,sparse=1", "-lookalike_depth", "6", "-aux", "1", "-qk_init", "4")
+                      "-tasks", "0:clips=1,sparse=1", "-lookalike_depth", "6", "-aux", "1", "-qk_init", "4", "-loss", "dice_bce")
     # fork: the ranks inherit the imported modules (spawn would re-import torch + sam2 per rank: ~15 s on CI)
     mp.start_processes(_worker, args=(_free_port(), argv, str(out)), nprocs=WORLD, join=True, start_method="fork")
 

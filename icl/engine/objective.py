@@ -4,7 +4,9 @@
 (scored frame, object) the rule tracked — conditioning frames have no decoder output and are not scored.
 ``dice_bce`` (``icl.engine.losses.ICLLoss``): 3D Dice + BCE of the returned masks over the scored frames at
 ``out_size``, plus BCE of SAM2's object score against "the object is present" (SAM2 replaces an absent object's
-masks by a constant without gradient, so the presence head must learn too).
+masks by a constant without gradient, so the presence head must learn too), plus SAM2's L1 loss of the IoU head
+against each candidate's real IoU where the object is present (the scored memory selector reads predicted IoU, and
+multimask tracking picks with it: an untrained head would make both pick at random).
 
 ``aux`` > 0 adds an auxiliary loss: a 1x1 probe on the memory-conditioned features (``ICLStep(aux_probe=True)``)
 must predict how much of each feature cell the target covers (BCE). Why: from random init the decoder can lower
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icl.engine.losses import ICLLoss
-from icl.engine.sam2_loss import SAM2Loss
+from icl.engine.sam2_loss import SAM2Loss, real_iou_per_token
 from icl.engine.tasks import Task
 
 LOSSES = ("sam2", "dice_bce")
@@ -63,8 +65,29 @@ class TaskLoss(nn.Module):
         terms = self.dice_bce.terms(logits, target)
         present = target.flatten(2).amax(2)
         obj = F.binary_cross_entropy_with_logits(out["object_score_logits"][task.scored].float(), present)
-        return {"loss": terms["loss"] + self.obj_weight * obj, "dice": terms["dice"].detach(),
-                "ce": terms["ce"].detach(), "obj": obj.detach()}
+        iou = iou_head_loss(out, task)
+        return {"loss": terms["loss"] + self.obj_weight * obj + iou, "dice": terms["dice"].detach(),
+                "ce": terms["ce"].detach(), "obj": obj.detach(), "iou": iou.detach()}
+
+
+def iou_head_loss(out: dict, task: Task) -> torch.Tensor:
+    """Mean L1 between the IoU head's predictions and each candidate's real IoU (logit > 0), over the scored
+    (frame, object) items whose object is present (as SAM2's loss: absent objects have no IoU to predict)."""
+    scored = set(task.scored)
+    losses = []
+    for f, t in out["tracked"]:
+        if f not in scored:
+            continue
+        target = task.targets[t.columns, f].float()[:, None]
+        present = target.flatten(1).amax(1) > 0.5
+        if not present.any():
+            continue
+        logits = t.multimask_logits.float()
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        err = (t.multimask_ious.float() - real_iou_per_token(logits, target)).abs().mean(-1)
+        losses.append(err[present])
+    return torch.cat(losses).mean() if losses else out["logits"].sum() * 0.0
 
 
 def probe_loss(probe: list, task: Task) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Which levers make a model from random init read its support? The default recipe, and one lever changed per row.
 
 Every row runs ``train_3d.py`` with the default model's recipe (``icl.recipe``) for the same number of steps on one
-thread, one lever changed, then scores its last checkpoint on fixed look-alike tasks training never draws
+thread, one lever changed (the recipe's task schedule is compressed to the row's steps, so every row sees the whole
+curriculum), then scores its last checkpoint on fixed look-alike tasks training never draws
 (``icl.engine.tasks.LookalikeSet``): ``adjacent`` (support on one slice, forward), ``sparse`` (the switch: support
 on every k-th slice, both ways) and ``cross`` (support from another scan of the same shape class). Each figure is
 Dice(marked) / Dice(others): a model that ignores its support has marked = others.
@@ -42,13 +43,23 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
 LEVELS = ("adjacent", "sparse", "cross")
 
 
+def compressed(schedule: str, steps: int) -> str:
+    """The recipe's ``-tasks`` schedule with its step marks scaled from the recipe's steps to ``steps``."""
+    total = int(RECIPE["-epochs"]) * int(RECIPE["-steps_per_epoch"])
+    parts = []
+    for phase in schedule.split(";"):
+        mark, mix = phase.split(":", 1)
+        parts.append(f"{int(mark) * steps // total}:{mix}")
+    return ";".join(parts)
+
+
 def command(row: str, steps: int, out: Path) -> list[str]:
-    changes = dict(ROWS[row][1])
+    changes = {"-tasks": compressed(RECIPE["-tasks"], steps), **ROWS[row][1]}
     if changes.get("-tasks") == "LAST":
         changes["-tasks"] = "0:" + RECIPE["-tasks"].split(";")[-1].split(":", 1)[1]
     flags = flags_with({**changes, "-epochs": str(max(1, steps // 100)), "-steps_per_epoch": "100",
                         "-time_limit_min": "0", "-checkpoint_path": str(out), "-exp_name": row, "-export": "none",
-                        "-val_freq": "1000"})
+                        "-val_freq": "1000", "-val_samples": "8"})
     return [sys.executable, str(ROOT / "train_3d.py"), *flags]
 
 

@@ -170,7 +170,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="folder for data, cache, checkpoints and results")
     p.add_argument("--quick", action="store_true", help="seconds-long settings for tests (Dice not meaningful)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training wall-clock cap in minutes (default 5; 0.5 with --quick)")
+                   help="training wall-clock cap in minutes (default 3; 0.5 with --quick)")
     a = p.parse_args(argv)
     if a.minutes is not None and a.minutes <= 0:
         p.error(f"--minutes must be > 0, got {a.minutes}")

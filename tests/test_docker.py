@@ -76,10 +76,13 @@ def test_setup_sh_installs_what_docker_relies_on():
     assert "SAM2_BUILD_CUDA=0" in text
 
 
-def test_dockerignore_keeps_data_and_venv_out():
-    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    for must in (".git", ".venv", "datasets", "checkpoint"):
+def test_dockerignore_keeps_data_and_venv_out_and_the_default_model_in():
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    ignored = {line.rstrip("/") for line in lines}
+    for must in (".git", ".venv", "datasets", "checkpoint/*"):
         assert must in ignored, must
+    # Docker applies the last matching line: the image must ship the default model (icl.demo, segment without -w)
+    assert lines.index("!checkpoint/icl_tiny_cpu.pth") > lines.index("checkpoint/*")
 
 
 def _entry_command(dockerfile: Path) -> list[str]:

@@ -2,9 +2,10 @@
 
 Training (with grad), evaluation, ``python -m icl.segment`` and ``icl.api.ICLSegmenter`` all call :func:`track`.
 
-* Prompts are ``{class: {slice: mask}}``. A non-empty mask makes the slice a conditioning frame of that class; an
-  empty mask is ignored (the class is tracked on that slice like on any other). A class without any non-empty mask
-  is absent on every slice.
+* Prompts are ``{class: {slice: mask}}``. A non-empty mask makes the slice a conditioning frame of that class. A
+  class without any non-empty mask is absent on every slice. An empty mask is never a conditioning frame; with
+  ``direction="both"`` it says "annotated, and the class is not here" (see below); with ``"forward"`` it is ignored
+  (support slices of another scan say nothing about where the class is in the query).
 * Every class has its own bounds: ``first`` and ``last``, its first and last prompted slice.
 * ``direction="forward"`` (the support slices are put in front of the query, e.g. support from another scan): one
   pass from the earliest ``first`` to the last slice; a class is tracked from its own ``first`` on. On slices before
@@ -12,7 +13,9 @@ Training (with grad), evaluation, ``python -m icl.segment`` and ``icl.api.ICLSeg
 * ``direction="both"`` (the support lies in the scan itself, e.g. a few annotated slices): the forward pass, then,
   with every tracked memory dropped, a reverse pass from the latest ``last`` down to slice 0, a class tracked from
   its own ``last`` down. A slice gets the mean logits of the passes that tracked the class there: between ``first``
-  and ``last`` both passes, after ``last`` the forward pass, before ``first`` the reverse pass.
+  and ``last`` both passes, after ``last`` the forward pass, before ``first`` the reverse pass. A class is not
+  propagated across a slice annotated without it: from its nearest empty mask after ``last`` on, and up to its
+  nearest empty mask before ``first``, it is absent (what a sparse annotation says: the structure ended there).
 * A class's prompted slices give its conditioning output (the mask itself as +-10 logits, object score +10).
 * Absent means: logits ``NO_OBJ_SCORE`` (-1024, SAM2's own "no object" value), object score ``NO_OBJ_SCORE``,
   predicted IoU 0.
@@ -98,6 +101,19 @@ def _prompt_frames(prompts: Mapping[Any, Mapping[int, Any]], num_frames: int):
             first[cid] = min(first.get(cid, z), z)
             last[cid] = max(last.get(cid, z), z)
     return by_frame, first, last
+
+
+def _annotated_extent(prompts: Mapping[Any, Mapping[int, Any]], first: dict, last: dict,
+                      num_frames: int) -> dict[Any, tuple[int, int]]:
+    """Per prompted class, the open interval (lo, hi) it may be tracked in: its nearest empty-mask slices before its
+    ``first`` and after its ``last`` prompt (-1 / num_frames when there is none)."""
+    extent = {}
+    for cid in first:
+        empty = [int(z) for z, m in prompts[cid].items()
+                 if not bool((m > 0.5).any() if isinstance(m, torch.Tensor) else (np.asarray(m) > 0.5).any())]
+        extent[cid] = (max((z for z in empty if z < first[cid]), default=-1),
+                       min((z for z in empty if z > last[cid]), default=num_frames))
+    return extent
 
 
 def _absent(index: int, num_classes: int, low: int, device) -> SliceResult:
@@ -186,8 +202,12 @@ def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[
     for z in sorted(by_frame):
         predictor.train_add_new_masks(state, z, by_frame[z])
 
+    extent = _annotated_extent(prompts, first, last, num_frames) if direction == "both" else {}
+
     def collect(f: int, outs: list) -> _Pass:
         prompted = {classes.index(c) for c in by_frame.get(f, {})}
+        if extent:  # outside the annotated extent the class is absent, whatever was tracked there
+            outs = [o if extent[c][0] < f < extent[c][1] else None for c, o in zip(objects, outs)]
         return _collect(outs, prompted, columns, len(classes), low, device, grad)
 
     start = min(first.values())

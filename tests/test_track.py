@@ -53,9 +53,14 @@ def test_three_classes_batched_equal_official_per_class(tiny_predictor, monkeypa
     for col, (cid, per_slice) in enumerate(prompts.items()):
         ref = _official_one_class(monkeypatch, weights, images, per_slice, direction)
         first = min(z for z, m in per_slice.items() if m.any())
+        last = max(z for z, m in per_slice.items() if m.any())
+        annotated_absent = [z for z, m in per_slice.items() if not m.any() and z > last]
         for f in range(DEPTH):
             ours = to_size(results[f].logits[col], images.shape[-2:])
-            if f in ref:
+            if direction == "both" and annotated_absent and f >= min(annotated_absent):
+                # both ways, a slice annotated without the class ends it (forward: empty masks are ignored)
+                assert (results[f].logits[col] == NO_OBJ_SCORE).all() and results[f].iou_pred[col] == 0
+            elif f in ref:
                 worst = max(worst, (ours - ref[f]).abs().max().item())
                 assert (ref[f] > NO_OBJ_SCORE).all()
             else:  # forward only: before the class's first prompt it is absent, as SAM2 never visits it alone
@@ -63,6 +68,22 @@ def test_three_classes_batched_equal_official_per_class(tiny_predictor, monkeypa
                 assert results[f].object_score_logits[col] == NO_OBJ_SCORE and results[f].iou_pred[col] == 0
     print(f"max |logit difference| batched vs official per class ({direction}): {worst:.3g}")
     assert worst <= 1e-4
+
+
+def test_a_slice_annotated_without_the_class_bounds_it_both_ways(tiny_predictor):
+    """Both ways, empty masks outside a class's prompts end it there (and beyond); inside, nothing changes."""
+    images, disc = toy_slices(DEPTH)
+    plain = {r.index: r.logits[0] for r in track(tiny_predictor, images, {1: {3: disc[3], 5: disc[5]}}, "both")}
+    empty = torch.zeros_like(disc[0])
+    bounded = {r.index: r.logits[0] for r in track(tiny_predictor, images,
+                                                  {1: {1: empty, 3: disc[3], 4: empty, 5: disc[5], 7: empty}}, "both")}
+    assert all((plain[f] > NO_OBJ_SCORE).all() for f in range(DEPTH))
+    for f in (0, 1, 7, 8):
+        assert (bounded[f] == NO_OBJ_SCORE).all(), f
+    for f in (2, 3, 4, 5, 6):  # an empty mask between two prompts is not a bound
+        assert torch.allclose(bounded[f], plain[f], atol=1e-5), f
+    forward = {r.index: r.logits[0] for r in track(tiny_predictor, images, {1: {3: disc[3], 7: empty}}, "forward")}
+    assert (forward[8] > NO_OBJ_SCORE).all()  # support of another scan: empty masks say nothing
 
 
 def test_rule_keeps_classes_independent(tiny_predictor):

@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint: Path | None = newest_run(runs, a.exp_name)
     else:
         checkpoint = None if a.checkpoint.lower() == "none" else Path(a.checkpoint)
-        if checkpoint is None:  # training makes the cache; without it, preprocess here
+        if not (cache / f"phantom_{data.name}_{a.image_size}" / "index.json").is_file():
+            # training makes the cache; without training, preprocess here
             run_cmd([py, "-m", "icl.data.preprocess", "--dataset", "btcv", "--data_path", str(data),
                      "--cache", str(cache / f"phantom_{data.name}_{a.image_size}"), "--image_size", str(a.image_size)])
     train_min = (time.time() - t0) / 60

@@ -67,7 +67,7 @@ def score(run_dir: Path, image_size: int) -> dict[str, tuple[float, float]]:
     """Dice(marked), Dice(others) per level of the run's last checkpoint on the fixed look-alike tasks."""
     from icl.engine.checkpoint import load_checkpoint
     from icl.engine.distributed import DistInfo
-    from icl.engine.model import ICLStep
+    from icl.engine.model import ICLStep, set_multimask_tracking
     from icl.engine.tasks import LookalikeSet, first
     from icl.engine.validation import validate_tasks
     from sam2_ext.build import build_icl_predictor
@@ -75,8 +75,8 @@ def score(run_dir: Path, image_size: int) -> dict[str, tuple[float, float]]:
     ck = load_checkpoint(run_dir / "last.pth")
     model = build_icl_predictor(RECIPE["-config"], "cpu", image_size=image_size)
     model.load_state_dict(ck["model"])
-    if ck["config"].get("multimask_tracking") == "on":
-        model.multimask_output_for_tracking = True
+    if ck["config"].get("multimask_tracking") in ("on", "off"):
+        set_multimask_tracking(model, ck["config"]["multimask_tracking"] == "on")
     tasks = LookalikeSet(LEVELS, 8, image_size, int(RECIPE["-lookalike_depth"]) + 4, 3,
                          [s for s in RECIPE.get("-held_out_shapes", "").split(",") if s])
     loader = torch.utils.data.DataLoader(tasks, batch_size=1, collate_fn=first)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = sorted(out.glob(f"{row}_*/last.pth"), key=lambda q: q.stat().st_mtime)
         if not runs:
             continue
-        image_size = int(dict(zip(*[iter(command(row, a.steps, out)[2:])] * 2)).get("-image_size", 128))
+        image_size = int({**RECIPE, **ROWS[row][1]}["-image_size"])
         s = score(runs[-1].parent, image_size)
         cells = " | ".join(f"{m:.3f} / {o:.3f}" for m, o in s.values())
         print(f"| {row} | {ROWS[row][0]} | {minutes.get(row, float('nan')):.1f} | {cells} |", flush=True)

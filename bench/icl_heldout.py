@@ -46,15 +46,10 @@ if str(ROOT) not in sys.path:
 
 from icl.data.phantom import SHAPES  # noqa: E402
 from icl.data.preprocess import CachedCase, open_cache  # noqa: E402
+from icl.engine.metrics import binary_dice as dice  # noqa: E402
 from icl.data.sampling import make_splits, spread  # noqa: E402
 from icl.errors import InputError  # noqa: E402
 from icl.io import write_text  # noqa: E402
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Binary 3D Dice; NaN when both are empty."""
-    denom = int(pred.sum()) + int(truth.sum())
-    return float("nan") if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
 
 
 def run_cmd(cmd: list[str]) -> None:

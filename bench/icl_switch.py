@@ -30,17 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.baselines import itk_interpolation, nearest_copy, sparse_label  # noqa: E402
+from icl.baselines import classic_fills, sparse_label  # noqa: E402
 from icl.data.lookalike import make_task  # noqa: E402
 from icl.data.phantom import SHAPES, make_case  # noqa: E402
+from icl.engine.metrics import binary_dice as dice  # noqa: E402
 
 SEED0 = 2**31 + 7_000  # far from every seed training draws
 PHANTOM_SHAPE = (96, 96, 40)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    denom = int(pred.sum()) + int(truth.sum())
-    return float("nan") if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
 
 
 def save(arr: np.ndarray, path: Path, affine: np.ndarray | None = None) -> Path:
@@ -79,10 +75,7 @@ def sparse_dense(seg, work: Path, cases: int, spacings=(4, 8)) -> dict:
             sparse, kept = sparse_label(label, every)
             sparse_path = save(sparse, work / f"ph{i}_every{every}.nii.gz", nib.load(str(image)).affine)
             free = [z for z in range(label.shape[2]) if z not in kept]
-            preds = {"ours": seg.segment(image, image, sparse_path).labels, "nearest slice": nearest_copy(sparse)}
-            itk_pred = itk_interpolation(sparse)
-            if itk_pred is not None:
-                preds["ITK contour interpolation"] = itk_pred
+            preds = {"ours": seg.segment(image, image, sparse_path).labels, **classic_fills(sparse)}
             for name, pred in preds.items():
                 for c in range(1, len(SHAPES) + 1):
                     rows.setdefault((every, name), []).append(dice(pred[..., free] == c, label[..., free] == c))

@@ -34,7 +34,7 @@ import torch
 
 from icl.config import AUTO_SUPPORT_PER_CLASS, LABELLED, resolve_device
 from icl.data.frames import DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_slice_axis, label_slices, resize_slices
-from icl.data.sampling import pick_support_slices
+from icl.data.sampling import labelled_slices, pick_support_slices
 from icl.data.validate import AFFINE_TOL
 from icl.errors import InputError, library_errors
 from icl.progress import progress as progress_bar
@@ -133,12 +133,12 @@ def choose_support_slices(label: np.ndarray, slice_axis: int, per_class: int | s
                           where: str | Path = "support label") -> list[int]:
     """The support slices of a (canonical) label volume: ``per_class`` slices spread across each label value's
     extent, or with ``"labelled"`` every slice holding any label value (sorted, unique)."""
-    zhw = np.moveaxis(label, slice_axis, 0)
     if per_class == LABELLED:
-        picks = np.nonzero(zhw.reshape(zhw.shape[0], -1).any(axis=1))[0]
-        if picks.size == 0:
+        picks = labelled_slices(label, slice_axis)
+        if not picks:
             raise InputError(where, "no annotated slice: the label holds no label value on any slice")
-        return [int(z) for z in picks]
+        return picks
+    zhw = np.moveaxis(label, slice_axis, 0)
     chosen: set[int] = set()
     for value in np.unique(zhw):
         if value > 0:

@@ -19,13 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from icl.data.sampling import labelled_slices
+
 ITK_PACKAGE = "itk-morphologicalcontourinterpolation"
-
-
-def labelled_slices(label: np.ndarray, axis: int = 2) -> list[int]:
-    """Slices of ``label`` along ``axis`` that carry any label value."""
-    moved = np.moveaxis(label, axis, 0)
-    return [int(z) for z in np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1))]
 
 
 def sparse_label(label: np.ndarray, every: int, axis: int = 2) -> tuple[np.ndarray, list[int]]:
@@ -64,6 +60,16 @@ def itk_interpolation(sparse: np.ndarray, axis: int = 2) -> np.ndarray | None:
         if not dst.is_file():
             raise RuntimeError("ITK contour interpolation failed (no output)")
         return np.load(dst)
+
+
+def classic_fills(sparse: np.ndarray, axis: int = 2) -> dict[str, np.ndarray]:
+    """The baselines a fill is compared with, by display name: nearest-slice copy, and ITK's interpolation when
+    installed (absent from the dict otherwise)."""
+    fills = {"nearest annotated slice": nearest_copy(sparse, axis)}
+    itk = itk_interpolation(sparse, axis)
+    if itk is not None:
+        fills["ITK contour interpolation"] = itk
+    return fills
 
 
 def _itk_fill(src: str, dst: str, axis: str) -> None:

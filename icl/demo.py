@@ -113,25 +113,20 @@ def sparse_table(paths: dict[str, Path]) -> str:
     import nibabel as nib
     import numpy as np
 
-    from icl.baselines import ITK_PACKAGE, itk_interpolation, labelled_slices, nearest_copy
+    from icl.baselines import ITK_PACKAGE, classic_fills
+    from icl.data.sampling import labelled_slices
+    from icl.engine.metrics import binary_dice
 
     truth = np.asarray(nib.load(str(paths["truth"])).dataobj)
     sparse = np.asarray(nib.load(str(paths["sparse"])).dataobj)
     free = [z for z in range(truth.shape[2]) if z not in labelled_slices(sparse)]
     methods = {"default model (icl.segment)": np.asarray(nib.load(str(paths["filled"])).dataobj),
-               "nearest annotated slice": nearest_copy(sparse)}
-    itk = itk_interpolation(sparse)
-    if itk is not None:
-        methods["ITK contour interpolation"] = itk
+               **classic_fills(sparse)}
     lines = ["| method | Dice (mean over classes, unannotated slices) |", "|---|---|"]
     for name, pred in methods.items():
-        scores = []
-        for c in (int(v) for v in np.unique(truth) if v > 0):
-            p, t = pred[..., free] == c, truth[..., free] == c
-            if p.sum() + t.sum():
-                scores.append(2 * (p & t).sum() / (p.sum() + t.sum()))
-        lines.append(f"| {name} | {np.mean(scores):.3f} |")
-    if itk is None:
+        scores = [binary_dice(pred[..., free] == c, truth[..., free] == c) for c in np.unique(truth) if c > 0]
+        lines.append(f"| {name} | {np.nanmean(scores):.3f} |")
+    if "ITK contour interpolation" not in methods:
         lines.append(f"| ITK contour interpolation | not installed (pip install {ITK_PACKAGE}) |")
     return "\n".join(lines)
 

@@ -189,13 +189,15 @@ class ICLPredictor(SAM2VideoPredictor):
     # ------------------------------------------------------------------ propagation
     def propagate_frames(self, state: dict, start_frame_idx: int | None = None, reverse: bool = False,
                          bounds: Sequence[int] | None = None,
-                         max_frame_num_to_track: int | None = None) -> Iterator[tuple[int, list[dict | None]]]:
+                         max_frame_num_to_track: int | None = None,
+                         stops: Sequence[int] | None = None) -> Iterator[tuple[int, list[dict | None]]]:
         """Track through the video in SAM2's frame order; yields ``(frame_idx, [output or None per object])``.
 
         An object's output is its conditioning output on its prompted frames, else its tracked output. With
         ``bounds`` (one frame index per object) an object is tracked only from its bound on (forward) or up to it
-        (reverse) and is None elsewhere; without, every object is tracked from the start, as SAM2 does. All objects
-        tracked on a frame form one batch. Differentiable unless run under no_grad.
+        (reverse) and is None elsewhere; without, every object is tracked from the start, as SAM2 does. With
+        ``stops`` (one frame index per object) an object is no longer tracked from its stop on (forward) or down
+        from it (reverse). All objects tracked on a frame form one batch. Differentiable unless run under no_grad.
         """
         num_obj = self._get_obj_num(state)
         if num_obj == 0:
@@ -211,7 +213,8 @@ class ICLPredictor(SAM2VideoPredictor):
         for frame_idx in order:
             outs: list[dict | None] = [bank["cond_frame_outputs"].get(frame_idx) for bank in banks]
             active = [i for i in range(num_obj) if outs[i] is None and
-                      (bounds is None or (frame_idx <= bounds[i] if reverse else frame_idx >= bounds[i]))]
+                      (bounds is None or (frame_idx <= bounds[i] if reverse else frame_idx >= bounds[i])) and
+                      (stops is None or (frame_idx > stops[i] if reverse else frame_idx < stops[i]))]
             if active:
                 for i, out in zip(active, self._track_objects(state, active, frame_idx, reverse)):
                     banks[i]["non_cond_frame_outputs"][frame_idx] = outs[i] = out

@@ -82,10 +82,12 @@ def to_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _prompt_frames(prompts: Mapping[Any, Mapping[int, Any]], num_frames: int):
-    """``{slice: {class: mask}}`` of the non-empty masks, and each prompted class's first and last slice."""
+    """``{slice: {class: mask}}`` of the non-empty masks, each prompted class's first and last slice, and the slices
+    of each class's empty masks."""
     by_frame: dict[int, dict[Any, torch.Tensor]] = {}
     first: dict[Any, int] = {}
     last: dict[Any, int] = {}
+    empty: dict[Any, list[int]] = {}
     for cid, per_slice in prompts.items():
         for z, mask in per_slice.items():
             z = int(z)
@@ -96,24 +98,12 @@ def _prompt_frames(prompts: Mapping[Any, Mapping[int, Any]], num_frames: int):
                 raise ValueError(f"prompt mask of class {cid} on slice {z} must be [H, W], got {tuple(mask.shape)}")
             mask = (mask.float() > 0.5).float()
             if not bool(mask.any()):
+                empty.setdefault(cid, []).append(z)
                 continue
             by_frame.setdefault(z, {})[cid] = mask
             first[cid] = min(first.get(cid, z), z)
             last[cid] = max(last.get(cid, z), z)
-    return by_frame, first, last
-
-
-def _annotated_extent(prompts: Mapping[Any, Mapping[int, Any]], first: dict, last: dict,
-                      num_frames: int) -> dict[Any, tuple[int, int]]:
-    """Per prompted class, the open interval (lo, hi) it may be tracked in: its nearest empty-mask slices before its
-    ``first`` and after its ``last`` prompt (-1 / num_frames when there is none)."""
-    extent = {}
-    for cid in first:
-        empty = [int(z) for z, m in prompts[cid].items()
-                 if not bool((m > 0.5).any() if isinstance(m, torch.Tensor) else (np.asarray(m) > 0.5).any())]
-        extent[cid] = (max((z for z in empty if z < first[cid]), default=-1),
-                       min((z for z in empty if z > last[cid]), default=num_frames))
-    return extent
+    return by_frame, first, last, empty
 
 
 def _absent(index: int, num_classes: int, low: int, device) -> SliceResult:
@@ -187,7 +177,7 @@ def track(predictor: Any, frames: Any, prompts: Mapping[Any, Mapping[int, Any]],
 def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[SliceResult]:
     num_frames = len(frames)
     classes = list(prompts)
-    by_frame, first, last = _prompt_frames(prompts, num_frames)
+    by_frame, first, last, empty = _prompt_frames(prompts, num_frames)
     low, device = predictor.image_size // 4, predictor.device
     if not first:
         for f in range(num_frames):
@@ -202,13 +192,15 @@ def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[
     for z in sorted(by_frame):
         predictor.train_add_new_masks(state, z, by_frame[z])
 
-    extent = _annotated_extent(prompts, first, last, num_frames) if direction == "both" else {}
-
     def collect(f: int, outs: list) -> _Pass:
         prompted = {classes.index(c) for c in by_frame.get(f, {})}
-        if extent:  # outside the annotated extent the class is absent, whatever was tracked there
-            outs = [o if extent[c][0] < f < extent[c][1] else None for c, o in zip(objects, outs)]
         return _collect(outs, prompted, columns, len(classes), low, device, grad)
+
+    # both ways, a class is not tracked across a slice annotated without it (its empty masks beyond its prompts)
+    ends, starts = None, None
+    if direction == "both":
+        ends = [min((z for z in empty.get(c, ()) if z > last[c]), default=num_frames) for c in objects]
+        starts = [max((z for z in empty.get(c, ()) if z < first[c]), default=-1) for c in objects]
 
     start = min(first.values())
     if direction == "forward":
@@ -216,7 +208,7 @@ def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[
             yield _absent(f, len(classes), low, device)
     final_after = max(last.values()) if direction == "both" else -1
     stored: dict[int, _Pass] = {}
-    for f, outs in predictor.propagate_frames(state, start, bounds=[first[c] for c in objects]):
+    for f, outs in predictor.propagate_frames(state, start, bounds=[first[c] for c in objects], stops=ends):
         if f > final_after:
             yield _final(f, [collect(f, outs)])
         else:
@@ -225,5 +217,6 @@ def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[
         return
     for bank in state["output_dict_per_obj"].values():
         bank["non_cond_frame_outputs"].clear()
-    for f, outs in predictor.propagate_frames(state, final_after, reverse=True, bounds=[last[c] for c in objects]):
+    for f, outs in predictor.propagate_frames(state, final_after, reverse=True, bounds=[last[c] for c in objects],
+                                              stops=starts):
         yield _final(f, ([stored.pop(f)] if f in stored else []) + [collect(f, outs)])

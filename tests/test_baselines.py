@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from icl.baselines import itk_interpolation, labelled_slices, nearest_copy, sparse_label
+from icl.baselines import itk_interpolation, nearest_copy, sparse_label
+from icl.data.sampling import labelled_slices
 
 
 def _label() -> np.ndarray:

@@ -16,14 +16,10 @@ import torch
 from icl.api import ICLSegmenter
 from icl.baselines import sparse_label
 from icl.data.lookalike import make_task
+from icl.engine.metrics import binary_dice
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoint" / "icl_tiny_cpu.pth"
 SEEDS = (2**31 + 91_000, 2**31 + 91_001)  # far from the seeds training draws
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    denom = int(pred.sum()) + int(truth.sum())
-    return float("nan") if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
 
 
 def test_default_model_is_shipped():
@@ -47,8 +43,8 @@ def test_default_model_follows_the_marked_object(tmp_path):
             nib.save(nib.Nifti1Image(sparse.astype(np.uint8), np.eye(4)), str(label))
             pred = seg.segment(image, image, label).labels > 0
             free = [z for z in range(pred.shape[2]) if z not in kept]
-            marked.append(_dice(pred[..., free], masks[j][..., free]))
-            others += [_dice(pred[..., free], masks[o][..., free]) for o in range(len(masks)) if o != j]
+            marked.append(binary_dice(pred[..., free], masks[j][..., free]))
+            others += [binary_dice(pred[..., free], masks[o][..., free]) for o in range(len(masks)) if o != j]
     marked_mean, others_mean = np.nanmean(marked), np.nanmean(others)
     print(f"Dice(marked) {marked_mean:.3f}, Dice(others) {others_mean:.3f}")
     # BENCHMARKS.md (bench/icl_switch.py) has the full figures; these bounds only say "it follows the support"

@@ -70,13 +70,22 @@ def test_three_classes_batched_equal_official_per_class(tiny_predictor, monkeypa
     assert worst <= 1e-4
 
 
-def test_a_slice_annotated_without_the_class_bounds_it_both_ways(tiny_predictor):
+def test_a_slice_annotated_without_the_class_bounds_it_both_ways(tiny_predictor, monkeypatch):
     """Both ways, empty masks outside a class's prompts end it there (and beyond); inside, nothing changes."""
     images, disc = toy_slices(DEPTH)
     plain = {r.index: r.logits[0] for r in track(tiny_predictor, images, {1: {3: disc[3], 5: disc[5]}}, "both")}
     empty = torch.zeros_like(disc[0])
+    tracked_frames = []
+    real_track_objects = tiny_predictor._track_objects
+
+    def spy(state, active, frame_idx, reverse):
+        tracked_frames.append(frame_idx)
+        return real_track_objects(state, active, frame_idx, reverse)
+
+    monkeypatch.setattr(tiny_predictor, "_track_objects", spy)
     bounded = {r.index: r.logits[0] for r in track(tiny_predictor, images,
                                                   {1: {1: empty, 3: disc[3], 4: empty, 5: disc[5], 7: empty}}, "both")}
+    assert not {0, 1, 7, 8} & set(tracked_frames), tracked_frames  # not tracked there at all, not just hidden
     assert all((plain[f] > NO_OBJ_SCORE).all() for f in range(DEPTH))
     for f in (0, 1, 7, 8):
         assert (bounded[f] == NO_OBJ_SCORE).all(), f

@@ -36,7 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("ellipsoid", "torus", "tube", "box", "cone", "twin_blobs")
+from icl.data.phantom import SHAPES  # the same shape classes as the phantom volumes
+
 LEVELS: tuple[str, ...] = ("discs_fixed", "discs_random", "adjacent", "far", "sparse", "cross")
 
 

@@ -22,6 +22,12 @@ def slices_containing(label_zhw: np.ndarray, class_id: int | Sequence[int]) -> n
     return np.nonzero(np.isin(label_zhw, values).any(axis=(1, 2)))[0].astype(np.int64)
 
 
+def labelled_slices(label: np.ndarray, axis: int = 2) -> list[int]:
+    """Slices of ``label`` along ``axis`` that carry any label value (the annotated slices of a sparse label)."""
+    moved = np.moveaxis(label, axis, 0)
+    return [int(z) for z in np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1))]
+
+
 def extract_object(case: Any, class_id: int, video_length: int, rng: np.random.Generator) -> np.ndarray:
     """Seed protocol: ``video_length`` consecutive entries of the slices that contain ``class_id``.
 

@@ -113,6 +113,13 @@ def all_reduce_mean(values: Mapping[str, float], info: DistInfo) -> dict[str, fl
     return {k: v / info.world_size for k, v in summed.items()}
 
 
+def with_all_keys(values: Mapping[str, float], info: DistInfo) -> dict[str, float]:
+    """``values`` with every key any rank holds (0.0 where this one has none), so ranks whose key sets differ
+    (e.g. the classes or task levels each one saw) can all-reduce them."""
+    keys = sorted(set().union(*all_gather_objects(sorted(values), info)))
+    return {k: float(values.get(k, 0.0)) for k in keys}
+
+
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
     if not info.enabled or not dist.is_initialized():

@@ -48,6 +48,15 @@ def logits_to_mask(logits: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tens
     return np.asarray(logits) > 0
 
 
+def binary_dice(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> float:
+    """Dice of two boolean masks of the same shape (numpy or torch, any dimension); NaN when both are empty.
+
+    The quick Dice of validation and benchmarks: the same definition as :func:`case_class_metrics` (empty truth
+    with empty prediction is not scored), without MONAI's surface metrics."""
+    denom = int(pred.sum()) + int(truth.sum())
+    return math.nan if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
+
+
 def _as_bool_volume(name: str, mask: Any) -> np.ndarray:
     """Accept a bool/0-1 array or tensor [Z, H, W]; anything else is a caller bug, so say which argument."""
     if isinstance(mask, torch.Tensor):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icl.engine.losses import ICLLoss
-from icl.engine.sam2_loss import SAM2Loss, real_iou_per_token
+from icl.engine.sam2_loss import SAM2Loss, iou_l1
 from icl.engine.tasks import Task
 
 LOSSES = ("sam2", "dice_bce")
@@ -82,11 +82,7 @@ def iou_head_loss(out: dict, task: Task) -> torch.Tensor:
         present = target.flatten(1).amax(1) > 0.5
         if not present.any():
             continue
-        logits = t.multimask_logits.float()
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        err = (t.multimask_ious.float() - real_iou_per_token(logits, target)).abs().mean(-1)
-        losses.append(err[present])
+        losses.append(iou_l1(t.multimask_logits.float(), t.multimask_ious, target)[present])
     return torch.cat(losses).mean() if losses else out["logits"].sum() * 0.0
 
 

@@ -13,7 +13,7 @@ its description) instead, per tracked frame and object:
 * counts mask, Dice and IoU losses only where the object is present;
 * sums over frames, averages over objects; weights mask 20, dice 1, iou 1, class 1 (``configs/sam2.1_training``).
 
-Which masks are scored is the caller's choice (``icl.engine.losses.TaskLoss``): SAM2's, or the decoder's masks
+Which masks are scored is the caller's choice (``icl.engine.objective.TaskLoss``): SAM2's, or the decoder's masks
 *before* SAM2 replaces an "absent" object's masks by a constant (which has no gradient), so the masks keep learning
 while the object-score head is still wrong.
 """
@@ -64,6 +64,14 @@ def real_iou_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return inter / union.clamp(min=1.0)
 
 
+def iou_l1(logits: torch.Tensor, ious: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SAM2's IoU-head error per item: mean over candidates of |predicted - real IoU| ([N, M, h, w], [N, M],
+    [N, 1, H, W] -> [N]); logits are resized (bilinear) to the target's size first."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return (ious.float() - real_iou_per_token(logits, target)).abs().mean(-1)
+
+
 class SAM2Loss(torch.nn.Module):
     """The loss over N tracked (frame, object) items; :meth:`forward` returns ``{"loss", "mask", "dice", "iou",
     "obj"}`` (the parts detached, for logging)."""
@@ -87,7 +95,7 @@ class SAM2Loss(torch.nn.Module):
         dice = dice_per_token(logits, target)
         pick = (self.w.mask * focal + self.w.dice * dice).argmin(-1)
         rows = torch.arange(len(pick), device=pick.device)
-        iou_term = (ious.float() - real_iou_per_token(logits, target)).abs().mean(-1)
+        iou_term = iou_l1(logits, ious, target)
         obj_term = F.binary_cross_entropy_with_logits(object_score_logits.float(), present, reduction="none")
         _, obj_index = torch.unique(objects, return_inverse=True)
         count = int(obj_index.max()) + 1 if len(obj_index) else 1

@@ -215,8 +215,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         bar.set_postfix(loss=f"{terms['loss']:.4f}")
         run.logger.log({f"train/{k}": v for k, v in terms.items()}, step=run.progress.step)
     bar.close()
-    keys = sorted(set().union(*dd.all_gather_objects(sorted(sums), run.info)))
-    return dd.all_reduce_mean({k: sums.get(k, 0.0) / max(1, n) for k in keys}, run.info)
+    return dd.all_reduce_mean(dd.with_all_keys({k: v / max(1, n) for k, v in sums.items()}, run.info), run.info)
 
 
 def train_step(run: Run, task: Any) -> dict[str, float]:

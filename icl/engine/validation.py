@@ -19,16 +19,11 @@ import torch
 
 from icl.engine import distributed as dd
 from icl.engine.logging import overlay
+from icl.engine.metrics import binary_dice as dice
 from icl.engine.objective import scored_logits
 from icl.engine.precision import autocast
 from icl.engine.tasks import CLIPS, Task
 from icl.progress import progress
-
-
-def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """3D Dice of two boolean volumes; NaN when both are empty."""
-    denom = int(pred.sum()) + int(truth.sum())
-    return math.nan if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
 
 
 def task_dice(out: dict, task: Task, size: int) -> dict[str, list[float]]:
@@ -36,15 +31,16 @@ def task_dice(out: dict, task: Task, size: int) -> dict[str, list[float]]:
     logits, target = scored_logits(out, task, size)
     pred, truth = logits > 0, target > 0.5  # [T, K, S, S]
     scores: dict[str, list[float]] = {}
+    distractors = []  # the look-alikes nobody marked, at the same size as the truth
+    if task.kind != CLIPS and task.distractors is not None and len(task.distractors):
+        _, extra = scored_logits(out, Task(task.frames, {}, task.direction, task.distractors, task.scored), size)
+        distractors = [extra[:, j] > 0.5 for j in range(extra.shape[1])]
     for k in range(pred.shape[1]):
         if task.kind == CLIPS:
             scores.setdefault(f"c{task.class_ids[k]}", []).append(dice(pred[:, k], truth[:, k]))
             continue
         scores.setdefault(f"{task.kind}_marked", []).append(dice(pred[:, k], truth[:, k]))
-        others = [truth[:, j] for j in range(truth.shape[1]) if j != k]
-        if task.distractors is not None and len(task.distractors):
-            _, extra = scored_logits(out, Task(task.frames, {}, task.direction, task.distractors, task.scored), size)
-            others += [extra[:, j] > 0.5 for j in range(extra.shape[1])]
+        others = [truth[:, j] for j in range(truth.shape[1]) if j != k] + distractors
         scores.setdefault(f"{task.kind}_others", []).extend(dice(pred[:, k], o) for o in others)
     return scores
 
@@ -68,8 +64,7 @@ def validate_tasks(model: Any, loader: Any, info: dd.DistInfo, device: str, amp_
                     sums[f"{key}|n"] = sums.get(f"{key}|n", 0.0) + 1
         if len(overlays) < images:
             overlays.append(_overlay_of(out, task, size))
-    keys = sorted(set().union(*dd.all_gather_objects(sorted(sums), info)))
-    return summarise(dd.all_reduce_sum({k: sums.get(k, 0.0) for k in keys}, info)), overlays
+    return summarise(dd.all_reduce_sum(dd.with_all_keys(sums, info), info)), overlays
 
 
 def summarise(sums: dict[str, float]) -> dict[str, float]:

@@ -23,6 +23,7 @@ straight into a compact label map in the query's own voxel order (written with i
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ from icl.data.validate import AFFINE_TOL
 from icl.errors import InputError, library_errors
 from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
+from icl.sparse.annotation import Annotation
+from icl.sparse.fill import AUTO, FILLS, MODEL, StructureCheck, choose, fill_volume, self_check
+from icl.sparse.model_fill import ModelFill
 
 
 
@@ -93,6 +97,11 @@ class Segmentation:
     mode: str  # "both_ways" (support is the query) or "prepended" (support from another scan)
     slice_axis: int = DEFAULT_SLICE_AXIS
     frames: VolumeFrames | None = field(default=None, repr=False)  # the query's lazy frames (overlays)
+    checks: list[StructureCheck] = field(default_factory=list)  # labelled mode: the self-check, per structure
+
+    def report(self) -> dict:
+        """The self-check table as written by ``--report`` (JSON-ready)."""
+        return {"query": str(self.query), "structures": [c.as_dict() for c in self.checks]}
 
     def canonical_labels(self) -> np.ndarray:
         """The label map in the frames' canonical orientation (a view; slice ``z`` matches ``frames[z]``)."""
@@ -146,6 +155,18 @@ def choose_support_slices(label: np.ndarray, slice_axis: int, per_class: int | s
     return sorted(chosen)
 
 
+def check_sparse_options(per_class: int | str, fill: str, complete_slices: bool) -> str:
+    """``fill`` checked against the support-slice mode: the classic fills and ``complete_slices`` read a scan's own
+    annotated slices, so they need ``labelled``."""
+    if fill not in FILLS:
+        raise InputError("--fill", f"expected one of {', '.join(FILLS)}, got {fill!r}")
+    if per_class != LABELLED and (complete_slices or fill not in (AUTO, MODEL)):
+        what = "--complete-slices" if complete_slices else f"--fill {fill}"
+        raise InputError(what.split()[0], f"{what} reads a scan's own annotated slices: it needs "
+                                          f"--support-slices {LABELLED}")
+    return fill
+
+
 def load_support(support: str | Path, support_label: str | Path, classes: Sequence[int] | None = None,
                  channel: int | None = None) -> tuple[Scan, Scan, np.ndarray, list[int]]:
     """Open and check the support pair: (support scan, label scan, canonical label array, classes to segment)."""
@@ -189,7 +210,8 @@ class ICLSegmenter:
     def __init__(self, checkpoint: str | Path | None = None, config: str | Path = "tiny_cpu",
                  device: str | torch.device = "cpu", image_size: int | None = None,
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
-                 support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto"):
+                 support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
+                 fill: str = AUTO, complete_slices: bool = False, crop: bool = False):
         from icl.engine.checkpoint import resolve_checkpoint
         from icl.engine.precision import check_amp
 
@@ -200,6 +222,8 @@ class ICLSegmenter:
         self.window, self.slice_axis = check_window(window), check_slice_axis(slice_axis)
         self.channel = channel
         self.per_class = parse_support_slices(support_slices)
+        self.fill, self.complete_slices, self.crop = check_sparse_options(self.per_class, fill, complete_slices), \
+            bool(complete_slices), bool(crop)
         weights = resolve_checkpoint(checkpoint, config)
         with library_errors("--"):
             from icl.engine.model import build_predictor
@@ -218,6 +242,11 @@ class ICLSegmenter:
         axis, size = self.slice_axis, self.predictor.image_size
         picks = choose_support_slices(label, axis, self.per_class, support_label)
         same = _same_file(query, support)
+        if self.per_class == LABELLED and same:
+            return self._fill_sparse(s_scan, label, cls, query, support_label, picks, progress)
+        if self.fill not in (AUTO, MODEL):
+            raise InputError("--fill", f"{self.fill} fills a scan from its own annotated slices: give the same "
+                                       f"file as --support and --query")
         q_scan = s_scan if same else Scan.open(query, self.channel)
         q_frames = VolumeFrames(q_scan, self.window, size, axis)
         masks = label_slices(label_scan, axis, picks, size)
@@ -243,12 +272,35 @@ class ICLSegmenter:
                             result.logits, q_frames.in_plane_shape, values)
         finally:
             bar.close()
-        if same and self.per_class == LABELLED:  # the annotated slices stay exactly as given
-            for z in picks:
-                given = _slice(label, axis, z)
-                _slice(out, axis, z)[...] = np.where(np.isin(given, cls), given, 0)
         return Segmentation(labels, q_scan.affine, _header_3d(q_scan), query, cls, picks,
                             "both_ways" if same else "prepended", axis, q_frames)
+
+    def _fill_sparse(self, scan: Scan, label: np.ndarray, cls: list[int], query: Path, label_path: Path,
+                     picks: list[int], progress: bool) -> Segmentation:
+        """A scan annotated on a few slices, filled per structure (``icl.sparse``): the self-check on the user's
+        own annotation, then each structure by its chosen method; what was drawn stays as given."""
+        from icl.engine.precision import amp_dtype, autocast
+
+        axis = self.slice_axis
+        annotation = Annotation.from_label(label, axis, cls, self.complete_slices)
+        for c in cls:
+            if len(annotation.slices[c]) == 1:
+                reach = annotation.reach(c)
+                print(f"warning: {label_path}: structure {c} is annotated on one slice only: no self-check for it; "
+                      + ("nothing to fill between: classic fills keep that slice, the model is not bounded"
+                         if reach is None else f"filled within {reach} slice(s) of it"), file=sys.stderr)
+        runner = ModelFill(self.predictor, scan, self.window, axis, self.crop,
+                           lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames)
+        checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
+        labels = np.zeros(scan.shape, dtype=np.uint8 if max(cls) < 256 else np.int16)
+        out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
+        bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
+        try:
+            fill_volume(annotation, {c.structure: c.chosen for c in checks}, runner, out_zhw, bar.update)
+        finally:
+            bar.close()
+        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, picks, "both_ways", axis,
+                            VolumeFrames(scan, self.window, self.predictor.image_size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
         """Write the label map with the query's affine and header, atomically."""

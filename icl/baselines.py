@@ -35,6 +35,52 @@ def sparse_label(label: np.ndarray, every: int, axis: int = 2) -> tuple[np.ndarr
     return sparse, kept
 
 
+def annotate_sparse(label: np.ndarray, classes: list[int], step: int, style: str = "per_structure",
+                    axis: int = 2) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """An annotator's sparse label, the development protocol's way (``../shared/data/inia19/README.md``):
+
+    * ``per_structure``: structure ``c`` drawn on slices ``z0 + step//2, + step, …`` of its own extent ``z0..z1``
+      (its middle slice only when the extent has ≤ ``step`` slices); a slice drawn for ``c`` carries ``c`` only;
+    * ``complete``: every structure drawn on the same slices, chosen that way from the union extent.
+
+    Returns the sparse label and, per structure, the slices on which it is annotated (drawn and present)."""
+    zhw = np.moveaxis(label, axis, 0)
+
+    def pick(z0: int, z1: int) -> list[int]:
+        return [(z0 + z1) // 2] if z1 - z0 + 1 <= step else list(range(z0 + step // 2, z1 + 1, step))
+
+    extents = {c: np.flatnonzero((zhw == c).reshape(zhw.shape[0], -1).any(1)) for c in classes}
+    if style == "complete":
+        union = np.concatenate([e for e in extents.values()])
+        shared = pick(int(union.min()), int(union.max()))
+        chosen = {c: shared for c in classes}
+    else:
+        chosen = {c: pick(int(e[0]), int(e[-1])) for c, e in extents.items()}
+    sparse = np.zeros_like(label)
+    out_zhw = np.moveaxis(sparse, axis, 0)
+    drawn = {}
+    for c, zs in chosen.items():
+        for z in zs:
+            out_zhw[z][zhw[z] == c] = c
+        drawn[c] = [z for z in zs if (zhw[z] == c).any()]
+    return sparse, drawn
+
+
+def sparse_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int],
+                skip: dict[int, list[int]] | None = None, axis: int = 2) -> dict[int, float]:
+    """3D Dice per structure (``pred == c`` vs ``truth == c``) on the slices where it was not annotated
+    (``skip[c]``); NaN where both are empty there."""
+    from icl.engine.metrics import binary_dice
+
+    out = {}
+    for c in classes:
+        keep = np.ones(pred.shape[axis], bool)
+        if skip:
+            keep[skip[c]] = False
+        out[c] = float(binary_dice(np.compress(keep, pred == c, axis=axis), np.compress(keep, truth == c, axis=axis)))
+    return out
+
+
 def nearest_copy(sparse: np.ndarray, axis: int = 2) -> np.ndarray:
     """Every slice gets the labels of the nearest annotated slice (ties: the lower one)."""
     kept = np.array(labelled_slices(sparse, axis))
@@ -70,6 +116,67 @@ def classic_fills(sparse: np.ndarray, axis: int = 2) -> dict[str, np.ndarray]:
     if itk is not None:
         fills["ITK contour interpolation"] = itk
     return fills
+
+
+def random_walker_fill(image: np.ndarray, sparse: np.ndarray, drawn: dict[int, list[int]], axis: int = 2,
+                       beta: float = 130, margin: int = 8) -> np.ndarray | None:
+    """scikit-image's ``random_walker`` per structure (None when scikit-image is not installed): seeds are the
+    structure and the rest of its annotated slices, in its bounding box (``margin`` voxels wider in-plane, half
+    an annotation spacing beyond its outermost slices); overlaps go to the higher probability."""
+    if importlib.util.find_spec("skimage") is None:
+        return None
+    from skimage.segmentation import random_walker
+
+    img, lab = np.moveaxis(image, axis, 0), np.moveaxis(sparse, axis, 0)
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    out, best = np.zeros(lab.shape, sparse.dtype), np.zeros(lab.shape, np.float32)
+    for c, zs in drawn.items():
+        if not zs:
+            continue
+        reach = int(np.median(np.diff(zs))) // 2 if len(zs) > 1 else 0
+        z0, z1 = max(zs[0] - reach, 0), min(zs[-1] + reach + 1, lab.shape[0])
+        ys, xs = np.nonzero((lab[zs] == c).any(0))
+        y0, y1 = max(ys.min() - margin, 0), min(ys.max() + margin + 1, lab.shape[1])
+        x0, x1 = max(xs.min() - margin, 0), min(xs.max() + margin + 1, lab.shape[2])
+        seeds = np.zeros((z1 - z0, y1 - y0, x1 - x0), np.int32)
+        for z in zs:
+            seeds[z - z0] = np.where(lab[z, y0:y1, x0:x1] == c, 1, 2)
+        if len(zs) == 1 and reach == 0:
+            prob = (seeds == 1).astype(np.float32)
+        else:
+            prob = random_walker(img[z0:z1, y0:y1, x0:x1], seeds, beta=beta, mode="cg", return_full_prob=True)[0]
+        region, labels = best[z0:z1, y0:y1, x0:x1], out[z0:z1, y0:y1, x0:x1]
+        win = (prob > 0.5) & (prob > region)
+        region[win], labels[win] = prob[win], c
+    return np.moveaxis(out, 0, axis)
+
+
+def affine_label_transfer(fixed: np.ndarray, moving: np.ndarray, moving_label: np.ndarray) -> np.ndarray | None:
+    """Affine registration of ``moving`` onto ``fixed`` (SimpleITK: Mattes mutual information, 3 levels) and its
+    labels carried over (nearest neighbour); None when SimpleITK is not installed."""
+    if importlib.util.find_spec("SimpleITK") is None:
+        return None
+    import SimpleITK as sitk
+
+    f = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(fixed, (2, 1, 0))).astype(np.float32))
+    m = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(moving, (2, 1, 0))).astype(np.float32))
+    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.05, seed=0)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SetInitialTransform(init, inPlace=False)
+    transform = reg.Execute(f, m)
+    lab = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(moving_label, (2, 1, 0))).astype(np.int32))
+    moved = sitk.Resample(lab, f, transform, sitk.sitkNearestNeighbor, 0)
+    return np.transpose(sitk.GetArrayFromImage(moved), (2, 1, 0)).astype(moving_label.dtype)
 
 
 def _itk_fill(src: str, dst: str, axis: str) -> None:

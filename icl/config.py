@@ -296,6 +296,14 @@ class SegmentOptions(Options):
     classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
     support_slices: str = opt("auto", f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or "
                                       f"'{LABELLED}' (every slice carrying a label value)")
+    complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
+                                       "requested structure (absent there = absent); default: per structure", bool)
+    fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
+                            "model, interpolation or nearest", choices=("auto", "model", "interpolation", "nearest"))
+    report: str | None = opt(None, f"with '{LABELLED}': write the self-check table (held-out Dice per structure "
+                                   "and method, the method chosen) to this JSON file")
+    crop: str = opt("off", f"with '{LABELLED}': track the model in a square box around the annotated structures "
+                           "(on) or on the whole slice (off)", choices=("on", "off"))
     checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
                                        "--config; none: random init")
     config: str = CONFIG(default="tiny_cpu")
@@ -321,13 +329,6 @@ def parse_train_args(argv: Sequence[str] | None = None, check_files: bool = True
 def parse_eval_args(argv: Sequence[str] | None = None, check_files: bool = True) -> EvalConfig:
     """``eval_3d.py``'s command line -> validated EvalConfig (weights are resolved by the evaluation)."""
     return parse_options(EvalConfig, argv, check_files)
-
-
-def parse_segment_args(argv: Sequence[str] | None = None) -> SegmentOptions:
-    """``python -m icl.segment``'s command line -> SegmentOptions (files are checked by the run, before any work)."""
-    from icl.segment import build_parser as segment_parser  # the parser with segment's own --help text
-
-    return parse_options(SegmentOptions, argv, check_files=False, parser=segment_parser())
 
 
 # ----------------------------------------------------------------------------------------------------- device

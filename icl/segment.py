@@ -2,7 +2,7 @@
 
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
     python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
-        --support-slices labelled
+        --support-slices labelled [--fill auto|model|interpolation|nearest] [--complete-slices] [--report R.json]
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query QUERIES/ --out PREDS/ \\
         --classes 1,2 --checkpoint ckpt.pth --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
 
@@ -10,16 +10,28 @@ Weights: without --checkpoint the default model shipped for --config is used (sa
 --checkpoint none is a randomly initialised model (a warning says so).
 
 Support slices: 'auto' (3) or N slices spread across the extent of every label value of the support label, or
-'labelled': exactly the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).
+'labelled': the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).
 Each requested class (--classes, default every label value) is one SAM2 object; the output keeps the original
-label values (where classes overlap the highest logit wins), in the query's own orientation, affine and header,
+label values (where classes overlap the highest score wins), in the query's own orientation, affine and header,
 written atomically. Scans are read in their closest canonical (RAS) orientation, so RAS, LPS and oblique files
 meet the model the same way; NaN voxels become the scan's minimum (one warning line); 4D images need --channel.
 
+A scan annotated on a few slices ('labelled', the scan given as --support and --query), two conventions:
+  per structure (default, as in 3D Slicer / ITK-SNAP): structure c is annotated exactly where c is drawn. E.g.
+    3 drawn on slices 10, 16, 22 and 5 on 12, 18: both are filled on every slice; drawn voxels stay as drawn,
+    the rest of a slice drawn for 3 is filled for 5 like any other slice.
+  --complete-slices: every labelled slice is annotated for every structure: on slice 10 structure 5 is absent
+    (the slice is written back whole) and 5's fill ends there.
+Beyond a structure's outermost annotated slices it extends at most half its annotation spacing (every fill).
+--fill: model (SAM2 propagation alone), interpolation (shape-based: signed distance maps blended between
+annotated slices, aligned by centroid), nearest (copy of the nearest annotated slice), or auto (default): a
+self-check holds out every other annotated slice of each structure, fills them with every method from the rest,
+and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
+(your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
+
 Propagation: support and query the same file -> tracked both ways from the support slices (forward from each
-class's first support slice, backward from its last; slices seen by both passes get the mean logit); with
-'labelled' the annotated slices are written back as given. Support from another scan -> its support slices are
-put in front of the query, which is tracked from its first slice to its last.
+class's first support slice, backward from its last; slices seen by both passes get the mean logit). Support from
+another scan -> its support slices are put in front of the query, which is tracked from its first slice to its last.
 
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
@@ -34,7 +46,9 @@ from typing import Sequence
 
 import numpy as np
 
+from icl.config import LABELLED
 from icl.errors import EXIT_INPUT_ERROR, InputError
+from icl.io import write_json
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 EXIT_BAD_INPUT = EXIT_INPUT_ERROR
@@ -100,11 +114,18 @@ def save_overlays(result, out_dir: Path, max_slices: int = 8) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    from icl.api import ICLSegmenter, load_support, parse_classes, parse_support_slices
+    from icl.api import ICLSegmenter, check_sparse_options, load_support, parse_classes, parse_support_slices
 
     classes = parse_classes(args.classes)
-    parse_support_slices(args.support_slices)
+    per_class = parse_support_slices(args.support_slices)
+    check_sparse_options(per_class, args.fill, args.complete_slices)
     pairs = plan_outputs(Path(args.query), Path(args.out))
+    if args.report:
+        if per_class != LABELLED:
+            raise InputError("--report", f"the self-check report needs --support-slices {LABELLED}")
+        if len(pairs) != 1:
+            raise InputError("--report", "one report per run: give a single --query file")
+        check_writable(Path(args.report).parent, "--report")
     from icl.data.frames import Scan
 
     for q, _ in pairs:  # every query must be a readable 3D NIfTI (or a chosen channel) before any work starts
@@ -117,12 +138,17 @@ def run(args: argparse.Namespace) -> list[Path]:
     seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
                        image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
                        slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
-                       amp=args.amp)
+                       amp=args.amp, fill=args.fill, complete_slices=args.complete_slices,
+                       crop=args.crop == "on")
     written = []
     for q, out in pairs:
         result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
                              progress=not args.quiet)
         written.append(seg.save(result, out))
+        for check in result.checks:  # the user's quality estimate: shown even with --quiet
+            print(check.line(), file=sys.stderr)
+        if args.report:
+            write_json(args.report, result.report())
         if args.overlays:
             save_overlays(result, Path(args.overlays))
         if not args.quiet:
@@ -132,9 +158,16 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def parse_segment_args(argv: Sequence[str] | None = None):
+    """The command line -> ``icl.config.SegmentOptions`` (files are checked by the run, before any work)."""
+    from icl.config import SegmentOptions
+    from icl.options import parse_options
+
+    return parse_options(SegmentOptions, argv, check_files=False, parser=build_parser())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """A bad flag or input prints one ``error: ...`` line and exits 2; ``--help`` prints the usage and exits 0."""
-    from icl.config import parse_segment_args
     from icl.options import run_command
 
     return run_command(parse_segment_args, run, argv)

@@ -10,12 +10,12 @@ from icl.config import (
     TrainConfig,
     build_parser,
     parse_eval_args,
-    parse_segment_args,
     parse_train_args,
     resolve_device,
     str2bool,
 )
 from icl.errors import InputError
+from icl.segment import parse_segment_args
 
 BASE = ["-dataset", "phantom", "-pretrain", "none"]
 

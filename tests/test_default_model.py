@@ -30,7 +30,7 @@ def test_default_model_is_shipped():
 
 def test_default_model_follows_the_marked_object(tmp_path):
     torch.set_num_threads(1)
-    seg = ICLSegmenter(config="tiny_cpu", window=(0.0, 1.0), support_slices="labelled")
+    seg = ICLSegmenter(config="tiny_cpu", window=(0.0, 1.0), support_slices="labelled", fill="model")
     marked, others = [], []
     for i, seed in enumerate(SEEDS):
         task = make_task(seed, "sparse", size=128, depth=12, k=3, same_prob=1.0, every=4)

@@ -27,8 +27,11 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert seconds < 120, f"--quick took {seconds:.0f} s"
     for step in ("icl.segment", "icl.data.phantom", "icl.data.preprocess", "train_3d.py", "eval_3d.py"):
         assert f"$ python {step}" in proc.stdout or f"$ python -m {step}" in proc.stdout, f"{step} not shown"
-    assert "| default model (icl.segment) |" in proc.stdout and "| nearest annotated slice |" in proc.stdout
-    assert (out / "sparse" / "filled.nii.gz").is_file()
+    for row in ("| auto (icl.segment: self-check per structure) |", "| default model alone (--fill model) |",
+                "| interpolation (--fill interpolation) |", "| nearest (--fill nearest) |"):
+        assert row in proc.stdout, row
+    assert "held-out Dice" in proc.stderr and "-> " in proc.stderr  # the per-structure self-check table
+    assert (out / "sparse" / "filled.nii.gz").is_file() and (out / "sparse" / "self_check.json").is_file()
     assert "summary of the freshly trained model: 3D Dice" in proc.stdout and "| protocol | class |" in proc.stdout
     df = pd.read_csv(out / "eval" / "eval.csv")
     assert {(p, c) for p, c in zip(df.protocol, df.class_name)} == {

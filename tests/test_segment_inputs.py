@@ -63,7 +63,9 @@ def test_4d_image_needs_a_channel(data, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- sparse labels
-def test_labelled_slices_fill_the_scan_both_ways(data, tmp_path):
+def test_complete_slices_with_the_model_fill_the_scan_both_ways(data, tmp_path):
+    """--complete-slices --fill model: the rule before per-structure prompts (every labelled slice annotated for
+    every structure, written back whole), the scan filled by the model's propagation."""
     label = np.asarray(nib.load(str(data["s_lab"])).dataobj)
     sparse = np.zeros_like(label)
     annotated = [z for z in range(0, SHAPE[2], 4) if label[..., z].any()]
@@ -71,12 +73,14 @@ def test_labelled_slices_fill_the_scan_both_ways(data, tmp_path):
     sparse_path = _save(sparse, data["s_lab"], tmp_path / "sparse.nii.gz")
     out = tmp_path / "filled.nii.gz"
     assert main(_args(data, "--support", str(data["s"]), "--support-label", str(sparse_path), "--query",
-                      str(data["s"]), "--out", str(out), "--support-slices", "labelled")) == 0
+                      str(data["s"]), "--out", str(out), "--support-slices", "labelled", "--complete-slices",
+                      "--fill", "model")) == 0
     filled = np.asarray(nib.load(str(out)).dataobj)
     np.testing.assert_array_equal(filled[..., annotated], sparse[..., annotated])  # written back as given
     others = [z for z in range(SHAPE[2]) if z not in annotated]
     assert filled[..., others].any()  # the rest was filled by propagation
-    result = _seg(data, support_slices="labelled").segment(data["s"], data["s"], sparse_path)
+    result = _seg(data, support_slices="labelled", complete_slices=True, fill="model").segment(
+        data["s"], data["s"], sparse_path)
     # the prompts are exactly the annotated slices (canonical axis 2 is the file's axis 2 here, flipped in-plane)
     assert result.support_slices == annotated and result.mode == "both_ways"
 

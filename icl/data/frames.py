@@ -99,8 +99,7 @@ class Scan:
         path = Path(path)
         img = load_nifti_header(path)
         check_dims(img.shape, path)
-        channel = pick_channel(img.shape, channel, path)
-        proxy = img.dataobj
+        channel, proxy = pick_channel(img.shape, channel, path), img.dataobj
 
         def load() -> np.ndarray:
             try:  # the stored dtype, unscaled: a memmap for uncompressed .nii
@@ -322,10 +321,12 @@ def check_slice_axis(axis: int) -> int:
 
 class VolumeFrames:
     """The lazy frames of one scan along canonical ``slice_axis``: item ``i`` is read, windowed and resized only
-    when asked for. ``indices`` restricts it to some slices (support frames)."""
+    when asked for. ``indices`` restricts it to some slices (support frames); ``crop`` (y0, y1, x0, x1, end
+    exclusive, in-plane canonical voxels) to a box of every slice, windowed like the whole scan."""
 
     def __init__(self, scan: Scan, window: str | tuple[float, float] = "auto", image_size: int = 128,
-                 slice_axis: int = DEFAULT_SLICE_AXIS, indices: Sequence[int] | None = None):
+                 slice_axis: int = DEFAULT_SLICE_AXIS, indices: Sequence[int] | None = None,
+                 crop: tuple[int, int, int, int] | None = None):
         self.scan = scan
         self.slice_axis = check_slice_axis(slice_axis)
         if int(image_size) < 1:
@@ -338,15 +339,23 @@ class VolumeFrames:
         outside = [i for i in self.indices if not 0 <= i < depth]
         if outside:
             raise IndexError(f"slice indices {outside[:5]} outside 0..{depth - 1} of {scan.path}")
-        self.in_plane_shape: tuple[int, int] = tuple(  # type: ignore[assignment]
-            s for a, s in enumerate(scan.canonical_shape) if a != self.slice_axis)
+        full = tuple(s for a, s in enumerate(scan.canonical_shape) if a != self.slice_axis)
+        self.crop = None if crop is None else tuple(int(v) for v in crop)
+        y0, y1, x0, x1 = self.crop or (0, full[0], 0, full[1])
+        if not (0 <= y0 < y1 <= full[0] and 0 <= x0 < x1 <= full[1]):
+            raise ValueError(f"crop {crop} outside the in-plane shape {full} of {scan.path}")
+        self.in_plane_shape: tuple[int, int] = (y1 - y0, x1 - x0)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def slice01(self, i: int) -> np.ndarray:
         """Item ``i`` windowed to [0, 1] at native in-plane size [H, W] (what overlays show)."""
-        return window01(self.scan.read_slice(self.indices[i], self.slice_axis), *self.value_range)
+        plane = self.scan.read_slice(self.indices[i], self.slice_axis)
+        if self.crop is not None:
+            y0, y1, x0, x1 = self.crop
+            plane = plane[y0:y1, x0:x1]
+        return window01(plane, *self.value_range)
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Item ``i`` as the model's frame: float32 [image_size, image_size] in [0, 1]."""
@@ -386,8 +395,6 @@ def label_slices(label: Scan, slice_axis: int, indices: Sequence[int] | None, im
     return out
 
 
-__all__ = [
-    "WINDOWS", "WINDOW_CHOICES", "DEFAULT_SLICE_AXIS", "MR_PERCENTILES", "CT_AIR_THRESHOLD", "Scan",
-    "VolumeFrames", "intensity_range", "label_slices", "resize_slices", "resolve_window", "parse_window",
-    "canonical_ornt", "inverse_ornt", "reorient",
-]
+__all__ = ["WINDOWS", "WINDOW_CHOICES", "DEFAULT_SLICE_AXIS", "MR_PERCENTILES", "CT_AIR_THRESHOLD", "Scan",
+           "VolumeFrames", "intensity_range", "label_slices", "resize_slices", "resolve_window", "parse_window",
+           "canonical_ornt", "inverse_ornt", "reorient"]

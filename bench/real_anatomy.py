@@ -1,0 +1,205 @@
+"""Sparse → dense and cross-case on a real labelled scan, every method side by side in one run.
+
+The protocol of ``../shared/data/inia19/README.md``, on any labelled scan of yours:
+
+* **sparse → dense**, both annotation styles (``per_structure``: each structure drawn on its own slices;
+  ``complete``: all structures on the same slices), every 4th / 6th / 8th slice (``icl.baselines.annotate_sparse``);
+  each structure scored (Dice) on the slices where it was not annotated, mean over structures. Methods: the engine's
+  ``auto`` (self-check per structure), ``model`` (SAM2 propagation alone), ``interpolation`` and ``nearest`` —
+  all through ``icl.api.ICLSegmenter`` on NIfTI files, as ``python -m icl.segment --support-slices labelled``
+  runs them — and, when installed, ITK morphological contour interpolation (``mci``, 3D Slicer's "Fill between
+  slices") and scikit-image's ``random_walker`` (``rw``).
+* **cross-case**: the query is the scan mirrored left–right and moved (6° about the slice axis, scale 1/1.06,
+  shift (5, −4, 3) voxels about the centre); its truth is the moved label with left/right homologues ``v`` and
+  ``v + --homologue-offset`` swapped (the mirrored left structure is the new left structure). Support: the scan
+  itself with its labels. Methods: ``model`` (support slices from the other scan), ``atlas`` (the support label
+  copied as it is) and, when installed, affine registration + label transfer (SimpleITK, ``affine``).
+
+    .venv/bin/python bench/real_anatomy.py --image T1.nii.gz --label LABELS.nii.gz --classes 1,1001,147,1147 \\
+        [--steps 4,6,8] [--styles per_structure,complete] [--checkpoint FILE] [--no-cross] [--json out.json]
+
+Missing optional baselines are named on stderr (``pip install -r bench/requirements-bench.txt``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy.ndimage import affine_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from icl.api import ICLSegmenter  # noqa: E402
+from icl.baselines import (affine_label_transfer, annotate_sparse, itk_interpolation, random_walker_fill,  # noqa: E402
+                           sparse_dice)
+from icl.sparse.annotation import Annotation  # noqa: E402
+from icl.sparse.classic import INTERPOLATION, ClassicFill  # noqa: E402
+from icl.sparse.fill import compose  # noqa: E402
+
+ENGINE_FILLS = ("auto", "model", "interpolation", "nearest")
+
+
+def plain_sdf(sparse: np.ndarray, classes: list[int], style: str) -> np.ndarray:
+    """Plain shape-based interpolation (no centroid alignment, no taper): the README's ``sdf`` baseline."""
+    annotation = Annotation.from_label(sparse, 2, classes, style == "complete")
+    plain = ClassicFill(annotation, INTERPOLATION, align=False, taper=0.0)
+    out = np.zeros(sparse.shape, np.int32)
+    out_zhw = np.moveaxis(out, 2, 0)
+    for z in range(annotation.depth):
+        scores = [(c, s) for c in classes if (s := plain.score(c, z)) is not None]
+        out_zhw[z] = compose(annotation.in_plane_shape, scores, out.dtype)
+    return out
+
+
+def moved_query(image: np.ndarray, label: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cross-case query: mirrored along axis 0, rotated 6° about axis 2, scaled 1/1.06 and shifted
+    (5, −4, 3) voxels about the centre; labels nearest, homologues ``v`` and ``v + offset`` swapped."""
+    a = np.deg2rad(6.0)
+    matrix = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) / 1.06  # output -> input
+    centre = (np.array(image.shape) - 1) / 2.0
+    shift = np.array([5.0, -4.0, 3.0])
+    off = centre - matrix @ (centre + shift)
+    img = affine_transform(image[::-1].astype(np.float32), matrix, off, order=1)
+    lab = affine_transform(label[::-1], matrix, off, order=0)
+    swapped = lab.copy()
+    for v in np.unique(lab):
+        if 0 < v < offset and (lab == v + offset).any():
+            swapped[lab == v] = v + offset
+            swapped[lab == v + offset] = v
+    return img, swapped
+
+
+def save(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    return path
+
+
+def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: list[int],
+                styles: list[str], steps: list[int], tmp: Path) -> list[dict]:
+    image_path = save(image.astype(np.float32), affine, tmp / "image.nii.gz")
+    rows = []
+    for style in styles:
+        for step in steps:
+            sparse, drawn = annotate_sparse(label, classes, step, style)
+            sparse_path = save(sparse.astype(np.int16), affine, tmp / f"sparse_{style}_{step}.nii.gz")
+            row: dict = {"style": style, "step": step, "dice": {}, "seconds": {}, "chosen": {}}
+            for fill in ENGINE_FILLS:
+                seg.fill, seg.complete_slices = fill, style == "complete"
+                t0 = time.perf_counter()
+                result = seg.segment(query=image_path, support=image_path, support_label=sparse_path,
+                                     classes=classes)
+                row["seconds"][fill] = time.perf_counter() - t0
+                row["dice"][fill] = sparse_dice(result.labels, label, classes, drawn)
+                if fill == "auto":
+                    row["chosen"] = {c.structure: c.chosen for c in result.checks}
+                    row["self_check"] = [c.as_dict() for c in result.checks]
+                    for c in result.checks:
+                        print("  " + c.line(), file=sys.stderr)
+            for name, run in (("sdf", lambda: plain_sdf(sparse, classes, style)),
+                              ("mci", lambda: itk_interpolation(sparse)),
+                              ("rw", lambda: random_walker_fill(image, sparse, drawn))):
+                t0 = time.perf_counter()
+                pred = run()
+                if pred is not None:
+                    row["seconds"][name] = time.perf_counter() - t0
+                    row["dice"][name] = sparse_dice(pred, label, classes, drawn)
+            rows.append(row)
+            print(table_line(row), flush=True)
+    return rows
+
+
+def cross_row(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: list[int],
+              offset: int, tmp: Path) -> dict:
+    q_img, q_lab = moved_query(image, label, offset)
+    support_label = np.where(np.isin(label, classes), label, 0).astype(np.int16)
+    paths = (save(image.astype(np.float32), affine, tmp / "support.nii.gz"),
+             save(support_label, affine, tmp / "support_label.nii.gz"), save(q_img, affine, tmp / "query.nii.gz"))
+    row: dict = {"style": "cross-case", "step": "-", "dice": {}, "seconds": {}}
+    seg.fill, seg.complete_slices = "model", False
+    t0 = time.perf_counter()
+    result = seg.segment(query=paths[2], support=paths[0], support_label=paths[1], classes=classes)
+    row["seconds"]["model"] = time.perf_counter() - t0
+    row["dice"]["model"] = sparse_dice(result.labels, q_lab, classes)
+    row["dice"]["atlas"] = sparse_dice(support_label, q_lab, classes)
+    t0 = time.perf_counter()
+    moved = affine_label_transfer(q_img, image, support_label)
+    if moved is not None:
+        row["seconds"]["affine"] = time.perf_counter() - t0
+        row["dice"]["affine"] = sparse_dice(moved, q_lab, classes)
+    print(table_line(row), flush=True)
+    return row
+
+
+def mean(values: dict[int, float]) -> float:
+    return float(np.nanmean(list(values.values())))
+
+
+def table_line(row: dict) -> str:
+    cells = ", ".join(f"{m} {mean(d):.3f} ({row['seconds'].get(m, 0):.1f} s)" for m, d in row["dice"].items())
+    return f"{row['style']} @ {row['step']}: {cells}"
+
+
+def markdown(rows: list[dict]) -> str:
+    methods = list(dict.fromkeys(m for r in rows for m in r["dice"]))
+    lines = ["| style @ step | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for r in rows:
+        best = max((mean(d), m) for m, d in r["dice"].items() if m not in ("auto", "model"))[1] \
+            if len(r["dice"]) > 2 else None
+        cells = [f"**{mean(r['dice'][m]):.3f}**" if m == best else
+                 (f"{mean(r['dice'][m]):.3f}" if m in r["dice"] else "—") for m in methods]
+        lines.append(f"| {r['style']} @ {r['step']} | " + " | ".join(cells) + " |")
+    seconds = [f"{m} {np.mean([r['seconds'][m] for r in rows if m in r['seconds']]):.1f} s" for m in methods
+               if any(m in r["seconds"] for r in rows)]
+    return "\n".join(lines) + "\n\nmean seconds per run: " + ", ".join(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--classes", required=True, help="comma-separated label values")
+    p.add_argument("--steps", default="4,6,8")
+    p.add_argument("--styles", default="per_structure,complete")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped default model")
+    p.add_argument("--config", default="tiny_cpu")
+    p.add_argument("--crop", default="off", choices=("on", "off"))
+    p.add_argument("--homologue-offset", type=int, default=1000)
+    p.add_argument("--no-cross", action="store_true")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    classes = [int(c) for c in a.classes.split(",")]
+    img_nii, lab_nii = nib.load(a.image), nib.load(a.label)
+    image = np.asarray(img_nii.dataobj, dtype=np.float32)
+    label = np.asarray(lab_nii.dataobj).astype(np.int32)
+    label = np.where(np.isin(label, classes), label, 0)
+    for name, module in (("mci", "itk"), ("rw", "skimage"), ("affine", "SimpleITK")):
+        if __import__("importlib").util.find_spec(module) is None:
+            print(f"note: {name} baseline skipped ({module} not installed: "
+                  f"pip install -r bench/requirements-bench.txt)", file=sys.stderr)
+    seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled",
+                       crop=a.crop == "on")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = sparse_rows(seg, image, label, img_nii.affine, classes, a.styles.split(","),
+                           [int(s) for s in a.steps.split(",")], Path(tmp))
+        if not a.no_cross:
+            rows.append(cross_row(seg, image, label, img_nii.affine, classes, a.homologue_offset, Path(tmp)))
+    print(markdown(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

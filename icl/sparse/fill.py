@@ -1,0 +1,155 @@
+"""Sparse → dense: fill a scan annotated on a few slices, per structure, with the method its own annotation favours.
+
+Why a self-check: the engine cannot know whether its model fits the user's scan — but the user's annotation can
+tell. Per structure, every other annotated slice is held out (:meth:`Annotation.holdout`), each method fills the
+held-out slices from the remaining ones, and its Dice against the held-out annotation is measured. That table is
+the user's quality estimate (printed, ``--report``, returned by the API), and ``fill="auto"`` takes per structure
+the method with the best held-out Dice, so a model that does not fit a scan loses to the classic fills there
+instead of silently producing a worse result.
+
+Rules: a structure's held-out Dice rests on a few slices (half of its annotated ones), so the choice reads it
+shrunk toward the method's mean over every checked structure: ``(h·own + K·mean) / (h + K)`` with ``h`` its
+held-out slices and ``K = SHRINK_SLICES`` — a structure leaves the scan-wide best method only on clear evidence of
+its own (the table prints the raw held-out Dice). Ties go to the first of ``PREFERENCE`` (the cheaper, more
+predictable fill). A structure with too few annotated slices for a hold-out (fewer than three per structure; with
+complete slices, not drawn on both a kept and a held-out slice) takes the method with the best mean held-out Dice
+over the structures that could be checked; when none could, ``interpolation``.
+
+The model is reached through a *runner* (``run_model(annotation, classes)`` yields ``(slice, {class: score})`` for
+every slice, each once, in any order), so this module knows nothing of SAM2: ``icl.api`` supplies the runner,
+which applies the engine's one propagation rule.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from icl.sparse.annotation import Annotation
+from icl.sparse.classic import CLASSIC_FILLS, INTERPOLATION, NEAREST, ClassicFill, Score, place
+
+MODEL = "model"
+AUTO = "auto"
+FILLS = (AUTO, MODEL, INTERPOLATION, NEAREST)
+PREFERENCE = (INTERPOLATION, NEAREST, MODEL)
+SHRINK_SLICES = 8  # weight of the scan-wide mean, in held-out slices, when a structure's own estimate is read
+ModelRunner = Callable[[Annotation, list[int]], Iterator[tuple[int, dict[int, Score]]]]
+
+
+@dataclass
+class StructureCheck:
+    """One structure's line of the self-check table."""
+
+    structure: int
+    annotated_slices: int
+    held_out_slices: int  # 0: too few annotated slices for a hold-out
+    dice: dict[str, float | None] = field(default_factory=dict)  # held-out Dice per method (None: nothing to score)
+    chosen: str = INTERPOLATION
+    rule: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        """The stderr line: held-out Dice of each method, the method chosen and what the estimate rests on."""
+        scores = ", ".join(f"{m} {'-' if v is None else f'{v:.3f}'}" for m, v in self.dice.items())
+        rests = (f"{self.held_out_slices} of {self.annotated_slices} annotated slices held out"
+                 if self.held_out_slices else f"{self.annotated_slices} annotated slice(s): no hold-out")
+        return f"structure {self.structure}: held-out Dice {scores or '-'} -> {self.chosen} ({self.rule}; {rests})"
+
+
+def _dice(inter: float, pred: float, truth: float) -> float | None:
+    """3D Dice from sums; both empty is undefined (None), never 1."""
+    return None if pred + truth == 0 else 2.0 * inter / (pred + truth)
+
+
+def self_check(annotation: Annotation, run_model: ModelRunner | None) -> dict[int, tuple[int, dict[str, float | None]]]:
+    """Held-out Dice of every method per structure that can be checked: ``{c: (held-out slices, {method: dice})}``."""
+    kept, scored = annotation.holdout()
+    sums: dict[int, dict[str, np.ndarray]] = {c: {} for c in scored}
+
+    def add(method: str, c: int, z: int, pred: np.ndarray) -> None:
+        truth = annotation.mask(c, z)
+        acc = sums[c].setdefault(method, np.zeros(3))
+        acc += (np.count_nonzero(pred & truth), np.count_nonzero(pred), np.count_nonzero(truth))
+
+    for method in CLASSIC_FILLS:
+        fill = ClassicFill(kept, method)
+        for c, zs in scored.items():
+            for z in zs:
+                add(method, c, z, fill.mask(c, z))
+    if run_model is not None and scored:
+        wanted = {c: set(zs) for c, zs in scored.items()}
+        for z, scores in run_model(kept, sorted(scored)):
+            for c in scored:
+                if z in wanted[c]:
+                    add(MODEL, c, z, place(scores.get(c), annotation.in_plane_shape))
+    return {c: (len(scored[c]), {m: _dice(*sums[c][m]) for m in (*CLASSIC_FILLS, MODEL) if m in sums[c]})
+            for c in scored}
+
+
+def _best(dice: dict[str, float | None]) -> str:
+    """The method with the highest Dice (ties: ``PREFERENCE`` order); interpolation when nothing scored."""
+    ranked = [(v, -PREFERENCE.index(m), m) for m, v in dice.items() if v is not None]
+    return max(ranked)[2] if ranked else INTERPOLATION
+
+
+def choose(annotation: Annotation, checks: dict[int, tuple[int, dict[str, float | None]]], fill: str
+           ) -> list[StructureCheck]:
+    """The method per structure: ``fill`` itself, or for ``auto`` the self-check's best (module docstring rules)."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    means = {m: float(np.mean(v)) for m in PREFERENCE
+             if (v := [d[m] for _, d in checks.values() if d.get(m) is not None])}
+    fallback = _best(means) if means else INTERPOLATION
+    fallback_rule = "best mean over the checked structures" if means else "nothing could be checked: default"
+    table = []
+    for c in annotation.classes:
+        held, dice = checks.get(c, (0, {}))
+        if fill != AUTO:
+            chosen, rule = fill, f"fill {fill}"
+        elif held and any(v is not None for v in dice.values()):
+            shrunk = {m: (held * v + SHRINK_SLICES * means.get(m, v)) / (held + SHRINK_SLICES)
+                      for m, v in dice.items() if v is not None}
+            chosen, rule = _best(shrunk), "best held-out Dice"
+        else:
+            chosen, rule = fallback, fallback_rule
+        table.append(StructureCheck(c, len(annotation.slices[c]), held, dice, chosen, rule))
+    return table
+
+
+def compose(shape: tuple[int, int], scores: list[tuple[int, Score]], dtype) -> np.ndarray:
+    """One slice's label map: where structures' scores meet the highest wins, background where none is > 0."""
+    best = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, dtype)
+    for c, ((y0, y1, x0, x1), values) in scores:
+        region, lab = best[y0:y1, x0:x1], labels[y0:y1, x0:x1]
+        win = values > region
+        region[win], lab[win] = values[win], c
+    return labels
+
+
+def fill_volume(annotation: Annotation, chosen: dict[int, str], run_model: ModelRunner | None,
+                out_zhw: np.ndarray, on_slice: Callable[[], None] | None = None) -> None:
+    """Fill ``out_zhw`` (slice axis first, e.g. a view of the output) slice by slice: each structure by its chosen
+    method, then what the annotation says stays as given (:meth:`Annotation.written_back`)."""
+    classic = {m: ClassicFill(annotation, m) for m in set(chosen.values()) if m in CLASSIC_FILLS}
+    by_model = [c for c in annotation.classes if chosen[c] == MODEL]
+    if by_model and run_model is None:
+        raise ValueError("structures chosen for the model fill, but no model runner given")
+    slices: Iterator[tuple[int, dict[int, Score]]] = (
+        run_model(annotation, by_model) if by_model else ((z, {}) for z in range(annotation.depth)))
+    for z, model_scores in slices:
+        scores = []
+        for c in annotation.classes:
+            s = model_scores.get(c) if chosen[c] == MODEL else classic[chosen[c]].score(c, z)
+            if s is not None:
+                scores.append((c, s))
+        out_zhw[z] = compose(annotation.in_plane_shape, scores, out_zhw.dtype)
+        given = annotation.written_back(z)
+        if given is not None:
+            where, values = given
+            out_zhw[z][where] = values[where]
+        if on_slice is not None:
+            on_slice()

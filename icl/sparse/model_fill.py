@@ -1,0 +1,97 @@
+"""The model's fill of a sparse annotation: the engine's one propagation rule, run in a crop around the structures.
+
+Why a crop: a structure 15 voxels across is 2–3 cells of the model's 32 × 32 mask grid at 128 px on a whole
+slice; tracked in a square box around the annotated structures (their in-plane bounding box over the annotated
+slices plus a margin) it is several times larger. The box is square so the frames are not stretched; the model's
+logits go back into the full slice at the box's place (outside it the structures are absent). It is opt-in
+(``--crop on``): the shipped model, trained on whole slices, follows its support worse in a crop (phantom switch,
+marked Dice 0.48 with it vs 0.97 without) and gains nothing on real MR (INIA19 every 6th slice: 0.186 vs 0.184).
+
+Prompts follow the annotation's convention (:mod:`icl.sparse.annotation`): each structure on its own annotated
+slices, and an empty mask on every slice that ends it (:meth:`Annotation.stops`) — which the propagation rule
+(``sam2_ext.track``, ``direction="both"``) reads as "annotated without it".
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from icl.data.frames import VolumeFrames, resize_slices
+from icl.sparse.annotation import Annotation
+from icl.sparse.classic import Score
+
+CROP_MARGIN = 0.25  # of the box's larger side, on every side
+MIN_CROP_MARGIN = 8  # voxels
+
+
+def square_box(boxes: list[tuple[int, int, int, int]], shape: tuple[int, int], margin: float = CROP_MARGIN,
+               min_margin: int = MIN_CROP_MARGIN) -> tuple[int, int, int, int]:
+    """The square box (y0, y1, x0, x1; end exclusive) around ``boxes`` widened by ``margin`` of its larger side
+    (at least ``min_margin`` voxels), kept inside ``shape``; never larger than the slice."""
+    y0, y1 = min(b[0] for b in boxes), max(b[1] for b in boxes)
+    x0, x1 = min(b[2] for b in boxes), max(b[3] for b in boxes)
+    side = max(y1 - y0, x1 - x0)
+    side = min(side + 2 * max(int(round(margin * side)), min_margin), max(shape))
+
+    def span(lo: int, hi: int, size: int) -> tuple[int, int]:
+        length = min(side, size)
+        start = min(max((lo + hi - length) // 2, 0), size - length)
+        return start, start + length
+
+    return (*span(y0, y1, shape[0]), *span(x0, x1, shape[1]))
+
+
+class ModelFill:
+    """A runner for :func:`icl.sparse.fill.fill_volume` / ``self_check``: ``run(annotation, classes)`` yields
+    ``(slice, {class: (box, logits)})`` for every slice of the scan, each once."""
+
+    def __init__(self, predictor: Any, scan: Any, window: Any, slice_axis: int, crop: bool = False,
+                 autocast: Any = None, prepare: Any = None):
+        self.predictor, self.scan, self.window, self.axis = predictor, scan, window, slice_axis
+        self.crop, self.autocast, self.prepare = crop, autocast, prepare
+
+    def box(self, annotation: Annotation, classes: list[int]) -> tuple[int, int, int, int]:
+        h, w = annotation.in_plane_shape
+        if not self.crop:
+            return 0, h, 0, w
+        boxes = [b for c in classes if (b := annotation.box(c, 0)) is not None]
+        return square_box(boxes, (h, w)) if boxes else (0, h, 0, w)
+
+    def prompts(self, annotation: Annotation, classes: list[int], box: tuple[int, int, int, int]) -> dict:
+        """``{class: {slice: mask at the model's size}}``: drawn masks, and empty masks where the class ends."""
+        size = (self.predictor.image_size,) * 2
+        y0, y1, x0, x1 = box
+        empty = torch.zeros(size)
+        out: dict[int, dict[int, torch.Tensor]] = {}
+        for c in classes:
+            zs = annotation.slices[c]
+            if not zs:  # drawn nowhere: no prompt, absent everywhere
+                out[c] = {}
+                continue
+            drawn = np.stack([annotation.mask(c, z)[y0:y1, x0:x1] for z in zs]).astype(np.uint8)
+            masks = torch.from_numpy(resize_slices(drawn, size, "label").astype(np.float32))
+            out[c] = {z: masks[i] for i, z in enumerate(zs)}
+            out[c].update({z: empty for z in annotation.stops(c)})
+        return out
+
+    def run(self, annotation: Annotation, classes: list[int]) -> Iterator[tuple[int, dict[int, Score]]]:
+        from sam2_ext.track import track
+
+        box = self.box(annotation, classes)
+        frames = VolumeFrames(self.scan, self.window, self.predictor.image_size, self.axis, crop=box)
+        shape = frames.in_plane_shape
+        prompts = self.prompts(annotation, classes, box)
+        source = self.prepare(frames)
+        with self.autocast():
+            for result in track(self.predictor, source, prompts, "both"):
+                found = [i for i, c in enumerate(classes) if float(result.logits[i].max()) > 0]
+                if not found:
+                    yield result.index, {}
+                    continue
+                logits = resize_slices(result.logits[found].float(), shape, "logits").cpu().numpy()
+                yield result.index, {classes[i]: (box, logits[n]) for n, i in enumerate(found)}
+
+    __call__ = run

@@ -131,6 +131,20 @@ def test_lora_run_saves_adapters_exports_merged_and_resumes_exactly(train_data, 
     assert (a - b).abs().max().item() <= 1e-5
     assert (a - _logits(base, frames, masks)).abs().max().item() > 0, "training moved the adapters"
 
+    # the API (what icl.segment --checkpoint runs) and eval_3d.py take the adapter checkpoint as it is
+    from icl.api import ICLSegmenter
+    from icl.config import parse_eval_args
+    from icl.engine.evaluate import evaluate
+
+    api = ICLSegmenter(checkpoint=run / "best.pth", config="tiny_cpu", device="cpu", image_size=128)
+    assert (_logits(api.predictor, frames, masks) - a).abs().max().item() <= 1e-5
+    df, _ = evaluate(parse_eval_args([
+        "-dataset", "phantom", "-data_path", str(train_data["data"]), "-cache_dir", str(train_data["cache"]),
+        "-config", "tiny_cpu", "-image_size", "128", "-gpu_device", "-1", "-checkpoint_path", str(run / "best.pth"),
+        "-num_support", "2", "-support_instance", "case_00000", "-protocol", "gt_slices", "-max_cases", "1",
+        "-out_dir", str(tmp_path / "eval"), "-video_length", "3"]), progress=False)
+    assert len(df) > 0 and df["checkpoint"].iloc[0].endswith("best.pth")
+
 
 def test_adapter_checkpoint_needs_its_base_weights(train_data, tmp_path, base_weights, one_thread):  # noqa: F811
     out = train(parse_train_args(train_argv(train_data, tmp_path, "b", "-pretrain", str(base_weights), "-peft",

@@ -27,6 +27,7 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from sam2_ext.batching import capture_memory_inputs, enable_key_masks, key_mask_on, pad_memories
+from sam2_ext.features import FeatureSource, StoredFeatures
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,7 +96,7 @@ def _split_outputs(batched: dict, count: int) -> list[dict]:
     return outs
 
 
-class ICLPredictor(SAM2VideoPredictor):
+class ICLPredictor(StoredFeatures, SAM2VideoPredictor):
     """SAM2 video predictor for in-context segmentation (support slices as prompts, query slices tracked)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -112,12 +113,15 @@ class ICLPredictor(SAM2VideoPredictor):
 
     # ------------------------------------------------------------------ state
     def init_state_from_frames(self, frames: torch.Tensor | FrameSource, video_height: int | None = None,
-                               video_width: int | None = None, offload_state_to_cpu: bool = False) -> dict:
+                               video_width: int | None = None, offload_state_to_cpu: bool = False,
+                               features: FeatureSource | None = None) -> dict:
         """Build an inference state like ``init_state`` does, from tensors instead of a JPEG folder.
 
         ``frames``: float [N, H, W] grey slices or [N, 3, H, W] in [0, 1] (outputs come back at H x W), or a lazy
         ``FrameSource`` of prepared [3, S, S] frames (outputs at ``video_height`` x ``video_width``, default S).
         Frames are prepared one at a time when their features are computed; no features are computed here.
+        ``features``: a source of stored image-encoder outputs per frame (see :meth:`encode_levels`), read instead
+        of running the image encoder wherever it has them.
         """
         if isinstance(frames, torch.Tensor):
             height, width = frames.shape[-2:]
@@ -137,7 +141,7 @@ class ICLPredictor(SAM2VideoPredictor):
             "obj_id_to_idx": OrderedDict(), "obj_idx_to_id": OrderedDict(), "obj_ids": [],
             "output_dict_per_obj": {}, "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {},
             # ours: tracked outputs to keep behind the current frame (None = all), see history_to_keep()
-            "keep_history": None,
+            "keep_history": None, "image_features": features,
         }
 
     def register_objects(self, state: dict, obj_ids: Sequence[int]) -> None:

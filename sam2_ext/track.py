@@ -159,22 +159,23 @@ def _final(index: int, passes: list[_Pass]) -> SliceResult:
 
 
 def track(predictor: Any, frames: Any, prompts: Mapping[Any, Mapping[int, Any]], direction: str = "both", *,
-          video_size: tuple[int, int] | None = None, grad: bool = False) -> Iterator[SliceResult]:
+          video_size: tuple[int, int] | None = None, grad: bool = False, features: Any = None) -> Iterator[SliceResult]:
     """Apply the propagation rule (module docstring) to ``frames`` with ``prompts``; yields one result per slice.
 
     ``frames``: float [N, H, W] in [0, 1], or a lazy source of prepared frames (``sam2_ext.predictor.FrameSource``;
     ``video_size`` is then the (H, W) outputs refer to). ``prompts``: ``{class: {slice: mask [H, W]}}`` (tensors or
     arrays, any size; resized to the model like SAM2's ``add_new_mask``). ``grad=False`` runs under no_grad.
+    ``features``: stored image-encoder outputs per slice (``sam2_ext.predictor.FeatureSource``), or None.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     # no_grad wrapped around the generator function sets the grad mode for each of its steps only, so the
     # caller's code between two slices keeps its own grad mode (a ``with`` inside a generator would leak into it)
     run = _track if grad else torch.no_grad()(_track)
-    return run(predictor, frames, prompts, direction, video_size, grad)
+    return run(predictor, frames, prompts, direction, video_size, grad, features)
 
 
-def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[SliceResult]:
+def _track(predictor, frames, prompts, direction, video_size, grad, features) -> Iterator[SliceResult]:
     num_frames = len(frames)
     classes = list(prompts)
     by_frame, first, last, empty = _prompt_frames(prompts, num_frames)
@@ -184,7 +185,7 @@ def _track(predictor, frames, prompts, direction, video_size, grad) -> Iterator[
             yield _absent(f, len(classes), low, device)
         return
     height, width = video_size if video_size is not None else (None, None)
-    state = predictor.init_state_from_frames(frames, height, width)
+    state = predictor.init_state_from_frames(frames, height, width, features=features)
     state["keep_history"] = predictor.history_to_keep()
     objects = [c for c in classes if c in first]
     columns = [classes.index(c) for c in objects]

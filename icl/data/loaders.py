@@ -182,6 +182,8 @@ class ICLDataset(Dataset):
             "name": case.id,
             "class_id": int(class_id),
             "slice_index": torch.from_numpy(np.asarray(idx, dtype=np.int64)),
+            "support_name": sup_case.id,  # where the frames come from: the image-feature cache reads by slice
+            "support_slice_index": torch.from_numpy(np.asarray(sup_idx, dtype=np.int64)),
         }
 
 

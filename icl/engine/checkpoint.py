@@ -80,15 +80,17 @@ def save_checkpoint(
     best_metric: float | None,
     scaler: Any = None,
     extra: Mapping[str, Any] | None = None,
+    model_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to continue training exactly, atomically (temp file + rename).
 
-    ``extra``: state dicts of training-only modules (e.g. the auxiliary probe), never part of the model's weights."""
+    ``extra``: state dicts of training-only modules (e.g. the auxiliary probe), never part of the model's weights.
+    ``model_state``: what to store as the model instead of its whole state dict (``-peft lora``: the adapters)."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     payload = {
         "format": FORMAT,
-        "model": unwrap(model).state_dict(),
+        "model": dict(model_state) if model_state is not None else unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,

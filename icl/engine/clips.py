@@ -144,6 +144,7 @@ class TrainClipDataset(ICLDataset):
             sup = spread(case.slices_with(cid), self.num_support)
             sample["support_image"] = torch.from_numpy(np.ascontiguousarray(case.image[sup], dtype=np.float32))
             sample["support_label"] = torch.from_numpy(case.mask(cid, sup))
+            sample["support_name"], sample["support_slice_index"] = case.id, torch.from_numpy(np.asarray(sup))
         return sample
 
     def _with_more_classes(self, sample: dict[str, Any], case: Any, support: Any, rng: np.random.Generator) -> dict:
@@ -162,6 +163,7 @@ class TrainClipDataset(ICLDataset):
         idx = sample["slice_index"].numpy()
         sample["support_image"] = torch.from_numpy(np.ascontiguousarray(support.image[sup], dtype=np.float32))
         sample["support_label"] = torch.from_numpy(support.mask(cid, sup))
+        sample["support_name"], sample["support_slice_index"] = support.id, torch.from_numpy(np.asarray(sup))
         sample["class_ids"] = torch.tensor(ids, dtype=torch.int64)
         sample["labels"] = torch.from_numpy(np.stack([case.mask(c, idx) for c in ids]))
         sample["support_labels"] = torch.from_numpy(np.stack([support.mask(c, sup) for c in ids]))

@@ -137,7 +137,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Any, list[Path]]:
     written files)``. The weights are resolved and loaded before any data is read."""
     from icl.report.nifti import write_mask_nifti
     from icl.report.overlays import save_case_overlays
-    from sam2_ext.build import load_weights
+    from icl.engine.weights import load_any_weights as load_weights  # adapter checkpoints too (merged)
 
     weights = resolve_weights(cfg)
     _warn_config_mismatch(cfg, weights)

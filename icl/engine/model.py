@@ -38,7 +38,12 @@ def build_predictor(config: str | Path, device: str | torch.device, weights: str
     installed and the ``freeze`` parts frozen. Train/eval mode is left to the caller."""
     from sam2_ext.build import build_icl_predictor
 
-    predictor = build_icl_predictor(config, device=device, checkpoint=weights, image_size=image_size)
+    from icl.engine.weights import load_any_weights
+
+    predictor = build_icl_predictor(config, device="cpu", checkpoint=None, image_size=image_size)
+    if weights is not None:  # official, MedSAM2, ours, or a -peft lora adapter checkpoint (merged on load)
+        load_any_weights(predictor, weights)
+    predictor = predictor.to(torch.device(device))
     selector = make_memory_selector(memory_selector)
     if selector is not None:
         predictor.memory_selector = selector
@@ -80,10 +85,13 @@ class ICLStep(nn.Module):
         super().__init__()
         self.predictor = predictor
         self.aux_probe = nn.Conv2d(predictor.hidden_dim, 1, kernel_size=1) if aux_probe else None
+        self.feature_cache = None  # icl.engine.feature_cache.FeatureCache: stored encoder outputs of dataset slices
 
     def forward(self, task: Task) -> dict:
+        cache = self.feature_cache
+        features = cache.source(task.sources) if cache is not None else None
         results = sorted(track(self.predictor, task.frames, task.prompts, task.direction,
-                               grad=torch.is_grad_enabled()), key=lambda r: r.index)
+                               grad=torch.is_grad_enabled(), features=features), key=lambda r: r.index)
         tracked = [(r.index, t) for r in results for t in r.tracked]
         out = {"logits": torch.stack([r.logits for r in results]),
                "object_score_logits": torch.stack([r.object_score_logits for r in results]), "tracked": tracked}

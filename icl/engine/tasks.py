@@ -44,12 +44,13 @@ class Task:
     name: str = ""
     class_ids: list[int] = field(default_factory=list)  # clips: the dataset's class id of each object
     distractors: torch.Tensor | None = None  # look-alikes: [J, N, H, W] masks of the objects nobody marked
+    sources: list[tuple[str, int]] | None = None  # clips: (case id, slice) of each frame, for the feature cache
 
     def to(self, device: str | torch.device) -> "Task":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Task(move(self.frames), {k: {z: move(m) for z, m in p.items()} for k, p in self.prompts.items()},
                     self.direction, move(self.targets), self.scored, self.kind, self.name, self.class_ids,
-                    move(self.distractors))
+                    move(self.distractors), self.sources)
 
 
 def parse_schedule(text: str, flag: str = "-tasks") -> list[tuple[int, dict[str, float]]]:
@@ -101,8 +102,12 @@ def task_from_clip(sample: Mapping[str, Any]) -> Task:
     frames = torch.cat([support_image, image.to(support_image.device)])
     prompts = {k: {s: supports[k][s] for s in range(num_support)} for k in range(len(ids))}
     targets = torch.cat([torch.zeros_like(supports), labels.to(supports.dtype)], dim=1)
+    sources = None
+    if "support_name" in sample and "slice_index" in sample:
+        sources = [(str(sample["support_name"]), int(z)) for z in sample["support_slice_index"]] + \
+                  [(str(sample["name"]), int(z)) for z in sample["slice_index"]]
     return Task(frames, prompts, "forward", targets, list(range(num_support, len(frames))), CLIPS,
-                str(sample.get("name", "")), list(ids))
+                str(sample.get("name", "")), list(ids), sources=sources)
 
 
 def task_from_lookalike(task: Mapping[str, Any], objects: str = "all", seed: int = 0) -> Task:

@@ -46,11 +46,14 @@ from icl.engine.checkpoint import (
     unwrap,
 )
 from icl.engine.clips import build_loaders
+from icl.engine.feature_cache import make_feature_cache
+from icl.engine.lora import load_trained_state, trained_state
 from icl.engine.logging import RunLogger, make_logger
 from icl.engine.model import (ICLStep, build_predictor, count_parameters, flops_per_frame, positional_memory_init,
                               set_multimask_tracking)
 from icl.engine.objective import TaskLoss
 from icl.engine.validation import validate_tasks
+from icl.engine.weights import adapter_record, check_record, export_merged, lora_setup
 from icl.engine.precision import amp_setup, autocast
 from icl.errors import InputError
 from icl.io import atomic_path, write_json
@@ -115,6 +118,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     summary: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None  # time.time() at which -time_limit_min runs out
+    peft: dict[str, Any] | None = None  # -peft lora: the adapters' record (icl.engine.weights.lora_setup)
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -132,13 +136,16 @@ def setup(cfg: TrainConfig) -> Run:
     seed_everything(cfg.seed)
     resume_file = resolve_resume(cfg.resume) if cfg.resume else None
     run_dir = resume_file.parent if resume_file else dd.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)
-    weights = None if resume_file is not None else cfg.pretrain  # a resumed run's weights come from its checkpoint
+    # a resumed run's weights come from its checkpoint; with -peft lora its base weights are -pretrain's
+    weights = None if resume_file is not None and cfg.peft == "none" else cfg.pretrain
     predictor = build_predictor(cfg.config, device, weights, cfg.image_size, cfg.memory_selector, cfg.frozen_parts)
+    peft = lora_setup(predictor, cfg) if cfg.peft == "lora" else None
     if cfg.multimask_tracking != "config":
         set_multimask_tracking(predictor, cfg.multimask_tracking == "on")
     if cfg.qk_init > 0 and weights is None and resume_file is None:
         positional_memory_init(predictor, cfg.qk_init)
     step = ICLStep(predictor, aux_probe=cfg.aux > 0).to(device)
+    step.feature_cache = make_feature_cache(cfg, info, predictor)
     step_module = dd.wrap_ddp(step, info, device)
     params = [p for p in step.parameters() if p.requires_grad]  # the model's, and the auxiliary probe's
     if not params:
@@ -156,7 +163,7 @@ def setup(cfg: TrainConfig) -> Run:
     logger = make_logger(cfg.wandb_enabled, run_dir, run_dir.name, cfg.to_dict(), info.is_main)
     loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight, cfg.aux).to(device)
     run = Run(cfg, device, info, run_dir, predictor, step_module, loss_fn, optimizer, scheduler, scaler,
-              amp_dtype, train_loader, val_loader, steps_per_epoch, logger)
+              amp_dtype, train_loader, val_loader, steps_per_epoch, logger, peft=peft)
     _report_model(run)
     if resume_file is not None:
         _resume(run, resume_file)
@@ -181,7 +188,17 @@ def _resume(run: Run, path: Path) -> None:
     for key in ("config", "image_size", "dataset"):
         if key in saved and saved[key] != getattr(run.cfg, key):
             raise InputError("-resume", f"{path} was trained with -{key} {saved[key]}, not {getattr(run.cfg, key)}")
-    run.predictor.load_state_dict(ck["model"])
+    record = adapter_record(ck)
+    if (record is None) != (run.peft is None):
+        raise InputError("-resume", f"{path} was trained with -peft {'none' if record is None else 'lora'}, "
+                                    f"not {run.cfg.peft}")
+    if record is not None:  # base weights came from -pretrain (hash-checked); the adapters from the checkpoint
+        check_record(record, run.cfg, path)
+        if record["base_hash"] != run.peft["base_hash"]:
+            raise InputError("-resume", f"{path} adapts other base weights than -pretrain {run.cfg.pretrain}")
+        load_trained_state(run.predictor, ck["model"], str(path))
+    else:
+        run.predictor.load_state_dict(ck["model"])
     probe = unwrap(run.step_module).aux_probe
     if probe is not None and "aux_probe" in (ck.get("extra") or {}):
         probe.load_state_dict(ck["extra"]["aux_probe"])
@@ -254,9 +271,12 @@ def write_checkpoints(run: Run, improved: bool) -> None:
         return
     p = run.progress
     probe = unwrap(run.step_module).aux_probe
-    extra = {"aux_probe": probe.state_dict()} if probe is not None else None
+    extra = {"aux_probe": probe.state_dict()} if probe is not None else {}
+    if run.peft is not None:
+        extra["peft"] = run.peft
+    state = trained_state(run.predictor) if run.peft is not None else None  # -peft lora: the adapters alone
     path = save_checkpoint(epoch_path(run.run_dir, p.epoch), run.predictor, run.optimizer, run.scheduler, p.epoch,
-                           p.step, run.cfg, p.best_metric, scaler=run.scaler, extra=extra)
+                           p.step, run.cfg, p.best_metric, scaler=run.scaler, extra=extra, model_state=state)
     _atomic_copy(path, run.run_dir / "last.pth")
     if improved:
         _atomic_copy(path, run.run_dir / "best.pth")
@@ -321,7 +341,9 @@ def fit(run: Run) -> dict[str, Any]:
     if cfg.export and run.info.is_main:
         best = run.run_dir / "best.pth"
         source = best if best.is_file() else run.run_dir / "last.pth"
-        run.summary["exported"] = str(export_weights(source, cfg.export))
+        exported = export_weights(source, cfg.export) if run.peft is None else \
+            export_merged(source, cfg.export, cfg.config, cfg.image_size)  # adapters merged: official layout
+        run.summary["exported"] = str(exported)
         print(f"exported the weights of {source} to {cfg.export}", file=sys.stderr)
     return run.summary
 

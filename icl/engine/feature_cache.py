@@ -1,0 +1,202 @@
+"""The image-feature cache of a frozen image encoder (``-feature_cache auto``): encoder outputs stored per slice.
+
+Why: with the image encoder (Hiera trunk + FPN neck) frozen and nothing changing a slice after preprocessing, its
+outputs for a slice are the same at every step, and they are most of a step's cost at 512 px. They are computed
+the first time a slice is used and stored beside the preprocessing cache, then read instead of running the encoder
+(``sam2_ext.predictor.ICLPredictor`` takes them through a state's feature source).
+
+Layout: ``<case entry>/features/<key>/{meta.json, level<i>.npy, sums.npy}``: one memory-mapped ``[Z, C, h, w]``
+array per FPN level (fp16 by default, sparse on disk: only slices used take space) and, per slice, the crc32 of
+its stored bytes (-1 = not computed yet). The key is a hash of the image encoder's weights, the model's image size,
+the preprocessing entry's key and the dtype: any change makes a new folder, and the old ones are deleted (never
+reused). A slice counts only once its checksum is written after its data, so a kill mid-write leaves it to be
+recomputed; a stored slice whose bytes no longer match its checksum is recomputed, with a note; a truncated or
+unreadable file rebuilds the entry. The folder is made under a temp name and renamed, and ``meta.json`` is written
+atomically. Memory stays bounded: slices are read from the memory maps one at a time and at most ``open_cases``
+entries are open.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from icl.engine.lora import weights_hash
+from icl.errors import InputError
+from icl.io import write_json
+
+FORMAT = "icl-features-v1"
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+DEFAULT_DTYPE = "fp16"  # what -feature_cache auto stores (fp32 doubles the disk cost; the equality tests use it)
+
+
+def check_frozen(predictor: Any) -> None:
+    """Stored outputs are only right for an encoder that never changes."""
+    if any(p.requires_grad for p in predictor.image_encoder.parameters()):
+        raise InputError("-feature_cache", "auto needs a frozen image encoder, but it is trained here; add "
+                                           "-freeze image_encoder (or -peft lora without image_encoder in "
+                                           "-lora_targets), or use -feature_cache off")
+
+
+def _open(path: Path) -> np.memmap:
+    """A stored array, writable; a truncated file raises (numpy's "r+" alone would silently extend it with zeros)."""
+    np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode="r+")
+
+
+class CaseFeatures:
+    """The stored encoder outputs of one preprocessed case (one key); created on first use."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any]):
+        self.folder, self.meta = folder, meta
+        self.levels = [_open(folder / f"level{i}.npy") for i in range(len(meta["shapes"]))]
+        self.sums = _open(folder / "sums.npy")
+        shapes = [list(a.shape[1:]) for a in self.levels]
+        if shapes != meta["shapes"] or any(len(a) != meta["slices"] for a in (*self.levels, self.sums)) \
+                or any(a.dtype != np.dtype(meta["dtype"]) for a in self.levels):
+            raise ValueError("stored arrays do not match meta.json")
+
+    @classmethod
+    def create(cls, folder: Path, meta: dict[str, Any]) -> "CaseFeatures":
+        """Make the arrays under a temp folder, then rename it to ``folder`` (readers never see a partial one)."""
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, shape in enumerate(meta["shapes"]):
+            np.lib.format.open_memmap(tmp / f"level{i}.npy", mode="w+", dtype=np.dtype(meta["dtype"]),
+                                      shape=(meta["slices"], *shape)).flush()
+        np.save(tmp / "sums.npy", np.full(meta["slices"], -1, dtype=np.int64))
+        write_json(tmp / "meta.json", meta)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return cls(folder, meta)
+
+    def _checksum(self, z: int) -> int:
+        crc = 0
+        for level in self.levels:
+            crc = zlib.crc32(np.ascontiguousarray(level[z]).tobytes(), crc)
+        return crc
+
+    def read(self, z: int) -> list[np.ndarray] | None:
+        """Slice ``z``'s levels, or None when not computed yet or when its bytes fail the checksum."""
+        if self.sums[z] < 0:
+            return None
+        if self._checksum(z) != int(self.sums[z]):
+            print(f"note: feature cache {self.folder}: slice {z} does not match its checksum; recomputing it",
+                  file=sys.stderr)
+            return None
+        return [np.array(level[z]) for level in self.levels]
+
+    def write(self, z: int, levels: Sequence[np.ndarray]) -> None:
+        """Data first, flushed; then its checksum (what makes the slice count)."""
+        for store, value in zip(self.levels, levels):
+            store[z] = value
+            store.flush()
+        self.sums[z] = self._checksum(z)
+        self.sums.flush()
+
+
+class FeatureCache:
+    """Encoder outputs of the slices of preprocessed cases, for one predictor (its image encoder stays frozen)."""
+
+    def __init__(self, predictor: Any, cases: Sequence[Any], dtype: str = DEFAULT_DTYPE, open_cases: int = 8):
+        check_frozen(predictor)
+        self.predictor, self.dtype = predictor, DTYPES[dtype]
+        self.cases = {case.id: case for case in cases}
+        self.model_key = weights_hash(predictor.image_encoder)
+        self.open_cases = open_cases
+        self._open: OrderedDict[str, CaseFeatures] = OrderedDict()
+        self.computed = self.read = 0  # slices encoded / read from disk (what the tests and the bench count)
+
+    def source(self, sources: Sequence[tuple[str, int]] | None) -> Callable[[int], list[torch.Tensor] | None] | None:
+        """A feature source over a task's frames (``sources[f]`` = (case id, slice) of frame f), or None."""
+        if not sources or any(case_id not in self.cases for case_id, _ in sources):
+            return None
+        return lambda f: self.levels(*sources[f])
+
+    def levels(self, case_id: str, z: int) -> list[torch.Tensor]:
+        """The encoder's levels of slice ``z`` of a case, [1, C, h, w] float32 each: stored, or computed and stored."""
+        case = self.cases[case_id]
+        store = self._store(case)
+        stored = store.read(z) if store is not None else None
+        if stored is not None:
+            self.read += 1
+            return [torch.from_numpy(a).float()[None] for a in stored]
+        fresh = self._encode(case, z)
+        if store is None:
+            store = self._store(case, shapes=[list(x.shape[1:]) for x in fresh])
+        store.write(z, [x[0].cpu().numpy().astype(self.dtype) for x in fresh])
+        self.computed += 1
+        # what is used is what a later read gives back (rounded to the stored dtype), so steps never differ
+        return [torch.from_numpy(np.array(level[z])).float()[None] for level in store.levels]
+
+    def _encode(self, case: Any, z: int) -> list[torch.Tensor]:
+        from sam2_ext.predictor import prepare_frames
+
+        p = self.predictor
+        image = torch.from_numpy(np.array(case.image[z:z + 1], dtype=np.float32)).to(p.device)  # a copy: writable
+        with torch.no_grad():
+            return [x.float() for x in p.encode_levels(prepare_frames(image, p.image_size))]
+
+    def key(self, case: Any) -> dict[str, Any]:
+        """What the stored outputs depend on: the encoder's weights, the model's image size, the slices' pixels."""
+        entry_key = case.meta.get("key")
+        return {"format": FORMAT, "encoder": self.model_key, "image_size": int(self.predictor.image_size),
+                "entry": entry_key, "dtype": np.dtype(self.dtype).name, "slices": int(case.num_slices)}
+
+    def folder(self, case: Any) -> Path:
+        k = self.key(case)
+        name = f"{k['encoder'][:12]}_{k['image_size']}_{str(k['entry'])[:12]}_{k['dtype']}"
+        return Path(case.path) / "features" / name
+
+    def _store(self, case: Any, shapes: list[list[int]] | None = None) -> CaseFeatures | None:
+        """The case's open entry; opened from disk if valid, created when ``shapes`` are given, else None."""
+        if case.id in self._open:
+            self._open.move_to_end(case.id)
+            return self._open[case.id]
+        folder, key = self.folder(case), self.key(case)
+        store = None
+        meta_file = folder / "meta.json"
+        if meta_file.is_file():
+            try:
+                meta = json.loads(meta_file.read_text())
+                if {k: meta.get(k) for k in key} == key:
+                    store = CaseFeatures(folder, meta)
+            except (ValueError, OSError) as err:  # truncated or unreadable arrays or meta: rebuild, said once
+                print(f"note: feature cache {folder} is unreadable ({type(err).__name__}); rebuilding it",
+                      file=sys.stderr)
+        if store is None:
+            if shapes is None:
+                return None
+            for stale in folder.parent.glob("*"):  # other keys: invalidated, never reused
+                if stale != folder:
+                    shutil.rmtree(stale, ignore_errors=True)
+            store = CaseFeatures.create(folder, {**key, "shapes": shapes})
+        self._open[case.id] = store
+        while len(self._open) > self.open_cases:
+            self._open.popitem(last=False)
+        return store
+
+
+def make_feature_cache(cfg: Any, info: Any, predictor: Any) -> FeatureCache | None:
+    """``-feature_cache``: the cache over the training run's dataset slices, or None (off, or nothing to cache)."""
+    if cfg.feature_cache == "off":
+        return None
+    check_frozen(predictor)
+    if info.world_size > 1:
+        raise InputError("-feature_cache", "auto runs in a single process only (ranks would write the same "
+                                           "files); use -feature_cache off with -distributed True")
+    from icl.engine.clips import open_training_caches
+    from icl.engine.tasks import CLIPS, parse_schedule
+
+    if not any(CLIPS in mix for _, mix in parse_schedule(cfg.tasks)):
+        print("note: -feature_cache auto: -tasks has no dataset clips, nothing to cache", file=sys.stderr)
+        return None
+    return FeatureCache(predictor, open_training_caches(cfg, info)[0], dtype=DEFAULT_DTYPE)

@@ -15,9 +15,11 @@ value present in the support label (so the prompts a class gets do not depend on
 for), or ``"labelled"``: exactly the slices that carry any label value (a scan annotated on a few slices, as in
 3D Slicer or ITK-SNAP); each class is prompted on the chosen slices where it appears.
 
-Direction: support and query the same file → the masks stay on their own slices and the scan is tracked both ways
-(``direction="both"``); with ``"labelled"`` the annotated slices are written back exactly as given. Support from
-another scan → its support slices are put in front of the query, tracked forward. Memory stays flat in the
+Direction (``direction``): ``"auto"`` decides by content: support and query the same scan (same grid, affine and
+voxel values, whatever the file names) → the masks stay on their own slices and the scan is tracked both ways; with
+``"labelled"`` the annotated slices are written back exactly as given (the sparse fill). Support from another scan →
+its support slices are put in front of the query, tracked forward. ``"both"`` / ``"forward"`` choose explicitly
+(``"both"`` needs the query on the support's grid). Scans are NIfTI paths, nibabel images or (array, affine). Memory stays flat in the
 query's depth: slices are read, windowed and encoded when tracking reaches them, and each finished slice goes
 straight into a compact label map in the query's own voxel order (written with its affine and header).
 """
@@ -167,11 +169,14 @@ def check_sparse_options(per_class: int | str, fill: str, complete_slices: bool)
     return fill
 
 
-def load_support(support: str | Path, support_label: str | Path, classes: Sequence[int] | None = None,
+def load_support(support: Any, support_label: Any, classes: Sequence[int] | None = None,
                  channel: int | None = None) -> tuple[Scan, Scan, np.ndarray, list[int]]:
     """Open and check the support pair: (support scan, label scan, canonical label array, classes to segment)."""
-    scan = Scan.open(support, channel)
-    label_scan = Scan.open(support_label)
+    from icl.scan_source import open_scan
+
+    scan = open_scan(support, channel, "support")
+    label_scan = open_scan(support_label, None, "support_label")
+    support_label = label_scan.path
     if label_scan.shape != scan.shape:
         raise InputError(support_label, f"label shape {label_scan.shape} does not match image shape {scan.shape}")
     if not np.allclose(label_scan.affine, scan.affine, atol=AFFINE_TOL):
@@ -192,13 +197,6 @@ def load_support(support: str | Path, support_label: str | Path, classes: Sequen
     return scan, label_scan, values, classes
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or a.samefile(b)
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------- the API
 class ICLSegmenter:
     """Segment NIfTI scans from one labelled support scan with an ICL SAM2 model (no ground truth needed).
@@ -211,7 +209,7 @@ class ICLSegmenter:
                  device: str | torch.device = "cpu", image_size: int | None = None,
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
-                 fill: str = AUTO, complete_slices: bool = False, crop: bool = False):
+                 fill: str = AUTO, complete_slices: bool = False, crop: bool = False, direction: str = "auto"):
         from icl.engine.checkpoint import resolve_checkpoint
         from icl.engine.precision import check_amp
 
@@ -224,30 +222,35 @@ class ICLSegmenter:
         self.per_class = parse_support_slices(support_slices)
         self.fill, self.complete_slices, self.crop = check_sparse_options(self.per_class, fill, complete_slices), \
             bool(complete_slices), bool(crop)
+        from icl.scan_source import check_direction
+
+        self.direction = check_direction(direction)
         weights = resolve_checkpoint(checkpoint, config)
         with library_errors("--"):
             from icl.engine.model import build_predictor
 
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
 
-    def segment(self, query: str | Path, support: str | Path, support_label: str | Path,
+    def segment(self, query: Any, support: Any, support_label: Any,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:
         """Segment ``query`` with the labelled ``support`` scan; all ``classes`` (default: every label value of
-        the support) in one pass. Returns a :class:`Segmentation` on the query's grid."""
+        the support) in one pass. Scans: NIfTI paths, nibabel images or (array, affine) pairs. Returns a
+        :class:`Segmentation` on the query's grid."""
         from icl.engine.precision import amp_dtype, autocast
+        from icl.scan_source import decide_both_ways, open_scan
         from sam2_ext.track import track
 
-        query, support, support_label = Path(query), Path(support), Path(support_label)
         s_scan, label_scan, label, cls = load_support(support, support_label, parse_classes(classes), self.channel)
+        q_scan = open_scan(query, self.channel, "query")
+        query = q_scan.path
         axis, size = self.slice_axis, self.predictor.image_size
-        picks = choose_support_slices(label, axis, self.per_class, support_label)
-        same = _same_file(query, support)
+        picks = choose_support_slices(label, axis, self.per_class, label_scan.path)
+        same = decide_both_ways(self.direction, q_scan, s_scan)
         if self.per_class == LABELLED and same:
-            return self._fill_sparse(s_scan, label, cls, query, support_label, picks, progress)
+            return self._fill_sparse(q_scan, label, cls, query, label_scan.path, picks, progress)
         if self.fill not in (AUTO, MODEL):
             raise InputError("--fill", f"{self.fill} fills a scan from its own annotated slices: give the same "
-                                       f"file as --support and --query")
-        q_scan = s_scan if same else Scan.open(query, self.channel)
+                                       f"scan as --support and --query (and not --direction forward)")
         q_frames = VolumeFrames(q_scan, self.window, size, axis)
         masks = label_slices(label_scan, axis, picks, size)
         labels = np.zeros(q_scan.shape, dtype=np.uint8 if max(cls) < 256 else np.int16)
@@ -303,9 +306,12 @@ class ICLSegmenter:
                             VolumeFrames(scan, self.window, self.predictor.image_size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
-        """Write the label map with the query's affine and header, atomically."""
+        """Write the label map with the query's affine and header, atomically; a name without a suffix gets
+        ``.nii.gz``, any other suffix than ``.nii``/``.nii.gz`` is refused."""
+        from icl.outputs import nifti_name
+
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
-        return write_mask_nifti(result.labels, (result.affine, result.header), path, dtype=dtype)
+        return write_mask_nifti(result.labels, (result.affine, result.header), nifti_name(path), dtype=dtype)
 
 
 def _header_3d(scan: Scan) -> nib.Nifti1Header:

@@ -305,6 +305,8 @@ class SegmentOptions(Options):
     support: str | None = opt(help="support image (NIfTI)", required=True)
     support_label: str | None = opt(help="label map of the support image (same grid)", required=True)
     query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
+    query_glob: str | None = opt(None, "with a query folder: the file names to segment (a glob, e.g. '*_0000.nii.gz'"
+                                       "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
     out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
     classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
     support_slices: str = opt("auto", f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or "
@@ -315,6 +317,8 @@ class SegmentOptions(Options):
                             "model, interpolation or nearest", choices=("auto", "model", "interpolation", "nearest"))
     report: str | None = opt(None, f"with '{LABELLED}': write the self-check table (held-out Dice per structure "
                                    "and method, the method chosen) to this JSON file")
+    direction: str = opt("auto", "auto: both ways when the query is the support scan (by content), else forward; "
+                                 "both; forward", choices=("auto", "both", "forward"))
     crop: str = opt("off", f"with '{LABELLED}': track the model in a square box around the annotated structures "
                            "(on) or on the whole slice (off)", choices=("on", "off"))
     checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
@@ -330,7 +334,7 @@ class SegmentOptions(Options):
                                               "2 = axial", int, choices=(0, 1, 2))
     channel: int | None = opt(None, "channel of a 4D (multi-channel) image, e.g. MSD", int)
     amp: str = AMP()
-    quiet: bool = opt(False, "no progress bar", bool)
+    quiet: bool = opt(False, "no progress bar (the summary line per query and the self-check table stay)", bool)
 
 
 # ----------------------------------------------------------------------------------------------------- parsing

@@ -29,10 +29,20 @@ self-check holds out every other annotated slice of each structure, fills them w
 and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
 (your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
 
-Propagation: support and query the same file -> tracked both ways from the support slices (forward from each
-class's first support slice, backward from its last; slices seen by both passes get the mean logit). Support from
+Propagation (--direction): auto (default) decides by content: support and query the same scan (same grid, affine
+and voxel values, so a copy of the file counts) -> tracked both ways from the support slices (forward from each
+class's first support slice, backward from its last; slices seen by both passes get the mean logit); support from
 another scan -> its support slices are put in front of the query, which is tracked from its first slice to its last.
+--direction both / forward chooses one (both needs the query on the support's grid). One line per query on stderr,
+kept with --quiet, says which road was taken.
 
+A query folder: every .nii/.nii.gz in it is a query, except what is not a scan, skipped with one line saying why:
+the support label itself, label maps (few non-negative integer values), and where files follow nnU-Net's channel
+names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
+files by name instead (only the support label is still skipped).
+
+No output may be one of the inputs (compared as files: other spellings and links of a path count), and every output
+folder must be creatable; both are checked before any work.
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
 from __future__ import annotations
@@ -40,7 +50,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -49,8 +58,9 @@ import numpy as np
 from icl.config import LABELLED
 from icl.errors import EXIT_INPUT_ERROR, InputError
 from icl.io import write_json
+from icl.outputs import check_writable, plan_outputs, refuse_overwriting_inputs
+from icl.query_folder import list_queries, skipped_line
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 EXIT_BAD_INPUT = EXIT_INPUT_ERROR
 
 
@@ -61,42 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     return options_parser(SegmentOptions, prog="python -m icl.segment", description=doc[0],
                           epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
-
-
-def plan_outputs(query: Path, out: Path) -> list[tuple[Path, Path]]:
-    """(query file, output file) pairs: one file → ``out`` (a NIfTI name) or ``out/<query name>``; a folder →
-    one output per NIfTI inside it, named like the query, in ``out``."""
-    if query.is_dir():
-        queries = sorted(p for p in query.iterdir() if p.is_file() and _is_nifti(p))
-        if not queries:
-            raise InputError(query, "query folder holds no .nii/.nii.gz files")
-        if _is_nifti(out):
-            raise InputError(out, "--query is a folder, so --out must be a folder, not a NIfTI file name")
-        return [(q, out / q.name) for q in queries]
-    if not query.exists():
-        raise InputError(query, "file not found")
-    return [(query, out if _is_nifti(out) else out / query.name)]
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Fail before any inference when an output folder cannot be created or written to (creates nothing)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(folder, f"{flag} folder cannot be created: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(folder, f"{flag} folder is not writable")
-    if existing == folder:
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".icl_write_test."):
-                pass
-        except OSError as e:
-            raise InputError(folder, f"{flag} folder is not writable ({e.strerror or e})") from None
 
 
 def save_overlays(result, out_dir: Path, max_slices: int = 8) -> list[Path]:
@@ -119,7 +93,18 @@ def run(args: argparse.Namespace) -> list[Path]:
     classes = parse_classes(args.classes)
     per_class = parse_support_slices(args.support_slices)
     check_sparse_options(per_class, args.fill, args.complete_slices)
-    pairs = plan_outputs(Path(args.query), Path(args.out))
+    query = Path(args.query)
+    if args.query_glob and not query.is_dir():
+        raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
+    queries, skipped = list_queries(query, args.query_glob, [Path(args.support_label)]) if query.is_dir() else \
+        (None, [])
+    pairs = plan_outputs(query, Path(args.out), queries)
+    inputs = [("--support", Path(args.support)), ("--support-label", Path(args.support_label)),
+              *(("--query", q) for q, _ in pairs)]
+    if args.checkpoint:
+        inputs.append(("--checkpoint", Path(args.checkpoint)))
+    outputs = [("--out", o) for _, o in pairs] + ([("--report", Path(args.report))] if args.report else [])
+    refuse_overwriting_inputs(outputs, inputs)
     if args.report:
         if per_class != LABELLED:
             raise InputError("--report", f"the self-check report needs --support-slices {LABELLED}")
@@ -135,11 +120,13 @@ def run(args: argparse.Namespace) -> list[Path]:
         check_writable(folder, "--out")
     if args.overlays:
         check_writable(Path(args.overlays), "--overlays")
+    if skipped:  # said once the checks have passed, so that bad input stays one line
+        print(skipped_line(query, skipped), file=sys.stderr)
     seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
                        image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
                        slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
                        amp=args.amp, fill=args.fill, complete_slices=args.complete_slices,
-                       crop=args.crop == "on")
+                       crop=args.crop == "on", direction=args.direction)
     written = []
     for q, out in pairs:
         result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
@@ -151,11 +138,18 @@ def run(args: argparse.Namespace) -> list[Path]:
             write_json(args.report, result.report())
         if args.overlays:
             save_overlays(result, Path(args.overlays))
-        if not args.quiet:
-            found = sorted(int(v) for v in np.unique(result.labels) if v > 0)
-            print(f"{q} -> {out} ({result.mode}, support slices {result.support_slices}, classes found {found})",
-                  file=sys.stderr)
+        print(summary_line(result, q, out), file=sys.stderr)  # shown even with --quiet: it says the road taken
     return written
+
+
+ROADS = {"both_ways": "both ways: the query is the support scan", "prepended": "forward: support from another scan"}
+
+
+def summary_line(result, query: Path, out: Path) -> str:
+    """The one line per query that stays with --quiet: where it went and how it was tracked."""
+    found = sorted(int(v) for v in np.unique(result.labels) if v > 0)
+    return (f"{query} -> {out} ({ROADS[result.mode]}; support slices {result.support_slices}; "
+            f"classes found {found})")
 
 
 def parse_segment_args(argv: Sequence[str] | None = None):

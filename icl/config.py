@@ -185,8 +185,8 @@ class TrainConfig(CommonConfig):
     val_samples: int = opt(0, "cap on validation samples; 0 = all", int, check=NON_NEGATIVE)
     log_images: int = opt(4, "overlay images logged per validation", int, check=NON_NEGATIVE)
     count_flops: bool = opt(True, "print FLOPs per frame at start", bool)
-    obj_loss_weight: float = opt(1.0, "weight of the object-presence BCE added to Dice + BCE/focal", float,
-                                 check=NON_NEGATIVE)
+    obj_loss_weight: float = opt(1.0, "weight of the object-score head's BCE (is the object present?) in either "
+                                      "-loss (SAM2's own weight: 1)", float, check=NON_NEGATIVE)
     keep_epochs: int = opt(0, "keep only the newest N epoch_N.pth (last/best always kept); 0 = keep all", int,
                            check=NON_NEGATIVE)
     classes: str = opt("all", "comma list of class ids to train and validate on (e.g. 1,2,3,4,5 holds out class "
@@ -205,8 +205,9 @@ class TrainConfig(CommonConfig):
                                   "discs_random, adjacent, far, sparse, cross (icl/data/lookalike.py)", check=_schedule)
     loss: str = opt("sam2", "sam2 (SAM2's loss: best candidate mask, IoU head, object score) or dice_bce (Dice + BCE "
                             "of the returned mask + object-score BCE)", choices=("sam2", "dice_bce"))
-    mask_logits: str = opt("raw", "masks the loss scores: raw (the decoder's, before SAM2's object-score gate) or "
-                                  "gated (SAM2's, constant where the object is called absent)", choices=("raw", "gated"))
+    mask_logits: str = opt("raw", "masks either -loss scores: raw (the decoder's, before SAM2's object-score gate) "
+                                  "or gated (SAM2's, -1024 without gradient where the object is called absent)",
+                           choices=("raw", "gated"))
     multimask_tracking: str = opt("config", "track with SAM2's 3 candidate masks (on), its single mask (off), or as "
                                             "the model config says", choices=("config", "on", "off"))
     aux: float = opt(0.0, "weight of an auxiliary loss: a training-only 1x1 probe on the memory-conditioned features "

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from sam2.modeling.sam2_base import NO_OBJ_SCORE
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from sam2_ext.batching import capture_memory_inputs, enable_key_masks, key_mask_on, pad_memories
@@ -381,6 +380,3 @@ def _memories_as(output_dict: dict, dtype: torch.dtype) -> dict:
 
     return {**output_dict, "cond_frame_outputs": cast(output_dict["cond_frame_outputs"]),
             "non_cond_frame_outputs": cast(output_dict["non_cond_frame_outputs"])}
-
-
-NO_OBJECT_LOGIT = NO_OBJ_SCORE  # the logit SAM2 gives every pixel of an absent object (re-exported for callers)

@@ -1,4 +1,4 @@
-"""Training loss for in-context segmentation: soft Dice + (BCE or focal) on the query-slice logits.
+"""Training loss for in-context segmentation (``-loss dice_bce``): soft Dice + BCE on the query-slice logits.
 
 Shapes: ``logits`` and ``target`` are ``[T, C, H, W]`` (T query slices, C classes = SAM2 objects); a ``[T, H, W]``
 pair is treated as one class. Targets are binary ``{0, 1}``.
@@ -9,41 +9,27 @@ Reduction (why it is done this way):
   slices and pixels, i.e. a 3D Dice over the clip, then averaged over classes. A per-slice Dice would be undefined on
   the many query slices that hold no object. ``smooth_nr = smooth_dr = smooth`` (default 1.0) makes an all-empty
   target with an empty prediction cost ~0 instead of ~1, and keeps everything finite.
-* **BCE** (``torch.nn.functional.binary_cross_entropy_with_logits``) or MONAI ``FocalLoss`` (sigmoid, gamma=2) is
-  the mean over every element.
+* **BCE** (``torch.nn.functional.binary_cross_entropy_with_logits``) is the mean over every element.
 * ``loss = dice_weight * dice + ce_weight * ce``. Computed in float32 even under autocast (AMP) for stability.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, FocalLoss
+from monai.losses import DiceLoss
 from torch import nn
-
-LOSS_KINDS = ("bce", "focal")
 
 
 class ICLLoss(nn.Module):
-    """Dice + BCE/focal on logits; ``forward`` returns the scalar loss, :meth:`terms` also the parts for logging."""
+    """Dice + BCE on logits; ``forward`` returns the scalar loss, :meth:`terms` also the parts for logging."""
 
-    def __init__(
-        self,
-        dice_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        kind: str = "bce",
-        focal_gamma: float = 2.0,
-        smooth: float = 1.0,
-    ) -> None:
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1.0) -> None:
         super().__init__()
-        if kind not in LOSS_KINDS:
-            raise ValueError(f"kind: expected one of {LOSS_KINDS}, got {kind!r}")
         if dice_weight < 0 or ce_weight < 0 or dice_weight + ce_weight == 0:
             raise ValueError(f"loss weights must be >= 0 and not both 0, got dice={dice_weight}, ce={ce_weight}")
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
-        self.kind = kind
         self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=smooth, smooth_dr=smooth, reduction="mean")
-        self.focal = FocalLoss(gamma=focal_gamma, use_softmax=False, reduction="mean") if kind == "focal" else None
 
     @staticmethod
     def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +46,7 @@ class ICLLoss(nn.Module):
         logits, target = self._prepare(logits, target)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             dice = self.dice(logits, target)
-            if self.focal is not None:
-                ce = self.focal(logits, target)
-            else:
-                ce = F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
+            ce = F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
         return {"loss": self.dice_weight * dice + self.ce_weight * ce, "dice": dice, "ce": ce}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

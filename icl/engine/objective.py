@@ -21,15 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from icl.engine.losses import ICLLoss
-from icl.engine.sam2_loss import SAM2Loss, iou_l1
+from icl.engine.sam2_loss import SAM2Loss, SAM2LossWeights, iou_l1, presence_bce
 from icl.engine.tasks import Task
+from sam2_ext.track import to_size
 
 LOSSES = ("sam2", "dice_bce")
 MASK_LOGITS = ("raw", "gated")
+# what each loss term is, as logged (console, wandb): losses are named losses, never mistaken for scores
+LOSS_NAMES = {"mask": "loss/mask_focal", "dice": "loss/dice", "ce": "loss/bce", "iou": "loss/iou_head",
+              "obj": "loss/object", "aux": "loss/aux"}
 
 
 class TaskLoss(nn.Module):
-    """``forward(out, task) -> {"loss", parts...}`` for the outputs of ``icl.engine.model.ICLStep``."""
+    """``forward(out, task) -> {"loss", "loss/<term>"...}`` for the outputs of ``icl.engine.model.ICLStep``.
+
+    ``mask_logits``: the masks both losses score, ``raw`` (the decoder's, before SAM2 gates an object called absent
+    to a constant -1024 with no gradient) or ``gated`` (the returned masks). ``obj_weight``: the object-score BCE's
+    weight in both losses."""
 
     def __init__(self, kind: str = "sam2", out_size: int = 128, mask_logits: str = "raw", obj_weight: float = 1.0,
                  aux: float = 0.0):
@@ -38,7 +46,7 @@ class TaskLoss(nn.Module):
             raise ValueError(f"loss {kind!r} / mask logits {mask_logits!r} not in {LOSSES} / {MASK_LOGITS}")
         self.kind, self.out_size, self.mask_logits, self.obj_weight = kind, out_size, mask_logits, obj_weight
         self.aux = aux
-        self.sam2 = SAM2Loss()
+        self.sam2 = SAM2Loss(SAM2LossWeights(obj=obj_weight))
         self.dice_bce = ICLLoss()
 
     def forward(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
@@ -46,7 +54,7 @@ class TaskLoss(nn.Module):
         if self.aux > 0 and out.get("probe"):
             aux = probe_loss(out["probe"], task)
             terms = {**terms, "loss": terms["loss"] + self.aux * aux, "aux": aux.detach()}
-        return terms
+        return {("loss" if k == "loss" else LOSS_NAMES[k]): v for k, v in terms.items()}
 
     def _sam2(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
         scored = set(task.scored)
@@ -61,13 +69,30 @@ class TaskLoss(nn.Module):
                          torch.tensor([col for _, _, col, _ in items], device=task.targets.device))
 
     def _dice_bce(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
-        logits, target = scored_logits(out, task, self.out_size)
+        source = ungated(out) if self.mask_logits == "raw" else out
+        logits, target = scored_logits(source, task, self.out_size)
         terms = self.dice_bce.terms(logits, target)
         present = target.flatten(2).amax(2)
-        obj = F.binary_cross_entropy_with_logits(out["object_score_logits"][task.scored].float(), present)
+        obj = presence_bce(out["object_score_logits"][task.scored], present)
         iou = iou_head_loss(out, task)
         return {"loss": terms["loss"] + self.obj_weight * obj + iou, "dice": terms["dice"].detach(),
                 "ce": terms["ce"].detach(), "obj": obj.detach(), "iou": iou.detach()}
+
+
+def ungated(out: dict) -> dict:
+    """``out`` with the returned logits of every tracked (frame, object) replaced by the decoder's mask before
+    SAM2's object-score gate: the candidate SAM2 returned (the IoU head's best), averaged over the passes that
+    tracked it. Prompted and untracked frames keep their logits. Needs the training outputs (``tracked``)."""
+    logits = out["logits"].clone()
+    sums: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for f, t in out["tracked"]:
+        best = t.multimask_ious.argmax(-1)
+        raw = t.raw_multimask_logits[torch.arange(len(best), device=best.device), best]
+        for row, col in enumerate(t.columns):
+            sums.setdefault((f, col), []).append(raw[row])
+    for (f, col), passes in sums.items():
+        logits[f, col] = torch.stack(passes).mean(0).to(logits.dtype)
+    return {**out, "logits": logits}
 
 
 def iou_head_loss(out: dict, task: Task) -> torch.Tensor:
@@ -99,9 +124,7 @@ def probe_loss(probe: list, task: Task) -> torch.Tensor:
 
 def scored_logits(out: dict, task: Task, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of the scored frames at ``size`` x ``size``: ([T, K, S, S], [T, K, S, S])."""
-    logits = out["logits"][task.scored].float()
-    if logits.shape[-2:] != (size, size):
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+    logits = to_size(out["logits"][task.scored].float(), (size, size))
     target = task.targets[:, task.scored].transpose(0, 1).float()
     if target.shape[-2:] != (size, size):
         target = F.interpolate(target, size=(size, size), mode="nearest")

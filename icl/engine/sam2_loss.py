@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sam2_ext.track import to_size
+
 
 @dataclass
 class SAM2LossWeights:
@@ -67,9 +69,13 @@ def real_iou_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def iou_l1(logits: torch.Tensor, ious: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SAM2's IoU-head error per item: mean over candidates of |predicted - real IoU| ([N, M, h, w], [N, M],
     [N, 1, H, W] -> [N]); logits are resized (bilinear) to the target's size first."""
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    logits = to_size(logits, target.shape[-2:])
     return (ious.float() - real_iou_per_token(logits, target)).abs().mean(-1)
+
+
+def presence_bce(object_score_logits: torch.Tensor, present: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The object-score head's loss: BCE of its logit against "the object is present" (1) or absent (0)."""
+    return F.binary_cross_entropy_with_logits(object_score_logits.float(), present.float(), reduction=reduction)
 
 
 class SAM2Loss(torch.nn.Module):
@@ -86,17 +92,15 @@ class SAM2Loss(torch.nn.Module):
         """``multimask_logits`` [N, M, h, w], ``ious`` [N, M], ``object_score_logits`` [N], ``targets`` [N, H, W]
         binary, ``objects`` [N] (which object each item belongs to: sums run over an object's frames, then the
         mean over objects). Logits are resized (bilinear) to the targets' size, as SAM2 scores upsampled masks."""
-        logits = multimask_logits.float()
         target = targets.float()[:, None]
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        logits = to_size(multimask_logits.float(), target.shape[-2:])
         present = (target.flatten(1) > 0.5).any(1).float()
         focal = focal_per_token(logits, target, self.focal_alpha, self.focal_gamma)
         dice = dice_per_token(logits, target)
         pick = (self.w.mask * focal + self.w.dice * dice).argmin(-1)
         rows = torch.arange(len(pick), device=pick.device)
         iou_term = iou_l1(logits, ious, target)
-        obj_term = F.binary_cross_entropy_with_logits(object_score_logits.float(), present, reduction="none")
+        obj_term = presence_bce(object_score_logits, present, reduction="none")
         _, obj_index = torch.unique(objects, return_inverse=True)
         count = int(obj_index.max()) + 1 if len(obj_index) else 1
 

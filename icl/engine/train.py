@@ -52,7 +52,7 @@ from icl.engine.logging import RunLogger, make_logger
 from icl.engine.model import (ICLStep, build_predictor, count_parameters, flops_per_frame, positional_memory_init,
                               set_multimask_tracking)
 from icl.engine.objective import TaskLoss
-from icl.engine.validation import validate_tasks
+from icl.engine.validation import SELECTION, validate_tasks
 from icl.engine.weights import adapter_record, check_record, export_merged, lora_setup
 from icl.engine.precision import amp_setup, autocast
 from icl.errors import InputError
@@ -318,7 +318,7 @@ def fit(run: Run) -> dict[str, Any]:
         if should_validate(cfg, epoch) or stop:
             metrics, overlays = validate(run)
             record |= metrics
-            score = metrics["val/dice_mean"]
+            score = metrics[SELECTION]
             improved = not math.isnan(score) and (p.best_metric is None or score > p.best_metric)
             if improved:
                 p.best_metric = score
@@ -328,8 +328,8 @@ def fit(run: Run) -> dict[str, Any]:
         write_checkpoints(run, improved)
         dd.barrier(run.info)
         if run.info.is_main:
-            shown = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in record.items()
-                              if isinstance(v, float) and k != "epoch/seconds")
+            shown = ", ".join(f"{k.removeprefix('epoch/')} {v:.4f}" for k, v in record.items()
+                              if isinstance(v, float) and k != "epoch/seconds")  # loss/* are losses, val/* scores
             print(f"epoch {epoch}/{cfg.epochs} step {p.step}: {shown}", file=sys.stderr)
         if stop:
             if run.info.is_main:

@@ -4,8 +4,10 @@
 * Look-alike tasks: ``val/<level>_marked`` (each object's prediction against its own truth) and ``val/<level>_others``
   (against the look-alikes it was *not* shown). A model that segments every look-alike scores ~0.65 on both; one that
   reads its support scores high on the first and 0 on the second.
-* ``val/dice_mean``, the score ``best.pth`` is chosen by: the mean of the clip classes' Dice and of every level's
-  margin (marked minus others).
+* ``val/selection_score``, what ``best.pth`` is chosen by (highest wins): the mean over the clip classes' Dice and
+  every look-alike level's margin, Dice(marked) - Dice(others), which is negative for a model that follows the
+  look-alikes rather than its support. Why a margin: marked Dice alone rewards segmenting every look-alike.
+  ``val/dice_class_mean`` is the plain mean of the clip classes' Dice (a score, not what selects).
 
 Dice is taken at ``out_size`` on ``logit > 0``; a pair with empty truth and empty prediction is not counted (NaN).
 """
@@ -24,6 +26,8 @@ from icl.engine.objective import scored_logits
 from icl.engine.precision import autocast
 from icl.engine.tasks import CLIPS, Task
 from icl.progress import progress
+
+SELECTION = "val/selection_score"  # what best.pth is chosen by (module docstring)
 
 
 def task_dice(out: dict, task: Task, size: int) -> dict[str, list[float]]:
@@ -68,19 +72,21 @@ def validate_tasks(model: Any, loader: Any, info: dd.DistInfo, device: str, amp_
 
 
 def summarise(sums: dict[str, float]) -> dict[str, float]:
-    """Means per key and the selection score ``val/dice_mean`` (module docstring)."""
+    """Means per key, ``val/dice_class_mean`` and the selection score ``val/selection_score`` (module docstring)."""
     means = {key: sums[f"{key}|sum"] / sums[f"{key}|n"]
              for key in sorted({k.split("|")[0] for k in sums}) if sums.get(f"{key}|n")}
-    out, parts = {}, []
+    out, classes, margins = {}, [], []
     for key, value in means.items():
         if key.startswith("c") and key[1:].isdigit():
             out[f"val/dice_class_{key[1:]}"] = value
-            parts.append(value)
+            classes.append(value)
         else:
             out[f"val/{key}"] = value
             if key.endswith("_marked"):
-                parts.append(value - means.get(key.replace("_marked", "_others"), 0.0))
-    out["val/dice_mean"] = float(np.mean(parts)) if parts else math.nan
+                margins.append(value - means.get(key.replace("_marked", "_others"), 0.0))
+    if classes:
+        out["val/dice_class_mean"] = float(np.mean(classes))
+    out[SELECTION] = float(np.mean(classes + margins)) if classes or margins else math.nan
     return out
 
 

@@ -148,38 +148,53 @@ def test_memory_selector_hook(tiny_predictor):
     assert not torch.allclose(plain["logits"][1:], selected["logits"][1:])
 
 
-def _track_with_history(predictor, images, mask, history):
-    """Propagate one object from a mask on frame 0 with ``keep_history``; returns (logits [N, 1, H, W], the
-    largest number of tracked outputs the bank held at any frame)."""
+def _track_with_history(predictor, images, mask, history, reverse=False):
+    """Propagate one object from a mask on frame 0 (``reverse``: on the last frame, down to 0) with
+    ``keep_history``; returns (logits [N, 1, H, W], the largest number of tracked outputs the bank held at any
+    frame, the frames it held at the end)."""
     state = predictor.init_state_from_frames(images)
     state["keep_history"] = history
+    start = len(images) - 1 if reverse else 0
     logits, longest = [], 0
     with torch.no_grad():
-        predictor.train_add_new_mask(state, 0, 1, mask)
-        for _, _, out in predictor.train_propagate_in_video(state):
+        predictor.train_add_new_mask(state, start, 1, mask)
+        bank = state["output_dict_per_obj"][0]["non_cond_frame_outputs"]
+        for _, _, out in predictor.train_propagate_in_video(state, start_frame_idx=start, reverse=reverse):
             logits.append(out)
-            longest = max(longest, len(state["output_dict_per_obj"][0]["non_cond_frame_outputs"]))
-    return torch.cat(logits), longest
+            longest = max(longest, len(bank))
+    return torch.cat(logits), longest, sorted(bank)
 
 
 def test_keep_history_prunes_without_changing_results(tiny_predictor):
     images, masks = toy_slices(10)
-    full, full_longest = _track_with_history(tiny_predictor, images, masks[0], None)
-    pruned, pruned_longest = _track_with_history(tiny_predictor, images, masks[0], 2)
+    full, full_longest, _ = _track_with_history(tiny_predictor, images, masks[0], None)
+    pruned, pruned_longest, _ = _track_with_history(tiny_predictor, images, masks[0], 2)
     assert pruned_longest == 3  # current frame + 2 behind
     assert full_longest == 9
     assert torch.allclose(full[:4], pruned[:4])  # identical while the window covers the memory
     assert len(tiny_predictor.init_state_from_frames(images)["cached_features"]) == 0
 
 
+def test_reverse_pass_prunes_the_frames_behind_it(tiny_predictor):
+    """Tracking down from the last frame, 'behind' is above: the bank keeps the frames just above the current one."""
+    images, masks = toy_slices(10)
+    full, full_longest, _ = _track_with_history(tiny_predictor, images, masks[-1], None, reverse=True)
+    pruned, longest, kept = _track_with_history(tiny_predictor, images, masks[-1], 2, reverse=True)
+    assert full_longest == 9 and longest == 3
+    assert kept == [0, 1, 2]  # at frame 0: itself and the two above it; frames 3..8 were dropped
+    assert torch.allclose(full[:4], pruned[:4])
+
+
 def test_keep_history_at_exact_window_is_identical(tiny_predictor):
     keep = tiny_predictor.min_exact_history()
     assert keep == 16  # object-pointer window of SAM2.1 (mask memories need only 7)
     images, masks = toy_slices(keep + 4, size=32)
-    full, _ = _track_with_history(tiny_predictor, images, masks[0], None)
-    pruned, longest = _track_with_history(tiny_predictor, images, masks[0], keep)
-    assert longest == keep + 1
-    assert torch.equal(full, pruned)
+    for reverse in (False, True):
+        mask = masks[-1] if reverse else masks[0]
+        full, _, _ = _track_with_history(tiny_predictor, images, mask, None, reverse)
+        pruned, longest, _ = _track_with_history(tiny_predictor, images, mask, keep, reverse)
+        assert longest == keep + 1
+        assert torch.equal(full, pruned), reverse
 
 
 def test_lazy_frame_source_equals_tensor_input(tiny_predictor):

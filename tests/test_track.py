@@ -12,6 +12,7 @@ from sam2_ext.selector import MemorySelector
 from sam2_ext.track import to_size, track
 
 DEPTH = 9
+BATCHED_TOLERANCE = 2e-7  # README: batched classes vs the official predictor one class at a time
 
 
 def _three_classes():
@@ -67,7 +68,21 @@ def test_three_classes_batched_equal_official_per_class(tiny_predictor, monkeypa
                 assert direction == "forward" and f < first and (results[f].logits[col] == NO_OBJ_SCORE).all()
                 assert results[f].object_score_logits[col] == NO_OBJ_SCORE and results[f].iou_pred[col] == 0
     print(f"max |logit difference| batched vs official per class ({direction}): {worst:.3g}")
-    assert worst <= 1e-4
+    assert worst <= BATCHED_TOLERANCE  # the README's claim (8.2e-8 measured on CPU)
+
+
+@pytest.mark.parametrize("direction", ["forward", "both"])
+def test_one_class_alone_equals_official(tiny_predictor, monkeypatch, direction):
+    """One class alone is the official predictor's computation: exactly equal forward; both ways the mean of the
+    two passes is taken at low resolution (the official example at video resolution), a float rounding apart."""
+    images, prompts = _three_classes()
+    weights = tiny_predictor.state_dict()
+    for cid in (4, 7):  # the classes without a slice annotated absent
+        ours = {r.index: to_size(r.logits[0], images.shape[-2:])
+                for r in track(tiny_predictor, images, {cid: prompts[cid]}, direction)}
+        ref = _official_one_class(monkeypatch, weights, images, prompts[cid], direction)
+        worst = max((ours[f] - ref[f]).abs().max().item() for f in ref)
+        assert worst == 0.0 if direction == "forward" else worst <= BATCHED_TOLERANCE, (cid, worst)
 
 
 def test_a_slice_annotated_without_the_class_bounds_it_both_ways(tiny_predictor, monkeypatch):
@@ -101,7 +116,7 @@ def test_rule_keeps_classes_independent(tiny_predictor):
     together = {r.index: r.logits for r in track(tiny_predictor, images, prompts, "both")}
     for col, cid in enumerate(prompts):
         alone = {r.index: r.logits[0] for r in track(tiny_predictor, images, {cid: prompts[cid]}, "both")}
-        assert max((together[f][col] - alone[f]).abs().max().item() for f in alone) <= 1e-4
+        assert max((together[f][col] - alone[f]).abs().max().item() for f in alone) <= BATCHED_TOLERANCE
 
 
 def test_unprompted_class_is_absent_and_no_prompt_runs_nothing(tiny_predictor, monkeypatch):

@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.baselines import classic_fills, sparse_label  # noqa: E402
-from icl.data.lookalike import make_task  # noqa: E402
+from icl.baselines import classic_fills, sparse_dice, sparse_label  # noqa: E402
 from icl.data.phantom import SHAPES, make_case  # noqa: E402
 from icl.engine.metrics import binary_dice as dice  # noqa: E402
+from icl.switch_check import switch_scores  # noqa: E402
 
 SEED0 = 2**31 + 7_000  # far from every seed training draws
 PHANTOM_SHAPE = (96, 96, 40)
@@ -45,22 +45,6 @@ def save(arr: np.ndarray, path: Path, affine: np.ndarray | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- parts
-def switch(seg, work: Path, cases: int, size: int, depth: int) -> dict:
-    marked, others = [], []
-    for i in range(cases):
-        task = make_task(SEED0 + i, "sparse", size=size, depth=depth, k=3, same_prob=1.0, every=4)
-        image = save(np.transpose(task["volume"], (1, 2, 0)), work / f"switch{i}.nii.gz")
-        masks = np.transpose(task["masks"], (0, 2, 3, 1))  # [K, H, W, Z]
-        for j in range(len(masks)):
-            sparse, kept = sparse_label(masks[j], 4)
-            label = save(sparse.astype(np.uint8), work / f"switch{i}_{j}.nii.gz")
-            pred = seg.segment(image, image, label).labels > 0
-            free = [z for z in range(pred.shape[2]) if z not in kept]
-            marked.append(dice(pred[..., free], masks[j][..., free] > 0))
-            others += [dice(pred[..., free], masks[o][..., free] > 0) for o in range(len(masks)) if o != j]
-    return {"marked": np.nanmean(marked), "others": np.nanmean(others), "n": len(marked)}
-
-
 def phantom(i: int, work: Path) -> tuple[Path, np.ndarray, Path]:
     images, label, affine = make_case(i, seed=SEED0 % 10_000, shape=PHANTOM_SHAPE, classes=SHAPES)
     image = save(images[0], work / f"ph{i}.nii.gz", affine)
@@ -74,11 +58,11 @@ def sparse_dense(seg, work: Path, cases: int, spacings=(4, 8)) -> dict:
         for every in spacings:
             sparse, kept = sparse_label(label, every)
             sparse_path = save(sparse, work / f"ph{i}_every{every}.nii.gz", nib.load(str(image)).affine)
-            free = [z for z in range(label.shape[2]) if z not in kept]
             preds = {"ours": seg.segment(image, image, sparse_path).labels, **classic_fills(sparse)}
-            for name, pred in preds.items():
-                for c in range(1, len(SHAPES) + 1):
-                    rows.setdefault((every, name), []).append(dice(pred[..., free] == c, label[..., free] == c))
+            classes = list(range(1, len(SHAPES) + 1))
+            for name, pred in preds.items():  # Dice on the slices not given as support
+                rows.setdefault((every, name), []).extend(
+                    sparse_dice(pred, label, classes, {c: kept for c in classes}).values())
     return {key: float(np.nanmean(v)) for key, v in rows.items()}
 
 
@@ -126,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "switch" in parts:
-            seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, window=(0.0, 1.0), support_slices="labelled")
-            r = switch(seg, work, a.cases, a.size, a.depth)
-            print(f"## Switch ({r['n']} marked objects, 3 look-alikes, support on every 4th slice)\n")
-            print(f"| Dice(marked) | Dice(others) |\n|---|---|\n| {r['marked']:.3f} | {r['others']:.3f} |\n")
+            seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, window=(0.0, 1.0), support_slices="labelled",
+                               fill="model")  # the model alone, not the self-check's pick
+            r = switch_scores(seg, work, range(SEED0, SEED0 + a.cases), a.size, a.depth)
+            n = next(iter(r.values()))["n"]
+            print(f"## Switch ({n} marked objects, 3 look-alikes, support on every 4th slice)\n")
+            print("| method | Dice(marked) | Dice(others) |\n|---|---|---|")
+            for method, v in r.items():
+                print(f"| {method} | {v['marked']:.3f} | {v['others']:.3f} |")
+            print()
         seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled")
         if "sparse" in parts:
             r = sparse_dense(seg, work, a.cases)

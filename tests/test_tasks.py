@@ -80,4 +80,34 @@ def test_validation_set_is_fixed_and_disjoint_from_training_seeds():
     val = LookalikeSet(["sparse", "cross"], per_level=2, image_size=64, depth=8, k=3)
     assert len(val) == 4 and [val[i].kind for i in range(4)] == ["sparse", "sparse", "cross", "cross"]
     assert torch.equal(val[1].frames, LookalikeSet(["sparse"], 2, 64, 8, 3)[1].frames)
-    assert all(seed >= 2**31 for _, seed in val.items)
+
+
+
+def test_training_never_draws_a_validation_seed(monkeypatch):
+    """The seeds make_task is called with: training's (over epochs, indices, run seeds) and validation's."""
+    import icl.engine.tasks as tasks
+
+    seen: list[int] = []
+
+    class Drawn(Exception):
+        pass
+
+    def spy(seed, *args, **kwargs):
+        seen.append(int(seed))
+        raise Drawn  # the seed is all this test needs: no volume is generated
+
+    monkeypatch.setattr(tasks, "make_task", spy)
+    for run_seed in (0, 1, 2**31 - 1):
+        mix = TaskMix(parse_schedule("0:sparse=1"), length=50, image_size=32, depth=6, k=3, seed=run_seed)
+        for epoch in (1, 7):
+            mix.set_epoch(epoch)
+            for i in range(50):
+                with pytest.raises(Drawn):
+                    mix[i]
+    training, seen[:] = set(seen), []
+    val = LookalikeSet(["sparse", "cross"], per_level=25, image_size=32, depth=6, k=3)
+    for i in range(len(val)):
+        with pytest.raises(Drawn):
+            val[i]
+    assert len(training) == 300 and len(set(seen)) == 25  # each level uses the same 25 validation seeds
+    assert not training & set(seen) and max(training) < min(seen)

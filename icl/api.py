@@ -181,10 +181,11 @@ def load_support(support: Any, support_label: Any, classes: Sequence[int] | None
         raise InputError(support_label, f"label shape {label_scan.shape} does not match image shape {scan.shape}")
     if not np.allclose(label_scan.affine, scan.affine, atol=AFFINE_TOL):
         raise InputError(support_label, "label affine does not match the image affine")
+    from icl.data.validate import check_integer_labels
+
     values = np.asarray(label_scan.canonical)
+    check_integer_labels(values, support_label)
     if values.dtype.kind == "f":
-        if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
-            raise InputError(support_label, "label has non-integer or non-finite values")
         values = values.astype(np.int64)
     present = sorted(int(v) for v in np.unique(values) if v > 0)
     if not present:

@@ -26,7 +26,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from nibabel.volumeutils import apply_read_scaling
 
-from icl.data.validate import check_dims, load_nifti_header, no_finite_voxels, pick_channel, warn_nonfinite
+from icl.data.validate import (check_dims, check_integer_labels, load_nifti_header, no_finite_voxels, pick_channel,
+                               warn_nonfinite)
 from icl.errors import InputError
 
 if TYPE_CHECKING:
@@ -387,10 +388,7 @@ def label_slices(label: Scan, slice_axis: int, indices: Sequence[int] | None, im
         sl: list[Any] = [slice(None)] * 3
         sl[axis] = z
         v = label.values(canon[tuple(sl)])
-        if not np.isfinite(v).all():
-            raise InputError(label.path, "NaN/inf voxels in label")
-        if not np.array_equal(v, np.round(v)):
-            raise InputError(label.path, "label has non-integer values")
+        check_integer_labels(v, label.path)
         out[n] = resize_slices(v.astype(dtype)[None], (image_size, image_size), "label")[0]
     return out
 

@@ -117,13 +117,19 @@ def check_grid(
         raise InputError(label_path, "label affine does not match the image affine")
 
 
+def check_integer_labels(label: np.ndarray, path: str | Path) -> None:
+    """Label voxels are finite integers: labels, unlike images, have no replacement rule for NaN/inf."""
+    if label.dtype.kind != "f":
+        return
+    if not np.isfinite(label).all():
+        raise InputError(path, "NaN/inf voxels in label")
+    if not np.array_equal(label, np.round(label)):
+        raise InputError(path, "label has non-integer values")
+
+
 def check_label(label: np.ndarray, path: str | Path, allowed: Iterable[int] | None = None) -> np.ndarray:
     """Labels are non-negative integers from ``allowed`` (background 0 always allowed) with some foreground."""
-    if label.dtype.kind == "f":
-        if not np.isfinite(label).all():
-            raise InputError(path, "NaN/inf voxels in label")
-        if not np.array_equal(label, np.round(label)):
-            raise InputError(path, "label has non-integer values")
+    check_integer_labels(label, path)
     values = np.unique(label)
     if values.size and values.min() < 0:
         raise InputError(path, f"negative label value {int(values.min())}")

@@ -45,9 +45,9 @@ from icl.errors import InputError
 from icl.io import atomic_path, write_json
 from icl.options import run_command
 from icl.progress import progress as progress_bar
+from sam2.modeling.sam2_base import NO_OBJ_SCORE
 from sam2_ext.icl import segment_with_support  # module attribute on purpose: tests replace it with a fake
 
-NO_PRED = -1024.0  # logit of a slice that was not queried (SAM2's own "no object" score)
 
 
 def protocols_of(protocol: str) -> tuple[str, ...]:
@@ -79,7 +79,8 @@ def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx:
                  protocol: str, device: str, amp: str = "auto") -> dict[int, np.ndarray]:
     """Logits ``{class_id: [Z, S, S]}`` on the cache grid for the classes in ``sup_idx``.
 
-    gt_slices: one pass per class over the slices holding it; other slices get ``NO_PRED``.
+    gt_slices: one pass per class over the slices holding it; other slices get ``NO_OBJ_SCORE`` (SAM2's "no
+    object" logit).
     full_volume: one pass for all classes over every slice. The video's support frames are the union of every
     class's support slices; a class's mask is kept only on its own slices (elsewhere it is not a conditioning
     frame), so each class is prompted with exactly its ``num_support`` slices.
@@ -92,7 +93,7 @@ def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx:
     with torch.no_grad(), autocast(device, amp_dtype(amp, device)):
         if protocol == "gt_slices":
             for cid, idx in sup_idx.items():
-                full = np.full(shape, NO_PRED, dtype=np.float32)
+                full = np.full(shape, NO_OBJ_SCORE, dtype=np.float32)
                 query = case.slices_with(cid)
                 if query.size:
                     res = segment_with_support(predictor, _tensor(support.image[idx], device),

@@ -98,8 +98,16 @@ def _parts(value: str) -> str:
 # shared by the commands that have them: one default, help, type and check each
 CONFIG = Opt("sam2.1_hiera_t", "model config: a name in cfg/ (e.g. sam2.1_hiera_t, tiny_cpu) or a yaml path")
 IMAGE_SIZE = Opt(512, "model input size in pixels, a multiple of 32 (Hiera's total stride)", int)
+def _command_line_selector(value: str) -> str:
+    """The oracle policy ranks memories by IoU with the ground truth, which no command line hands the model."""
+    if str(value).strip().lower().split(":")[0] == "oracle":
+        raise ValueError("'oracle' ranks memories by the ground truth, which no command line gives the model; it is "
+                         "an analysis tool of the Python API (sam2_ext.selector, bench/bench_selector.py)")
+    return value
+
+
 MEMORY_SELECTOR = Opt("recency", "memories each slice attends to: recency (SAM2's own) or scored[:key=value,...], "
-                                 "e.g. scored:budget=4 (see sam2_ext/selector.py)")
+                                 "e.g. scored:budget=4 (see sam2_ext/selector.py)", check=_command_line_selector)
 AMP = Opt("auto", "mixed precision on CUDA: auto (bf16 if supported, else fp16), bf16, fp16 or none; the CPU "
                   "always runs float32", choices=AMP_MODES)
 SUPPORT_INSTANCE = Opt("case_00028.nii.gz", "case the support slices come from (none: another training case "
@@ -273,6 +281,8 @@ class EvalConfig(CommonConfig):
         "last.pth); -pretrain is used only when -checkpoint_path is left at its default. none (for either) = "
         "random init. -all_checkpoints RUN evaluates every epoch_N.pth of a run folder instead.")
 
+    exp_name: str = opt("icl", "evaluation name: the tables go to runs/eval/<exp_name> unless -out_dir is given",
+                        check=_exp_name)
     pretrain: str | None = opt(DEFAULT_PRETRAIN, "weights when -checkpoint_path is left at its default; none = "
                                                  "random init", check=_weights)
     checkpoint_path: str = opt(DEFAULT_CHECKPOINT_PATH, "weights to evaluate: a .pth file (ours or official "

@@ -122,7 +122,8 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
     """The argparse parser of the command whose options are ``cls``'s fields, in that command's spelling.
 
     Booleans are ``True``/``False`` words with one dash (the seed's) and store-true switches with two. Choices are
-    shown in the usage but checked by :func:`validate`, with every other check.
+    shown in the usage but checked by :func:`validate`, with every other check. Every help text ends with its
+    default, unless it says the default itself.
     """
     kwargs.setdefault("description", cls.DESCRIPTION)
     kwargs.setdefault("epilog", cls.EPILOG)
@@ -135,9 +136,18 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
             continue
         choices = ("True", "False") if spec.type is bool else spec.choices
         parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type,
-                            default=spec.default, required=spec.required, help=spec.help,
+                            default=spec.default, required=spec.required, help=help_with_default(spec),
                             metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
     return parser
+
+
+def help_with_default(spec: Opt) -> str:
+    """``spec.help`` with ``(default: X)`` appended; unchanged when required, without a default, or when the text
+    already names its default. ``%`` is escaped for argparse."""
+    text = spec.help
+    if not spec.required and spec.default is not None and "default" not in text.lower():
+        text = f"{text} (default: {spec.default})"
+    return text.replace("%", "%%")
 
 
 def validate(cfg: Options, check_files: bool = True) -> None:

@@ -146,7 +146,7 @@ def test_the_three_parsers_come_from_the_same_field_definitions():
                 action = _actions(parser)[dest]
                 assert action.option_strings == [flag]
                 seen.append(action)
-        assert len({a.help.split(";")[0] for a in seen}) == 1, f"{dest}: one help text"
+        assert len({a.help.split(";")[0].split(" (default: ")[0] for a in seen}) == 1, f"{dest}: one help text"
         if dest in ("amp", "memory_selector"):
             assert len({(a.default, a.help, a.metavar) for a in seen}) == 1, f"{dest}: one definition"
     assert _actions(parsers["-"][0])["amp"].metavar == "{auto,bf16,fp16,none}"
@@ -224,3 +224,31 @@ def test_one_memory_selector_rule():
     assert isinstance(selector, MemorySelector) and selector.config.budget == 2
     with pytest.raises(OptionError):
         make_memory_selector("recency:budget=2")
+
+
+def test_help_texts_show_the_defaults():
+    train = build_parser(TrainConfig).format_help()
+    assert "AdamW learning rate (default: 5e-05)" in train and "(default: sam2.1_hiera_t)" in train
+    seg = " ".join(build_parser(SegmentOptions).format_help().split())
+    assert "(default: auto)" in seg and "(default: tiny_cpu)" in seg
+    assert "(default: None)" not in seg  # no default is not shown as one
+
+
+def test_eval_help_explains_its_own_exp_name():
+    text = " ".join(build_parser(EvalConfig).format_help().split())
+    assert "the tables go to runs/eval/<exp_name>" in text and "run folder is" not in text
+    assert parse_eval_args(BASE + ["-exp_name", "mine"], check_files=False).out_dir.endswith("eval/mine")
+
+
+@pytest.mark.parametrize("parse,flag", [(lambda a: parse_train_args(BASE + a, check_files=False), "-memory_selector"),
+                                        (lambda a: parse_eval_args(BASE + a, check_files=False), "-memory_selector")])
+def test_oracle_selector_is_refused_on_the_command_line(parse, flag):
+    """The oracle needs ground truth only Python code can attach: a command line is told so at once, not asked to
+    call a Python method mid-run."""
+    with pytest.raises(InputError) as err:
+        parse([flag, "oracle:window=4"])
+    assert err.value.where == flag and "no command line gives the model" in err.value.problem
+    assert parse([flag, "scored:budget=2"]).memory_selector == "scored:budget=2"
+    with pytest.raises(InputError, match="no command line gives the model"):
+        parse_segment_args(["--support", "a", "--support-label", "b", "--query", "c", "--out", "d",
+                            "--memory-selector", "oracle"])

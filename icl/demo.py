@@ -9,7 +9,7 @@ Every step runs the same command a user would type (printed before it runs), so 
    interpolation (3D Slicer's "Fill between slices", when installed);
 2. phantom data → preprocess → train a tiny model from random init (CPU, a few minutes) → evaluate → table.
 
-    python -m icl.demo                  # ~5 minutes on CPU (training capped at 3)
+    python -m icl.demo                  # 4-5 minutes on CPU (training capped at 3)
     python -m icl.demo --quick          # seconds-long settings (smoke test; the training's Dice is not meaningful)
     python -m icl.demo --minutes 15 --out runs/demo
 

@@ -9,7 +9,7 @@ Layout: ``<cache>/index.json`` (dataset, label map, case ids) and ``<cache>/<cas
 ``meta.json`` is written last (atomically), so an entry is valid iff its meta exists and its ``key`` (source sizes +
 mtimes + preprocessing parameters) matches; re-running skips valid entries and rebuilds changed ones.
 
-    python -m icl.data.preprocess --dataset kits --data_path datasets/kits19 --cache cache/kits --image_size 128
+    python -m icl.data.preprocess --dataset kits --data_path datasets/kits --cache cache/kits --image_size 128
 """
 from __future__ import annotations
 

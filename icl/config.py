@@ -337,7 +337,8 @@ class SegmentOptions(Options):
     config: str = CONFIG(default="tiny_cpu")
     image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the config's own")
     device: str = opt("cpu", "cpu, cuda or cuda:N (CUDA asked for without a GPU runs on the CPU)")
-    overlays: str | None = opt(None, "folder for overlay PNGs of the prediction")
+    overlays: str | None = opt(None, "folder for overlay PNGs of the prediction (a colour and legend per label "
+                                     "value, annotated slices framed, radiological orientation, named by plane)")
     memory_selector: str = MEMORY_SELECTOR()
     window: str = opt("auto", "intensity window: CT presets, mr (percentiles) or auto (CT if air values present)",
                       choices=WINDOW_CHOICES)

@@ -74,17 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def save_overlays(result, out_dir: Path, max_slices: int = 8) -> list[Path]:
-    """PNG overlays (prediction in red, any class) of up to ``max_slices`` slices where something was found."""
-    from icl.report.overlays import pick_slices, save_overlay_png
+    """PNG overlays (``icl.report.label_overlays``) of up to ``max_slices`` slices where something was found; the
+    query's own annotated slices (both ways) are marked."""
+    from icl.report.label_overlays import save_label_overlays
 
     labels_zhw = np.moveaxis(result.canonical_labels(), result.slice_axis, 0)
-    present = labels_zhw.reshape(labels_zhw.shape[0], -1).any(axis=1)
+    annotated = result.support_slices if result.mode == "both_ways" else []
     name = result.query.name.removesuffix(".gz").removesuffix(".nii")
-    paths = []
-    for z in pick_slices(None, present[:, None], len(present), max_slices):
-        paths.append(save_overlay_png(result.frames.slice01(z), None, labels_zhw[z] > 0,
-                                      out_dir / f"{name}_z{z:04d}.png"))
-    return paths
+    return save_label_overlays(result.frames.slice01, labels_zhw, result.classes, annotated, result.slice_axis,
+                               out_dir, name, max_slices)
 
 
 def run(args: argparse.Namespace) -> list[Path]:

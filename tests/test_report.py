@@ -206,3 +206,32 @@ def test_nifti_writer_errors(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         write_mask_nifti(np.zeros((6, 7, 5)), ref_path, tmp_path / "x.nii.gz", dtype=np.float32)
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_label_overlays_colour_each_class_mark_annotated_slices_and_show_radiologically(tmp_path):
+    from icl.report.label_overlays import ANNOTATED_RGB, class_colours, label_overlay, save_label_overlays
+
+    image = np.zeros((6, 5), np.float32)  # a canonical axial slice [R, A]: 6 voxels left->right, 5 post.->ant.
+    labels = np.zeros((6, 5), np.uint8)
+    labels[5, 4] = 3  # the patient's rightmost, most anterior voxel
+    labels[0, 0] = 7  # the leftmost, most posterior voxel
+    colours = class_colours([3, 7])
+    assert colours[3] != colours[7]
+    rgb = label_overlay(image, labels, colours, annotated=False)
+    slice_rgb = rgb[:5]  # displayed [A, R] (5 rows, 6 columns), the legend below
+    assert rgb.shape[1] == 6 and rgb.shape[0] > 5
+    assert tuple(slice_rgb[0, 0]) == colours[3]  # right on the image's left, anterior up
+    assert tuple(slice_rgb[4, 5]) == colours[7]
+    wide_img, wide_lab = np.zeros((120, 40), np.float32), np.zeros((120, 40), np.uint8)
+    wide_lab[10:20, 10:20], wide_lab[60:70, 10:20] = 3, 7
+    wide = label_overlay(wide_img, wide_lab, colours, annotated=True)
+    legend = wide[40:].reshape(-1, 3)
+    assert all((legend == c).all(1).any() for c in (*colours.values(), ANNOTATED_RGB))  # every entry
+    frame = np.concatenate([wide[0], wide[39], wide[:40, 0], wide[:40, -1]])
+    assert (frame == ANNOTATED_RGB).all()  # an annotated slice is framed
+    assert not (label_overlay(wide_img, wide_lab, colours, annotated=False)[0] == ANNOTATED_RGB).all()
+    volume = np.stack([wide_lab, wide_lab * 0, wide_lab])
+    paths = save_label_overlays(lambda z: wide_img, volume, [3, 7], [2], 2, tmp_path, "scan")
+    assert [p.name for p in paths] == ["scan_axial_0000.png", "scan_axial_0002.png"]  # by plane, labelled slices
+    assert (np.asarray(Image.open(paths[1]))[0] == ANNOTATED_RGB).all()
+    assert save_label_overlays(lambda z: wide_img, volume, [3], [], 0, tmp_path, "s")[0].name == "s_sagittal_0000.png"

@@ -48,7 +48,7 @@ def test_cli_end_to_end(pair, tmp_path):
     assert labels.dtype == np.uint8
     assert set(np.unique(labels).tolist()) <= {0, 1, 2}
     assert (labels > 0).any()
-    pngs = sorted(png.glob("img0002_z*.png"))
+    pngs = sorted(png.glob("img0002_axial_*.png"))  # named by the plane they cut
     assert 1 <= len(pngs) <= 8
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES
+from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES, parse_window
+from icl.data.readers import LAYOUTS
 from icl.engine.precision import AMP_MODES
 from icl.errors import InputError, library_errors
 from icl.options import (NONE_WORDS, NON_NEGATIVE, POSITIVE, Opt, Options, at_least, none_word, opt, parse_options,
@@ -26,7 +27,7 @@ from icl.options import build_parser, str2bool, validate  # noqa: F401  (the com
 AUTO_SUPPORT_PER_CLASS = 3  # support slices per label value for --support-slices auto
 LABELLED = "labelled"  # --support-slices labelled: exactly the slices that carry a label value
 
-DATASETS = ("kits", "btcv", "msd", "combined", "phantom")
+DATASETS = (*LAYOUTS, "combined")  # preprocess's layouts (the same words), and several datasets at once
 #: Top-level parts of a SAM2 model that ``-freeze`` may name (comma-separated), or ``none``.
 FREEZABLE = ("image_encoder", "memory_attention", "memory_encoder", "sam_prompt_encoder", "sam_mask_decoder")
 QUERY_MODES = ("gt_slices", "context")
@@ -340,8 +341,8 @@ class SegmentOptions(Options):
     overlays: str | None = opt(None, "folder for overlay PNGs of the prediction (a colour and legend per label "
                                      "value, annotated slices framed, radiological orientation, named by plane)")
     memory_selector: str = MEMORY_SELECTOR()
-    window: str = opt("auto", "intensity window: CT presets, mr (percentiles) or auto (CT if air values present)",
-                      choices=WINDOW_CHOICES)
+    window: str = opt("auto", f"intensity window: {', '.join(WINDOW_CHOICES)} (CT presets, mr percentiles, auto: CT "
+                              "if air values present) or lo,hi in HU (e.g. 0,300)", check=parse_window)
     slice_axis: int = opt(DEFAULT_SLICE_AXIS, "axis to slice along, of the closest canonical (RAS) orientation: "
                                               "2 = axial", int, choices=(0, 1, 2))
     channel: int | None = opt(None, "channel of a 4D (multi-channel) image, e.g. MSD", int)

@@ -105,7 +105,7 @@ class Options:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """ArgumentParser that raises InputError (naming the flag) instead of printing usage and exiting."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -127,7 +127,7 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
     """
     kwargs.setdefault("description", cls.DESCRIPTION)
     kwargs.setdefault("epilog", cls.EPILOG)
-    parser = _Parser(exit_on_error=False, **kwargs)
+    parser = OneLineParser(exit_on_error=False, **kwargs)
     for f in dataclasses.fields(cls):
         spec: Opt = f.metadata["opt"]
         flag = spell_flag(f.name, cls.DASHES)
@@ -169,14 +169,18 @@ def validate(cfg: Options, check_files: bool = True) -> None:
         cfg.check_files()
 
 
+def parse_one_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` whose every error is an InputError naming the flag (no usage block)."""
+    try:
+        return parser.parse_args(list(argv) if argv is not None else None)
+    except argparse.ArgumentError as err:
+        raise InputError(err.argument_name or "arguments", err.message) from None
+
+
 def parse_options(cls: type[Options], argv: Sequence[str] | None, check_files: bool = True,
                   parser: argparse.ArgumentParser | None = None) -> Any:
     """Command line -> validated ``cls`` (``check_files=False`` skips the file-system and model-config checks)."""
-    parser = parser or build_parser(cls)
-    try:
-        values = vars(parser.parse_args(list(argv) if argv is not None else None))
-    except argparse.ArgumentError as err:
-        raise InputError(err.argument_name or "arguments", err.message) from None
+    values = vars(parse_one_line(parser or build_parser(cls), argv))
     cfg = cls(**values)
     validate(cfg, check_files=check_files)
     return cfg

@@ -140,3 +140,35 @@ def test_module_entry_point_prints_one_line_error(tmp_path):
                         str(tmp_path / "absent"), "--cache", str(tmp_path / "c")], capture_output=True, text=True)
     expected = f"error: {tmp_path / 'absent'}: dataset folder not found"
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected]
+
+
+def test_one_dataset_vocabulary_and_one_error_style(tmp_path, phantom_datasets, capsys):
+    """preprocess takes the words train_3d / eval_3d take (phantom: the layout the folder holds) and they take its
+    (nnunet); its flag errors are the one line every command prints, not argparse's usage block."""
+    from icl.config import DATASETS, parse_train_args
+    from icl.data.readers import LAYOUTS
+
+    assert set(LAYOUTS) <= set(DATASETS) and {"phantom", "nnunet"} <= set(LAYOUTS)
+    assert parse_train_args(["-dataset", "nnunet", "-pretrain", "none"], check_files=False).dataset == "nnunet"
+    src = shutil.copytree(phantom_datasets["btcv"], tmp_path / "btcv")
+    assert main(["--dataset", "phantom", "--data_path", str(src), "--cache", str(tmp_path / "c"),
+                 "--image_size", "16"]) == 0
+    assert (tmp_path / "c" / "0001").is_dir()  # read as the BTCV layout it is
+    capsys.readouterr()
+    for argv, line in ((["--dataset", "nope", "--data_path", "x", "--cache", "y"], "error: --dataset: invalid choice"),
+                       (["--data_path", "x"], "error: --dataset, --cache: required, not given"),
+                       (["--dataset", "kits", "--data_path", "x", "--cache", "y", "--image_size", "big"],
+                        "error: --image_size: invalid int value")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(line) and "usage" not in err[0], err
+
+
+def test_segment_window_takes_what_preprocess_takes():
+    from icl.segment import parse_segment_args
+
+    base = ["--support", "a", "--support-label", "b", "--query", "c", "--out", "d"]
+    assert parse_segment_args(base + ["--window", "0,300"]).window == (0.0, 300.0)
+    assert parse_segment_args(base + ["--window", "mr"]).window == "mr"
+    with pytest.raises(InputError, match="expected finite lo < hi"):
+        parse_segment_args(base + ["--window", "300,0"])

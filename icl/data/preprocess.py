@@ -13,7 +13,6 @@ mtimes + preprocessing parameters) matches; re-running skips valid entries and r
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -27,7 +26,7 @@ from icl.data import frames
 from icl.data.frames import (MR_PERCENTILES, RAS, WINDOWS, Scan, VolumeFrames, canonical_ornt,  # noqa: F401
                              check_window, inverse_ornt, label_slices, parse_window, reorient, reoriented_shape,
                              resize_slices)
-from icl.data.readers import READERS, Case, read_dataset
+from icl.data.readers import LAYOUTS, Case, read_dataset
 from icl.data.validate import check_grid, check_label
 from icl.errors import InputError, report
 from icl.io import atomic_path, write_json
@@ -278,8 +277,12 @@ def open_cache(cache: str | Path, remap: dict[int, int] | None = None) -> tuple[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m icl.data.preprocess", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=sorted(READERS), help="dataset layout")
+    from icl.options import OneLineParser, parse_one_line
+
+    p = OneLineParser(prog="python -m icl.data.preprocess", description=__doc__.split("\n\n")[0],
+                      exit_on_error=False)
+    p.add_argument("--dataset", required=True, choices=LAYOUTS,
+                   help="dataset layout (phantom: generated phantoms, in whichever layout the folder holds)")
     p.add_argument("--data_path", required=True)
     p.add_argument("--cache", required=True)
     p.add_argument("--image_size", type=int, default=128)
@@ -288,13 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", default=None,
                    help=f"{' | '.join(frames.WINDOW_CHOICES)} | 'lo,hi' in HU (default: the dataset's CT window, "
                         "or MR percentiles)")
-    a = p.parse_args(argv)
-    opts: dict[str, Any] = {}
-    if a.label_mode is not None:
-        opts["label_mode"] = a.label_mode
-    if a.modality is not None:
-        opts["modality"] = a.modality
     try:
+        a = parse_one_line(p, argv)
+        opts: dict[str, Any] = {}
+        if a.label_mode is not None:
+            opts["label_mode"] = a.label_mode
+        if a.modality is not None:
+            opts["modality"] = a.modality
         if a.image_size < 8:
             raise InputError("--image_size", f"must be >= 8, got {a.image_size}")
         window = parse_window(a.window) if a.window else None

@@ -179,14 +179,30 @@ def read_msd(root: str | Path, modality: int = 0, slice_axis: int = DEFAULT_SLIC
 READERS: dict[str, Callable[..., list[Case]]] = {
     "kits": read_kits, "btcv": read_btcv, "msd": read_msd, "nnunet": read_msd,
 }
+PHANTOM = "phantom"  # generated phantoms: a folder in any of the layouts above, found by looking
+LAYOUTS = (*READERS, PHANTOM)  # what every command's --dataset / -dataset accepts for one folder
+
+
+def detect_layout(folder: str | Path, flag: str = "--data_path") -> str:
+    """Which reader a folder needs, from what it holds (phantom folders may be in any layout)."""
+    folder = Path(folder)
+    if any(folder.glob("case_*/imaging.nii.gz")):
+        return "kits"
+    if (folder / "img").is_dir():
+        return "btcv"
+    if (folder / "imagesTr").is_dir():
+        return "msd"
+    raise InputError(flag, f"{folder}: no KiTS, BTCV or MSD layout found")
 
 
 def read_dataset(layout: str, root: str | Path, **options: Any) -> list[Case]:
-    """Dispatch on the layout name (``kits``, ``btcv``, ``msd``, ``nnunet``)."""
-    if layout not in READERS:
-        raise InputError("--dataset", f"unknown dataset layout {layout!r}; choose from {', '.join(READERS)}")
+    """Dispatch on the layout name (``kits``, ``btcv``, ``msd``, ``nnunet``; ``phantom``: by what the folder holds)."""
+    if layout not in LAYOUTS:
+        raise InputError("--dataset", f"unknown dataset layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if not Path(root).exists():
         raise InputError(root, "dataset folder not found")
+    if layout == PHANTOM:
+        layout = detect_layout(root)
     allowed = inspect.signature(READERS[layout]).parameters
     for name in options:
         if name not in allowed or name == "root":

@@ -19,6 +19,7 @@ from icl.config import CommonConfig, TrainConfig
 from icl.data.loaders import ICLDataset, make_loader, open_caches
 from icl.data.phantom import DEFAULT_CLASSES, SHAPES, make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
+from icl.data.readers import detect_layout
 from icl.data.lookalike import LEVELS
 from icl.data.sampling import make_splits, spread
 from icl.engine import distributed as dd
@@ -31,17 +32,6 @@ PHANTOM_CASES = 8  # cases generated when -dataset phantom points at a folder th
 TASKS_PER_EPOCH = 100  # steps per epoch of a schedule without clips, unless -steps_per_epoch says otherwise
 VAL_TASKS_PER_LEVEL = 6  # fixed look-alike validation tasks per level of the schedule
 COMBINED_PARTS = ("kits", "btcv", "msd")
-
-
-def _layout_of(folder: Path) -> str:
-    """Which reader a folder needs (used for phantom folders, which may be in any layout)."""
-    if any(folder.glob("case_*/imaging.nii.gz")):
-        return "kits"
-    if (folder / "img").is_dir():
-        return "btcv"
-    if (folder / "imagesTr").is_dir():
-        return "msd"
-    raise InputError("-data_path", f"{folder}: no KiTS, BTCV or MSD layout found")
 
 
 def phantom_shapes(cfg: CommonConfig) -> tuple[str, ...]:
@@ -62,7 +52,7 @@ def _sources(cfg: CommonConfig) -> list[tuple[str, Path]]:
             print(f"note: generating {PHANTOM_CASES} phantom cases in {root} ({', '.join(shapes)})", file=sys.stderr)
             make_phantom_dataset(root, "kits" if len(shapes) <= 3 else "btcv", PHANTOM_CASES, seed=cfg.seed,
                                  classes=shapes)
-        return [(_layout_of(root), root)]
+        return [(detect_layout(root, "-data_path"), root)]
     if cfg.dataset == "combined":
         parts = [(name, root / name) for name in COMBINED_PARTS if (root / name).is_dir()]
         if not parts:

@@ -1,14 +1,15 @@
 """P3: peak memory (RSS) of full-volume inference vs the query's depth, ours vs the official SAM2VideoPredictor.
 
 One phantom CT scan is resampled along its slice axis to 64 and to 512 slices (the query); the support is the
-original scan with its label (another file, so support slices are prepended). Every (method, depth) runs in a fresh
+original scan with its label (another file, so support slices are prepended); ``ours_both``: the query is its own
+support (its label resampled the same way), tracked both ways. Every (method, depth) runs in a fresh
 subprocess that reports its peak RSS (``resource.ru_maxrss``) and its RSS after imports and model build (base).
 Ours streams slices through a lazy frame source and keeps a uint8 label map; the official predictor is given the
 whole prepared video (``load_video_frames`` monkeypatched, as it would load a JPEG folder) and run once per class
 (``bench/official.py``).
 Target: ours flat within ±20 % between 64 and 512 slices. Tiny config, random weights.
 
-    .venv/bin/python bench/bench_memory.py [--depths 64,512] [--image-size 128] [--work /tmp/bench_memory]
+    .venv/bin/python bench/bench_memory.py [--depths 64,512] [--image-size 128] [--methods ours,ours_both,official]
 """
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ def make_inputs(work: Path, depths: list[int], inplane: int = 96, base_depth: in
     nib.save(nib.Nifti1Image(label, affine), str(paths["support_label"]))
     for d in depths:
         zoomed = ndimage.zoom(image.astype(np.float32), (1, 1, d / base_depth), order=1).round().astype(np.int16)
+        zoomed_label = ndimage.zoom(label, (1, 1, d / base_depth), order=0)
         aff = affine.copy()
         aff[:3, 2] *= base_depth / d
         paths[f"query_{d}"] = work / f"query_{d}.nii.gz"
+        paths[f"query_label_{d}"] = work / f"query_label_{d}.nii.gz"  # both ways: the query is its own support
         nib.save(nib.Nifti1Image(zoomed, aff), str(paths[f"query_{d}"]))
+        nib.save(nib.Nifti1Image(zoomed_label, aff), str(paths[f"query_label_{d}"]))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -111,9 +115,14 @@ def child_official(a: argparse.Namespace) -> dict:
     return {"base": base, "seconds": time.perf_counter() - t0, "fg": int((out > 0).sum())}
 
 
-def run_child(method: str, query: str, paths: dict, a: argparse.Namespace) -> dict:
+def run_child(method: str, depth: int, paths: dict, a: argparse.Namespace) -> dict:
+    """One run in a fresh process. ``ours_both``: the query is its own support (3 slices per class), tracked
+    both ways, so the forward pass's logits wait for the reverse pass (``sam2_ext.pass_store``)."""
+    query = paths[f"query_{depth}"]
+    support, label = (query, paths[f"query_label_{depth}"]) if method == "ours_both" else \
+        (paths["support"], paths["support_label"])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--query", query,
-           "--support", paths["support"], "--support-label", paths["support_label"],
+           "--support", support, "--support-label", label,
            "--config", a.config, "--image-size", str(a.image_size), "--threads", str(a.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny_cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/bench_memory")
-    p.add_argument("--methods", default="ours,official")
+    p.add_argument("--methods", default="ours,ours_both,official")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--query", default=None, help=argparse.SUPPRESS)
     p.add_argument("--support", default=None, help=argparse.SUPPRESS)
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-        res = (child_ours if a.child == "ours" else child_official)(a)
+        res = (child_official if a.child == "official" else child_ours)(a)
         res["peak"] = _rss_mb()
         print(json.dumps(res))
         return 0
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for m in methods:
         for d in depths:
-            rows[m, d] = run_child(m, paths[f"query_{d}"], paths, a)
+            rows[m, d] = run_child(m, d, paths, a)
     print(f"## P3: peak RSS vs query depth ({a.config} @ {a.image_size}, {len(CLASSES)} classes, "
           f"{a.threads} thread(s), fresh process per run)\n")
     print("| method | slices | peak RSS (MiB) | after model build (MiB) | inference (MiB) | seconds |")

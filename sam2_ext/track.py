@@ -20,7 +20,9 @@ Training (with grad), evaluation, ``python -m icl.segment`` and ``icl.api.ICLSeg
 * Absent means: logits ``NO_OBJ_SCORE`` (-1024, SAM2's own "no object" value), object score ``NO_OBJ_SCORE``,
   predicted IoU 0.
 * All classes tracked on a slice run as one batch (image features once per slice and pass); each class keeps
-  ``predictor.history_to_keep()`` tracked outputs behind the current slice, so memory does not grow with depth.
+  ``predictor.history_to_keep()`` tracked outputs behind the current slice, and both ways the forward pass's logits
+  wait for the reverse pass in a :class:`~sam2_ext.pass_store.PassStore` (on disk beyond a memory budget), so
+  memory does not grow with depth.
 
 Results come per slice as :class:`SliceResult` (low-resolution logits, ``image_size / 4`` squared), each slice exactly
 once, in the order they become final (forward-only slices during the forward pass, the rest during the reverse).
@@ -35,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
+
+from sam2_ext.pass_store import PassStore
 
 DIRECTIONS = ("forward", "both")
 
@@ -208,16 +212,26 @@ def _track(predictor, frames, prompts, direction, video_size, grad, features) ->
         for f in range(start):
             yield _absent(f, len(classes), low, device)
     final_after = max(last.values()) if direction == "both" else -1
-    stored: dict[int, _Pass] = {}
-    for f, outs in predictor.propagate_frames(state, start, bounds=[first[c] for c in objects], stops=ends):
-        if f > final_after:
-            yield _final(f, [collect(f, outs)])
-        else:
-            stored[f] = collect(f, outs)
-    if direction == "forward":
-        return
-    for bank in state["output_dict_per_obj"].values():
-        bank["non_cond_frame_outputs"].clear()
-    for f, outs in predictor.propagate_frames(state, final_after, reverse=True, bounds=[last[c] for c in objects],
-                                              stops=starts):
-        yield _final(f, ([stored.pop(f)] if f in stored else []) + [collect(f, outs)])
+    stored: dict[int, _Pass] = {}  # forward passes awaiting the reverse pass; their logits in a PassStore
+    logits_store = PassStore()
+    try:
+        for f, outs in predictor.propagate_frames(state, start, bounds=[first[c] for c in objects], stops=ends):
+            if f > final_after:
+                yield _final(f, [collect(f, outs)])
+            else:
+                stored[f] = collect(f, outs)
+                logits_store.put(f, stored[f].logits)
+                stored[f].logits = None  # type: ignore[assignment]
+        if direction == "forward":
+            return
+        for bank in state["output_dict_per_obj"].values():
+            bank["non_cond_frame_outputs"].clear()
+        for f, outs in predictor.propagate_frames(state, final_after, reverse=True,
+                                                  bounds=[last[c] for c in objects], stops=starts):
+            forward = []
+            if f in stored:
+                forward = [stored.pop(f)]
+                forward[0].logits = logits_store.pop(f)
+            yield _final(f, forward + [collect(f, outs)])
+    finally:
+        logits_store.close()

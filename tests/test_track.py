@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import sam2.sam2_video_predictor as svp
+import sam2_ext.track
 import torch
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
@@ -204,3 +205,40 @@ def test_bank_stays_bounded(tiny_predictor, monkeypatch):
     monkeypatch.setattr(tiny_predictor, "_prune_history", spy)
     list(track(tiny_predictor, images, {1: {1: disc[1]}}, "both"))  # forward pass: 22 slices
     assert max(longest) == tiny_predictor.min_exact_history() + 1
+
+
+def test_forward_logits_wait_for_the_reverse_pass_on_disk_beyond_the_budget(tiny_predictor, monkeypatch):
+    """Both ways, the forward pass's logits of the slices the reverse pass will revisit leave memory beyond the
+    store's budget (so memory stays flat in the depth) and come back exactly."""
+    import sam2_ext.pass_store as pass_store
+
+    images, prompts = _three_classes()
+    in_memory = {r.index: r.logits for r in track(tiny_predictor, images, prompts, "both")}
+    stores = []
+    real = pass_store.PassStore
+
+    def recording(budget=None):
+        stores.append(real(budget))
+        return stores[-1]
+
+    monkeypatch.setattr(pass_store, "DEFAULT_BUDGET", 0)
+    monkeypatch.setattr(sam2_ext.track, "PassStore", recording)
+    on_disk = {r.index: r.logits for r in track(tiny_predictor, images, prompts, "both")}
+    assert stores[0].spilled >= 5 and stores[0].in_memory == 0  # slices 1..8 wait for the reverse pass
+    assert sorted(on_disk) == sorted(in_memory)
+    assert all(torch.equal(on_disk[f], in_memory[f]) for f in in_memory)
+
+
+def test_pass_store_keeps_graphs_and_dtypes():
+    from sam2_ext.pass_store import PassStore
+
+    store = PassStore(budget=0)
+    with_graph = torch.ones(2, 3, requires_grad=True) * 2
+    half = torch.linspace(-1024, 7, 12).reshape(3, 4).to(torch.bfloat16)
+    store.put("graph", with_graph)
+    store.put("half", half)
+    assert store.spilled == 1  # a tensor with a graph stays in memory: its gradient needs it
+    assert store.pop("graph") is with_graph
+    back = store.pop("half")
+    assert back.dtype == torch.bfloat16 and torch.equal(back, half)
+    store.close()

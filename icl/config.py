@@ -328,7 +328,7 @@ class SegmentOptions(Options):
                       choices=WINDOW_CHOICES)
     slice_axis: int = opt(DEFAULT_SLICE_AXIS, "axis to slice along, of the closest canonical (RAS) orientation: "
                                               "2 = axial", int, choices=(0, 1, 2))
-    channel: int | None = opt(None, "channel of a 4D (multi-channel) image, e.g. MSD", int)
+    channel: int | None = opt(None, "channel of the 4D (multi-channel) images, e.g. MSD; 3D files ignore it", int)
     amp: str = AMP()
     quiet: bool = opt(False, "no progress bar", bool)
 

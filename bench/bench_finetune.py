@@ -38,8 +38,8 @@ def settings(ranks: list[int]) -> list[tuple[str, dict]]:
 
 
 def build(config: str, size: int, how: dict):
-    from icl.engine import lora
-    from icl.engine.model import build_predictor
+    from icl.model import lora
+    from icl.model.build import build_predictor
 
     torch.manual_seed(0)
     model = build_predictor(config, "cpu", None, size, freeze=how.get("freeze", ()))

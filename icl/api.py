@@ -211,8 +211,8 @@ class ICLSegmenter:
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
                  fill: str = AUTO, complete_slices: bool = False, crop: bool = False, direction: str = "auto"):
-        from icl.engine.checkpoint import resolve_checkpoint
-        from icl.engine.precision import check_amp
+        from icl.model.weights import resolve_checkpoint
+        from icl.model.precision import check_amp
 
         self.device = torch.device(resolve_device(device))
         self.amp = check_amp(amp, "--amp")
@@ -228,7 +228,7 @@ class ICLSegmenter:
         self.direction = check_direction(direction)
         weights = resolve_checkpoint(checkpoint, config)
         with library_errors("--"):
-            from icl.engine.model import build_predictor
+            from icl.model.build import build_predictor
 
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
 
@@ -237,7 +237,7 @@ class ICLSegmenter:
         """Segment ``query`` with the labelled ``support`` scan; all ``classes`` (default: every label value of
         the support) in one pass. Scans: NIfTI paths, nibabel images or (array, affine) pairs. Returns a
         :class:`Segmentation` on the query's grid."""
-        from icl.engine.precision import amp_dtype, autocast
+        from icl.model.precision import amp_dtype, autocast
         from icl.scan_source import decide_both_ways, open_scan
         from sam2_ext.track import track
 
@@ -283,7 +283,7 @@ class ICLSegmenter:
                      picks: list[int], progress: bool) -> Segmentation:
         """A scan annotated on a few slices, filled per structure (``icl.sparse``): the self-check on the user's
         own annotation, then each structure by its chosen method; what was drawn stays as given."""
-        from icl.engine.precision import amp_dtype, autocast
+        from icl.model.precision import amp_dtype, autocast
 
         axis = self.slice_axis
         annotation = Annotation.from_label(label, axis, cls, self.complete_slices)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Sequence
 
 from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES, parse_window
 from icl.data.readers import LAYOUTS
-from icl.engine.precision import AMP_MODES
+from icl.model.precision import AMP_MODES
 from icl.errors import InputError, library_errors
 from icl.options import (NONE_WORDS, NON_NEGATIVE, POSITIVE, Opt, Options, at_least, none_word, opt, parse_options,
                          probability)
@@ -233,7 +233,7 @@ class TrainConfig(CommonConfig):
                                check=_shape_list)
     export: str | None = opt(None, "at the end, write the weights alone of best.pth (else last.pth) to this file "
                                    "(e.g. checkpoint/icl_tiny_cpu.pth)", check=none_word)
-    # fine-tuning pretrained weights cheaply (icl/engine/lora.py, icl/engine/feature_cache.py)
+    # fine-tuning pretrained weights cheaply (icl/model/lora.py, icl/engine/feature_cache.py)
     peft: str = opt("none", "lora: train LoRA adapters (peft) on the attention projections of -lora_targets, every "
                             "base weight frozen (with -freeze P: only the parts P frozen); none: train the weights",
                     choices=("none", "lora"))
@@ -241,7 +241,7 @@ class TrainConfig(CommonConfig):
     lora_alpha: float = opt(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)", float, check=POSITIVE)
     lora_targets: str = opt("image_encoder,memory_attention", "comma list of parts whose attention projections get "
                             "adapters: image_encoder, memory_attention, sam_mask_decoder",
-                            check=lambda v: __import__("icl.engine.lora", fromlist=["x"]).check_parts(v))
+                            check=lambda v: __import__("icl.model.lora", fromlist=["x"]).check_parts(v))
     feature_cache: str = opt("off", "auto: store the frozen image encoder's outputs of every dataset slice once, "
                                     "beside the preprocessing cache (fp16; 2 x 256 x 21 x (S/16)^2 bytes per slice: "
                                     "2.75 MB at 256 px, 11 MB at 512 px) and read them instead of running it; "
@@ -345,7 +345,7 @@ class SegmentOptions(Options):
                               "if air values present) or lo,hi in HU (e.g. 0,300)", check=parse_window)
     slice_axis: int = opt(DEFAULT_SLICE_AXIS, "axis to slice along, of the closest canonical (RAS) orientation: "
                                               "2 = axial", int, choices=(0, 1, 2))
-    channel: int | None = opt(None, "channel of a 4D (multi-channel) image, e.g. MSD", int)
+    channel: int | None = opt(None, "channel of the 4D (multi-channel) images, e.g. MSD; 3D files ignore it", int)
     amp: str = AMP()
     quiet: bool = opt(False, "no progress bar (the summary line per query and the self-check table stay)", bool)
 

@@ -179,7 +179,8 @@ def test_flag_errors_name_the_flag_as_each_command_spells_it():
 
 @pytest.mark.parametrize("word", ["none", "None", "null", "", "random"])
 def test_none_means_random_init_everywhere(word, capsys):
-    from icl.engine.checkpoint import resolve_checkpoint, resolve_weights
+    from icl.engine.checkpoint import resolve_weights
+    from icl.model.weights import resolve_checkpoint
 
     assert parse_train_args(["-dataset", "phantom", "-pretrain", word]).pretrain is None
     assert resolve_weights(parse_eval_args(["-pretrain", word])) == [(None, None)]
@@ -214,7 +215,7 @@ def test_eval_weights_checkpoint_path_wins_over_pretrain(tmp_path):
 
 
 def test_one_memory_selector_rule():
-    from icl.engine.model import make_memory_selector
+    from icl.model.build import make_memory_selector
     from sam2_ext.errors import OptionError
     from sam2_ext.selector import MemorySelector
 

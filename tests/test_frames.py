@@ -298,3 +298,15 @@ def test_resize_slices_modes():
     assert np.array_equal(same, x) and not np.shares_memory(same, x)
     with pytest.raises(ValueError):
         resize_slices(x, (4, 4), "cubic")
+
+
+def test_channel_applies_to_4d_files_only(tmp_path):
+    """One --channel for a 3D support and a 4D query: the 3D file ignores it, the 4D one uses it."""
+    vol = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    three, four = tmp_path / "s.nii.gz", tmp_path / "q.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(three))
+    nib.save(nib.Nifti1Image(np.stack([vol, 2 * vol], -1), np.eye(4)), str(four))
+    np.testing.assert_array_equal(Scan.open(three, 1).canonical, vol)
+    np.testing.assert_allclose(Scan.open(four, 1).canonical, 2 * vol)
+    with pytest.raises(InputError, match="q.nii.gz: channel 2 out of range"):
+        Scan.open(four, 2)

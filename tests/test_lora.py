@@ -10,10 +10,10 @@ import torch
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
 from engine_fixtures import make_tiny_predictor, single_thread, toy_slices
 from icl.config import parse_train_args
-from icl.engine import lora
+from icl.model import lora
 from icl.engine import train as T
 from icl.engine.checkpoint import load_checkpoint
-from icl.engine.model import build_predictor
+from icl.model.build import build_predictor
 from icl.engine.train import main, train
 from icl.errors import InputError
 from sam2_ext.build import build_icl_predictor

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from icl.api import ICLSegmenter
-from icl.engine import checkpoint as ckpt_module
+from icl.model import weights as ckpt_module
 from icl.errors import InputError
 from icl.segment import main
 from segment_fixtures import IMAGE_SIZE, SHAPE, make_segment_data

@@ -200,6 +200,21 @@ def test_self_check_prefers_interpolation_over_a_random_model(data, tmp_path):
     assert checked and all(c.chosen != MODEL for c in result.checks)
     for c in checked:
         assert c.dice["model"] is not None and c.dice["interpolation"] > c.dice["model"]
+    # the model's held-out Dice is the one of its own fill of the held-out slices, computed here directly
+    from icl.api import PreparedFrames
+    from icl.data.frames import Scan
+
+    label = np.asarray(Scan.open(sparse).canonical).astype(np.int64)
+    annotation = Annotation.from_label(label, 2, result.classes)
+    kept, scored = annotation.holdout()
+    runner = ModelFill(seg.predictor, Scan.open(data["s"]), "auto", 2, False, torch.no_grad, PreparedFrames)
+    outputs = dict(runner.run(kept, sorted(scored)))
+    for check in checked:
+        c, zs = check.structure, scored[check.structure]
+        pred = np.stack([place(outputs[z].get(c), annotation.in_plane_shape) for z in zs])
+        truth = np.stack([annotation.mask(c, z) for z in zs])
+        total = pred.sum() + truth.sum()
+        assert check.dice["model"] == pytest.approx(2 * (pred & truth).sum() / total if total else None)
 
 
 def test_cli_fill_report_and_the_table_on_stderr(data, tmp_path, capsys):

@@ -68,15 +68,18 @@ def replace_nonfinite(arr: np.ndarray, where: str | Path) -> np.ndarray:
 
 
 def pick_channel(shape: tuple[int, ...], channel: int | None, path: str | Path) -> int | None:
-    """Which channel of a (channels-last) 4D image to use: required when it has several; None for 3D."""
-    n = shape[3] if len(shape) == 4 else 1
+    """Which channel of a (channels-last) 4D image to use: required when it has several; None for 3D (a channel
+    names a channel of the 4D files only, so a 3D support and a 4D query run with one ``--channel``)."""
+    if len(shape) != 4:
+        return None
+    n = shape[3]
     if channel is None:
         if n > 1:
             raise InputError(path, f"4D image {tuple(shape)} has {n} channels: choose one (--channel 0..{n - 1})")
-        return 0 if len(shape) == 4 else None
+        return 0
     if not 0 <= int(channel) < n:
         raise InputError(path, f"channel {channel} out of range for image {tuple(shape)} (--channel 0..{n - 1})")
-    return int(channel) if len(shape) == 4 else None
+    return int(channel)
 
 
 def load_nifti_volume(

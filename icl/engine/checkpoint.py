@@ -7,11 +7,9 @@ a hidden ``.<name>.*.tmp.pth`` behind, which :func:`find_resume_point` never pic
 """
 from __future__ import annotations
 
-import pickle
 import random
 import re
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,9 +19,8 @@ import torch
 from icl.config import DEFAULT_CHECKPOINT_PATH, no_weights
 from icl.errors import InputError
 from icl.io import atomic_path
+from icl.model.weights import FORMAT, load_checkpoint  # noqa: F401  (re-exported: training reads its own files)
 
-FORMAT = "icl-train-v1"
-REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "step", "rng")
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 
 
@@ -118,23 +115,6 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint with ``weights_only=True``; missing, truncated or foreign files -> InputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise InputError(path, f"corrupt or truncated checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InputError(path, "not a training checkpoint written by train_3d.py (no 'format' marker)")
-    missing = [k for k in REQUIRED_KEYS if k not in payload]
-    if missing:
-        raise InputError(path, f"checkpoint lacks {', '.join(missing)}")
-    return payload
-
-
 # ----------------------------------------------------------------------------------------------------- run folders
 def epoch_path(run_dir: str | Path, epoch: int) -> Path:
     return Path(run_dir) / f"epoch_{int(epoch)}.pth"
@@ -225,38 +205,6 @@ def export_weights(src: str | Path, dst: str | Path) -> Path:
     with atomic_path(dst) as tmp:
         torch.save(payload, tmp)
     return Path(dst)
-
-
-# ----------------------------------------------------------------------------------------------------- model weights
-CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoint"
-#: The default model shipped for a config (trained by the command in checkpoint/README.md).
-DEFAULT_WEIGHTS = {"tiny_cpu": CHECKPOINT_DIR / "icl_tiny_cpu.pth"}
-
-
-def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: str = "--checkpoint") -> Path | None:
-    """THE weights rule of the CLI and the API: which file to load for ``config`` (None = random init).
-
-    * no checkpoint: the default model shipped for the config, said in one line on stderr; a config without a
-      shipped model is an InputError (random weights would give a meaningless mask, never silently);
-    * ``none``: random init, with a warning;
-    * a path: that file (checked when it is loaded).
-    """
-    name = Path(str(config)).name.removesuffix(".yaml")
-    if checkpoint is None or not str(checkpoint).strip():
-        default = DEFAULT_WEIGHTS.get(name)
-        if default is None:
-            raise InputError(flag, f"config {config} has no default weights: give {flag} FILE (SAM2.1, MedSAM2 or "
-                                   f"train_3d.py weights) or {flag} none for a randomly initialised model")
-        if not default.is_file():
-            raise InputError(default, f"the default model for {name} is missing from this checkout; give {flag} "
-                                      "FILE or train it with the command in checkpoint/README.md")
-        print(f"note: using the default model {default.relative_to(CHECKPOINT_DIR.parent)} (config {name})",
-              file=sys.stderr)
-        return default
-    if no_weights(checkpoint):
-        print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
-        return None
-    return Path(checkpoint)
 
 
 def resolve_weights(cfg: Any) -> list[tuple[int | None, Path | None]]:

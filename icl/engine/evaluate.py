@@ -39,8 +39,8 @@ from icl.engine.checkpoint import resolve_weights
 from icl.engine.eval_cases import (choose_support, label_dtype, open_eval_cache, read_truth, score_case, split_cases,
                                    support_slices)
 from icl.engine.metrics import MetricRows
-from icl.engine.model import build_predictor
-from icl.engine.precision import amp_dtype, autocast
+from icl.model.build import build_predictor
+from icl.model.precision import amp_dtype, autocast
 from icl.errors import InputError
 from icl.io import atomic_path, write_json
 from icl.options import run_command
@@ -138,7 +138,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Any, list[Path]]:
     written files)``. The weights are resolved and loaded before any data is read."""
     from icl.report.nifti import write_mask_nifti
     from icl.report.overlays import save_case_overlays
-    from icl.engine.weights import load_any_weights as load_weights  # adapter checkpoints too (merged)
+    from icl.model.weights import load_any_weights as load_weights  # adapter checkpoints too (merged)
 
     weights = resolve_weights(cfg)
     _warn_config_mismatch(cfg, weights)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from icl.engine.lora import weights_hash
+from icl.model.lora import weights_hash
 from icl.errors import InputError
 from icl.io import write_json
 

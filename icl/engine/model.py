@@ -1,9 +1,6 @@
-"""The model side of the engine: build the predictor from the options, and what training measures of it.
-
-Why here: training, evaluation and the API each built the predictor (model config, weights, memory selector) and
-each wrote the ``recency`` special case; :func:`build_predictor` and :func:`make_memory_selector` are the one
-place now. :class:`ICLStep` is one in-context forward pass as an ``nn.Module`` (what DDP wraps).
-"""
+"""What training adds to the model: :class:`ICLStep` (one in-context forward pass as an ``nn.Module``, what DDP
+wraps), the levers for training from scratch and what training measures of it. Building the predictor is
+``icl.model.build`` (shared with the CLI and the API)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,54 +10,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from icl.errors import InputError
 from icl.engine.tasks import Task
+from icl.model.build import build_predictor, freeze_parts, make_memory_selector  # noqa: F401  (re-exported)
 from sam2_ext.track import track
-
-
-def make_memory_selector(value: str | None):
-    """THE ``-memory_selector`` / ``--memory-selector`` rule: a MemorySelector, or None for SAM2's own attention.
-
-    None, an empty value and ``recency`` (SAM2's official rule) install no selector; anything else is parsed by
-    ``sam2_ext.selector`` (whose OptionError names the option, spelled by the caller's ``library_errors``).
-    """
-    from sam2_ext.selector import MemorySelector, parse_selector_config
-
-    if value is None or not str(value).strip() or parse_selector_config(value).policy == "recency":
-        return None
-    return MemorySelector.from_name(value)
-
-
-def build_predictor(config: str | Path, device: str | torch.device, weights: str | Path | None = None,
-                    image_size: int | None = None, memory_selector: str | None = None,
-                    freeze: Iterable[str] = ()) -> nn.Module:
-    """The ICL predictor of ``config`` on ``device``: ``weights`` loaded (None = random init), the memory selector
-    installed and the ``freeze`` parts frozen. Train/eval mode is left to the caller."""
-    from sam2_ext.build import build_icl_predictor
-
-    from icl.engine.weights import load_any_weights
-
-    predictor = build_icl_predictor(config, device="cpu", checkpoint=None, image_size=image_size)
-    if weights is not None:  # official, MedSAM2, ours, or a -peft lora adapter checkpoint (merged on load)
-        load_any_weights(predictor, weights)
-    predictor = predictor.to(torch.device(device))
-    selector = make_memory_selector(memory_selector)
-    if selector is not None:
-        predictor.memory_selector = selector
-    freeze_parts(predictor, freeze)
-    return predictor
-
-
-def freeze_parts(model: nn.Module, parts: Iterable[str]) -> list[str]:
-    """Turn off gradients of the named top-level parts (e.g. ``image_encoder``); returns what was frozen."""
-    frozen = []
-    for name in parts:
-        module = getattr(model, name, None)
-        if not isinstance(module, nn.Module):
-            raise InputError("-freeze", f"the model has no part named {name!r}")
-        module.requires_grad_(False)
-        frozen.append(name)
-    return frozen
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

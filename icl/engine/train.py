@@ -47,14 +47,14 @@ from icl.engine.checkpoint import (
 )
 from icl.engine.clips import build_loaders
 from icl.engine.feature_cache import make_feature_cache
-from icl.engine.lora import load_trained_state, trained_state
+from icl.model.lora import load_trained_state, trained_state
 from icl.engine.logging import RunLogger, make_logger
 from icl.engine.model import (ICLStep, build_predictor, count_parameters, flops_per_frame, positional_memory_init,
                               set_multimask_tracking)
 from icl.engine.objective import TaskLoss
 from icl.engine.validation import SELECTION, validate_tasks
 from icl.engine.weights import adapter_record, check_record, export_merged, lora_setup
-from icl.engine.precision import amp_setup, autocast
+from icl.model.precision import amp_setup, autocast
 from icl.errors import InputError
 from icl.io import atomic_path, write_json
 from icl.options import run_command

@@ -23,7 +23,7 @@ from icl.engine import distributed as dd
 from icl.engine.logging import overlay
 from icl.engine.metrics import binary_dice as dice
 from icl.engine.objective import scored_logits
-from icl.engine.precision import autocast
+from icl.model.precision import autocast
 from icl.engine.tasks import CLIPS, Task
 from icl.progress import progress
 

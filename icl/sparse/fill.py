@@ -54,8 +54,8 @@ class StructureCheck:
     def line(self) -> str:
         """The stderr line: held-out Dice of each method, the method chosen and what the estimate rests on."""
         scores = ", ".join(f"{m} {'-' if v is None else f'{v:.3f}'}" for m, v in self.dice.items())
-        rests = (f"{self.held_out_slices} of {self.annotated_slices} annotated slices held out"
-                 if self.held_out_slices else f"{self.annotated_slices} annotated slice(s): no hold-out")
+        rests = (f"scored on {self.held_out_slices} held-out slice(s), drawn on {self.annotated_slices}"
+                 if self.held_out_slices else f"drawn on {self.annotated_slices} slice(s): too few for a hold-out")
         return f"structure {self.structure}: held-out Dice {scores or '-'} -> {self.chosen} ({self.rule}; {rests})"
 
 

@@ -1,0 +1,120 @@
+"""Which weights file a command loads and how: the default-model rule, the safe reader of our checkpoints, and the
+one loader of every weights file (official SAM2, MedSAM2, exported, training and ``-peft lora`` adapter files).
+
+Why here (not in ``icl.engine``): the CLI and the API load weights exactly as training and evaluation do, and
+inference must not stand on the training engine. An adapter checkpoint keeps the adapters (and any part trained
+in full) only; its base weights are the ``-pretrain`` file it names, checked by a hash of the weights, and it is
+rebuilt the same way everywhere: base weights, the same adapters, their trained values, then merged.
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from icl.config import no_weights
+from icl.errors import InputError
+from icl.model import lora
+
+FORMAT = "icl-train-v1"
+REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "step", "rng")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint with ``weights_only=True``; missing, truncated or foreign files -> InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise InputError(path, f"corrupt or truncated checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(path, "not a training checkpoint written by train_3d.py (no 'format' marker)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise InputError(path, f"checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------------- model weights
+CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoint"
+#: The default model shipped for a config (trained by the command in checkpoint/README.md).
+DEFAULT_WEIGHTS = {"tiny_cpu": CHECKPOINT_DIR / "icl_tiny_cpu.pth"}
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: str = "--checkpoint") -> Path | None:
+    """THE weights rule of the CLI and the API: which file to load for ``config`` (None = random init).
+
+    * no checkpoint: the default model shipped for the config, said in one line on stderr; a config without a
+      shipped model is an InputError (random weights would give a meaningless mask, never silently);
+    * ``none``: random init, with a warning;
+    * a path: that file (checked when it is loaded).
+    """
+    name = Path(str(config)).name.removesuffix(".yaml")
+    if checkpoint is None or not str(checkpoint).strip():
+        default = DEFAULT_WEIGHTS.get(name)
+        if default is None:
+            raise InputError(flag, f"config {config} has no default weights: give {flag} FILE (SAM2.1, MedSAM2 or "
+                                   f"train_3d.py weights) or {flag} none for a randomly initialised model")
+        if not default.is_file():
+            raise InputError(default, f"the default model for {name} is missing from this checkout; give {flag} "
+                                      "FILE or train it with the command in checkpoint/README.md")
+        print(f"note: using the default model {default.relative_to(CHECKPOINT_DIR.parent)} (config {name})",
+              file=sys.stderr)
+        return default
+    if no_weights(checkpoint):
+        print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
+        return None
+    return Path(checkpoint)
+
+
+def adapter_record(payload: Any) -> dict[str, Any] | None:
+    """The ``-peft lora`` record of a loaded checkpoint payload, or None for a plain one."""
+    if isinstance(payload, Mapping) and isinstance(payload.get("extra"), Mapping):
+        record = payload["extra"].get("peft")
+        return dict(record) if isinstance(record, Mapping) else None
+    return None
+
+
+def rebuild_adapted(predictor: nn.Module, payload: Mapping[str, Any], where: str | Path) -> nn.Module:
+    """Base weights of ``record['base']`` (hash-checked), the recorded adapters, their trained values: the model
+    as trained, adapters still separate."""
+    from sam2_ext.build import load_weights
+
+    record = adapter_record(payload)
+    base = Path(record["base"])
+    if not base.is_file():
+        raise InputError(where, f"its base weights {base} are missing (an adapter checkpoint needs the -pretrain "
+                                "file it was trained from)")
+    load_weights(predictor, base)
+    if lora.weights_hash(predictor) != record["base_hash"]:
+        raise InputError(where, f"its base weights {base} changed since it was trained (weights hash differs)")
+    lora.inject_lora(predictor, record["targets"], record["rank"], record["alpha"])
+    lora.load_trained_state(predictor, payload["model"], str(where))
+    return predictor
+
+
+def load_any_weights(predictor: nn.Module, path: str | Path) -> nn.Module:
+    """THE loader of a weights file into a plain predictor: official / MedSAM2 / exported / training checkpoints
+    as they are (``sam2_ext.build.load_weights``), adapter checkpoints rebuilt and merged."""
+    from sam2_ext.build import load_weights
+
+    path = Path(path)
+    payload = _peek(path)
+    if adapter_record(payload) is None:
+        load_weights(predictor, path)
+        return predictor
+    return lora.merge_lora(rebuild_adapted(predictor, load_checkpoint(path), path))
+
+
+def _peek(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: sam2_ext's loader says why in one line
+        return None

@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-ROADS = {"both_ways": "both ways: the query is the support scan", "prepended": "forward: support from another scan"}
+ROADS = {"both_ways": "both ways: the support slices are this scan's own",
+         "prepended": "forward: support from another scan"}
 
 
 def summary_line(result, query: Path, out: Path) -> str:

@@ -96,7 +96,7 @@ def test_a_copy_of_the_scan_is_the_same_scan(data, tmp_path, capsys):
     copy = tmp_path / "copy.nii.gz"
     shutil.copyfile(data["s"], copy)
     out = tmp_path / "p.nii.gz"
-    for extra, road in (((), "both ways: the query is the support scan"),
+    for extra, road in (((), "both ways: the support slices are this scan's own"),
                         (("--direction", "forward"), "forward: support from another scan"),
                         (("--direction", "both"), "both ways")):
         assert main(_args(data, data["s"], data["s_lab"], copy, out, *extra)) == 0

@@ -148,8 +148,12 @@ def test_case_overlays_pick_slices_with_objects(tmp_path):
     pred[12:22, 5:9, 5:9] = True
     paths = save_case_overlays(image, truth, pred, tmp_path, "case_01", max_slices=4)
     assert len(paths) == 4
-    zs = [int(p.stem.split("_z")[1]) for p in paths]
+    zs = [int(p.stem.split("_axial_")[1]) for p in paths]  # named by plane: the cache's slices are axial
     assert zs == [10, 14, 17, 21] and all(p.exists() for p in paths)
+    corner = np.zeros((30, 16, 16), bool)
+    corner[10, 15, 0] = True  # the patient's rightmost, most posterior voxel of slice 10
+    rgb = np.asarray(Image.open(save_case_overlays(image, corner, None, tmp_path, "corner")[0]))
+    assert tuple(rgb[15, 0]) == TRUTH_RGB  # displayed radiologically: right on the left, posterior down
     assert pick_slices(None, None, 5, 8) == [0, 1, 2, 3, 4]
     assert pick_slices(truth, None, 30, 20) == list(range(10, 20))
 

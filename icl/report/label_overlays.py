@@ -15,24 +15,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from icl.io import atomic_path
-from icl.report.overlays import FILL_ALPHA, _contour, pick_slices
+from icl.report.overlays import FILL_ALPHA, PLANES, _contour, pick_slices, radiological
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))  # distinct colours, cycled
 ANNOTATED_RGB = (255, 255, 255)
-PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}  # the canonical (RAS) axis a slice is cut across
 LEGEND_GAP, LEGEND_ROW = 6, 14  # pixels between legend entries, per legend row
 
 
 def class_colours(classes: Sequence[int]) -> dict[int, tuple[int, int, int]]:
     """Each label value's colour: by its place among ``classes``, so one run's PNGs agree."""
     return {int(c): PALETTE[i % len(PALETTE)] for i, c in enumerate(classes)}
-
-
-def radiological(plane: np.ndarray) -> np.ndarray:
-    """A canonical (RAS) slice [a, b] as displayed: rows from high to low ``b`` (anterior / superior up), columns
-    from high to low ``a`` (the patient's right, or anterior, on the image's left)."""
-    return np.asarray(plane).T[::-1, ::-1]
 
 
 def label_overlay(image01: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[int, int, int]],

@@ -1,7 +1,8 @@
 """Overlay PNGs for eyeballing results: grey image, truth in green, prediction in red (tinted fill + solid contour).
 
 Overlap of truth and prediction fills yellowish; the contours stay pure colours (prediction drawn last), so a
-reviewer can tell under- from over-segmentation at a glance.
+reviewer can tell under- from over-segmentation at a glance. Case overlays (``eval_3d.py -save_pic``) show the
+cache's canonical axial slices the radiological way and are named by plane.
 """
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from icl.io import atomic_path
 TRUTH_RGB = (0, 255, 0)
 PRED_RGB = (255, 0, 0)
 FILL_ALPHA = 0.35
+PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}  # the canonical (RAS) axis a slice is cut across
+
+
+def radiological(plane: np.ndarray) -> np.ndarray:
+    """A canonical (RAS) slice [a, b] as displayed: rows from high to low ``b`` (anterior / superior up), columns
+    from high to low ``a`` (the patient's right, or anterior, on the image's left)."""
+    return np.asarray(plane).T[::-1, ::-1]
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
@@ -86,7 +94,8 @@ def save_case_overlays(
     name: str,
     max_slices: int = 8,
 ) -> list[Path]:
-    """Write ``<out_dir>/<name>_z<index>.png`` for up to ``max_slices`` informative slices of a ``[Z, H, W]`` case."""
+    """Write ``<out_dir>/<name>_axial_<index>.png`` for up to ``max_slices`` informative slices of a canonical
+    ``[Z, H, W]`` case (slices across canonical axis 2), displayed radiologically."""
     image = np.asarray(image_zhw)
     if image.ndim != 3:
         raise ValueError(f"image_zhw: expected [Z, H, W], got shape {image.shape}")
@@ -98,7 +107,7 @@ def save_case_overlays(
     out_dir = Path(out_dir)
     paths = []
     for z in pick_slices(truth, pred, image.shape[0], max_slices):
-        t = None if truth is None else np.asarray(truth)[z]
-        p = None if pred is None else np.asarray(pred)[z]
-        paths.append(save_overlay_png(image[z], t, p, out_dir / f"{name}_z{z:04d}.png"))
+        t = None if truth is None else radiological(np.asarray(truth)[z])
+        p = None if pred is None else radiological(np.asarray(pred)[z])
+        paths.append(save_overlay_png(radiological(image[z]), t, p, out_dir / f"{name}_{PLANES[2]}_{z:04d}.png"))
     return paths

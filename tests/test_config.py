@@ -253,3 +253,14 @@ def test_oracle_selector_is_refused_on_the_command_line(parse, flag):
     with pytest.raises(InputError, match="no command line gives the model"):
         parse_segment_args(["--support", "a", "--support-label", "b", "--query", "c", "--out", "d",
                             "--memory-selector", "oracle"])
+
+
+def test_data_commands_help_shows_defaults(capsys):
+    from icl.data import phantom, preprocess
+
+    for module, needles in ((preprocess, ("in-plane size in pixels (default: 128)",)),
+                            (phantom, ("(default: 4)", "(default: 96,96,40)"))):
+        with pytest.raises(SystemExit):
+            module.main(["-h"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(n in text for n in needles), (module.__name__, text)

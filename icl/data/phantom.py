@@ -255,10 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m icl.data.phantom")
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--layout", required=True, choices=LAYOUTS)
-    p.add_argument("--cases", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)), help="X,Y,Z voxels (Z = slices)")
-    p.add_argument("--classes", default=None, help=f"comma-separated shapes from {','.join(SHAPES)}")
+    p.add_argument("--cases", type=int, default=4, help="number of cases (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, identical volumes (default: 0)")
+    p.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)),
+                   help=f"X,Y,Z voxels, Z = slices (default: {','.join(map(str, DEFAULT_SHAPE))})")
+    p.add_argument("--classes", default=None, help=f"comma-separated shapes from {','.join(SHAPES)} "
+                                                   "(default: ellipsoid,twin_blobs,box for kits, all for "
+                                                   "the other layouts)")
     a = p.parse_args(argv)
     try:
         try:

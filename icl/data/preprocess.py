@@ -283,11 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       exit_on_error=False)
     p.add_argument("--dataset", required=True, choices=LAYOUTS,
                    help="dataset layout (phantom: generated phantoms, in whichever layout the folder holds)")
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--cache", required=True)
-    p.add_argument("--image_size", type=int, default=128)
-    p.add_argument("--label_mode", default=None, help="KiTS: per_class | seed")
-    p.add_argument("--modality", type=int, default=None, help="MSD/nnU-Net: input channel")
+    p.add_argument("--data_path", required=True, help="dataset root folder")
+    p.add_argument("--cache", required=True, help="cache folder (index.json and one folder per case)")
+    p.add_argument("--image_size", type=int, default=128, help="in-plane size in pixels (default: 128)")
+    p.add_argument("--label_mode", default=None, help="KiTS: per_class | seed (default: the reader's)")
+    p.add_argument("--modality", type=int, default=None, help="MSD/nnU-Net: input channel (default: the reader's)")
     p.add_argument("--window", default=None,
                    help=f"{' | '.join(frames.WINDOW_CHOICES)} | 'lo,hi' in HU (default: the dataset's CT window, "
                         "or MR percentiles)")

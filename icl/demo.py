@@ -2,14 +2,14 @@
 
 Every step runs the same command a user would type (printed before it runs), so the output doubles as a tutorial:
 
-1. a phantom scan no model has seen, each structure drawn on every 6th slice of its own (as in 3D Slicer), is
+1. a phantom scan no model has seen, each structure drawn on every 4th slice of its own (as in 3D Slicer), is
    filled by ``python -m icl.segment --support-slices labelled`` (``--fill auto``: the self-check on the user's own
    annotation picks per structure between the default CPU model and the classic fills, one line per structure),
    then by the model alone, and scored beside interpolation, nearest-slice copy and ITK morphological contour
    interpolation (3D Slicer's "Fill between slices", when installed);
 2. phantom data → preprocess → train a tiny model from random init (CPU, a few minutes) → evaluate → table.
 
-    python -m icl.demo                  # 4-5 minutes on CPU (training capped at 3)
+    python -m icl.demo                  # about 4 minutes on CPU (training capped at 3)
     python -m icl.demo --quick          # seconds-long settings (smoke test; the training's Dice is not meaningful)
     python -m icl.demo --minutes 15 --out runs/demo
 
@@ -91,11 +91,11 @@ def summary_table(eval_dir: Path) -> str:
     return "\n".join(lines)
 
 
-SPARSE_EVERY = 6  # the demo scan is annotated on every 6th slice
+SPARSE_EVERY = 4  # each structure of the demo scan is drawn on every 4th slice of its own extent (3-5 slices each)
 
 
 def sparse_inputs(out: Path, quick: bool) -> dict[str, Path]:
-    """A phantom scan of every shape class (a seed training never uses), each structure drawn on every 6th slice
+    """A phantom scan of every shape class (a seed training never uses), each structure drawn on every 4th slice
     of its own extent (per structure, as in 3D Slicer)."""
     import nibabel as nib
 
@@ -104,7 +104,7 @@ def sparse_inputs(out: Path, quick: bool) -> dict[str, Path]:
 
     folder = out / "sparse"
     folder.mkdir(parents=True, exist_ok=True)
-    images, label, affine = make_case(0, seed=424242, shape=(48, 48, 16) if quick else (96, 96, 40), classes=SHAPES)
+    images, label, affine = make_case(0, seed=424242, shape=(48, 48, 16) if quick else (96, 96, 64), classes=SHAPES)
     sparse, _ = annotate_sparse(label, [int(c) for c in np.unique(label) if c > 0], SPARSE_EVERY)
     paths = {"image": folder / "scan.nii.gz", "truth": folder / "truth.nii.gz", "sparse": folder / "annotated.nii.gz",
              "filled": folder / "filled.nii.gz", "model": folder / "filled_model.nii.gz",

@@ -35,11 +35,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from icl.config import AUTO_SUPPORT_PER_CLASS, LABELLED, resolve_device
+from icl.config import AUTO_SUPPORT_PER_CLASS, DEFAULT_SEGMENT_CONFIG, LABELLED, resolve_device
 from icl.data.frames import DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_slice_axis, label_slices, resize_slices
 from icl.data.sampling import labelled_slices, pick_support_slices
 from icl.data.validate import AFFINE_TOL
-from icl.errors import InputError, library_errors
+from icl.errors import InputError, library_errors, spell_flag
 from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
 from icl.sparse.annotation import Annotation
@@ -203,10 +203,12 @@ class ICLSegmenter:
     """Segment NIfTI scans from one labelled support scan with an ICL SAM2 model (no ground truth needed).
 
     ``checkpoint``: None = the default model shipped for the config (``checkpoint/README.md``); ``"none"`` = random
-    init (with a warning); else a weights file (ours, official SAM2 ``{"model": ...}`` or MedSAM2).
+    init (with a warning); else a weights file (ours, official SAM2 ``{"model": ...}`` or MedSAM2). ``config`` and
+    ``image_size``: None = what the weights were trained with (``icl.model.settings``), else ``tiny_cpu`` at its own
+    size; a config other than the weights' is an error, another image size a warning.
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, config: str | Path = "tiny_cpu",
+    def __init__(self, checkpoint: str | Path | None = None, config: str | Path | None = None,
                  device: str | torch.device = "cpu", image_size: int | None = None,
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
@@ -226,10 +228,14 @@ class ICLSegmenter:
         from icl.scan_source import check_direction
 
         self.direction = check_direction(direction)
-        weights = resolve_checkpoint(checkpoint, config)
+        weights = resolve_checkpoint(checkpoint, config or DEFAULT_SEGMENT_CONFIG)
         with library_errors("--"):
             from icl.model.build import build_predictor
+            from icl.model.settings import check_image_memory, settle_model
 
+            config, image_size = settle_model(config, image_size, weights, DEFAULT_SEGMENT_CONFIG,
+                                              lambda name: spell_flag(name, "--"))
+            check_image_memory(config, image_size, "--image-size")
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
 
     def segment(self, query: Any, support: Any, support_label: Any,

@@ -27,6 +27,7 @@ from icl.options import build_parser, str2bool, validate  # noqa: F401  (the com
 AUTO_SUPPORT_PER_CLASS = 3  # support slices per label value for --support-slices auto
 LABELLED = "labelled"  # --support-slices labelled: exactly the slices that carry a label value
 
+DEFAULT_SEGMENT_CONFIG = "tiny_cpu"  # icl.segment / the API when neither --config nor the weights say
 DATASETS = (*LAYOUTS, "combined")  # preprocess's layouts (the same words), and several datasets at once
 #: Top-level parts of a SAM2 model that ``-freeze`` may name (comma-separated), or ``none``.
 FREEZABLE = ("image_encoder", "memory_attention", "memory_encoder", "sam_prompt_encoder", "sam_mask_decoder")
@@ -301,6 +302,20 @@ class EvalConfig(CommonConfig):
     save_pic: str | None = opt(None, "folder for overlay PNGs")
     nsd_tolerance: float = opt(2.0, "surface Dice tolerance in mm", float, check=at_least(0, unit=" mm"))
     max_cases: int = opt(0, "evaluate at most N cases (0 = all)", int, check=NON_NEGATIVE)
+    config: str | None = CONFIG(default=None, help=CONFIG.help + "; default: the one the weights were trained "
+                                                                 f"with, else {CONFIG.default}")
+    image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the weights' training "
+                                                                             f"size, else {IMAGE_SIZE.default}")
+
+    def check_files(self) -> None:
+        """Config and image size are settled with the weights (``icl.model.settings``) and checked then again; here
+        a given image size is checked against the fallback config already."""
+        given = self.config
+        self.config = given or CONFIG.default
+        try:
+            super().check_files()
+        finally:
+            self.config = given
 
     def finish(self) -> None:
         super().finish()
@@ -335,8 +350,10 @@ class SegmentOptions(Options):
                            "(on) or on the whole slice (off)", choices=("on", "off"))
     checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
                                        "--config; none: random init")
-    config: str = CONFIG(default="tiny_cpu")
-    image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the config's own")
+    config: str | None = CONFIG(default=None, help=CONFIG.help + f"; default: the one the weights were trained "
+                                                                  f"with, else {DEFAULT_SEGMENT_CONFIG}")
+    image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the weights' training "
+                                                                             "size, else the config's own")
     device: str = opt("cpu", "cpu, cuda or cuda:N (CUDA asked for without a GPU runs on the CPU)")
     overlays: str | None = opt(None, "folder for overlay PNGs of the prediction (a colour and legend per label "
                                      "value, annotated slices framed, radiological orientation, named by plane)")

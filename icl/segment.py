@@ -7,7 +7,8 @@
         --classes 1,2 --checkpoint ckpt.pth --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
 
 Weights: without --checkpoint the default model shipped for --config is used (said on stderr; tiny_cpu only);
---checkpoint none is a randomly initialised model (a warning says so).
+--checkpoint none is a randomly initialised model (a warning says so). --config and --image-size default to what
+the weights were trained with (recorded in our checkpoints; another config is an error, another size a warning).
 
 Support slices: 'auto' (3) or N slices spread across the extent of every label value of the support label, or
 'labelled': the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).

@@ -231,7 +231,7 @@ def test_help_texts_show_the_defaults():
     train = build_parser(TrainConfig).format_help()
     assert "AdamW learning rate (default: 5e-05)" in train and "(default: sam2.1_hiera_t)" in train
     seg = " ".join(build_parser(SegmentOptions).format_help().split())
-    assert "(default: auto)" in seg and "(default: tiny_cpu)" in seg
+    assert "(default: auto)" in seg and "the weights were trained with, else tiny_cpu" in seg
     assert "(default: None)" not in seg  # no default is not shown as one
 
 

@@ -208,7 +208,7 @@ def test_all_checkpoints_gives_epoch_rows(data, tmp_path, monkeypatch, capsys):
     df, _ = run_eval(args(data, tmp_path, "-all_checkpoints", str(run), "-protocol", "gt_slices"))
     assert loaded == ["epoch_2.pth", "epoch_10.pth"]
     assert sorted(df["epoch"].unique().tolist()) == [2, 10] and len(df) == 2 * 2 * 3
-    assert "trained with -image_size 64, evaluating with -image_size 32" in capsys.readouterr().err
+    assert "was trained at -image_size 64; at 32" in capsys.readouterr().err  # the run folder's config.json
     summary = pd.read_csv(tmp_path / "out" / "eval_summary.csv")
     assert "epoch" in summary.columns and sorted(summary["epoch"].unique()) == [2, 10]
 
@@ -252,3 +252,25 @@ def test_cli_subprocess_reports_missing_checkpoint(data, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert lines == [f"error: {tmp_path / 'missing.pth'}: checkpoint not found (-checkpoint_path)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_config_and_image_size_come_from_the_weights(data, tmp_path, monkeypatch):
+    """``eval_3d.py -checkpoint_path W`` without -config / -image_size: W's own (here tiny_cpu at SIZE); an
+    explicit other -config is one line naming both."""
+    from icl.errors import InputError
+    from sam2_ext.build import build_icl_predictor
+
+    weights = tmp_path / "w.pth"
+    model = build_icl_predictor("tiny_cpu", "cpu", image_size=SIZE)
+    torch.save({"model": model.state_dict(), "trained": {"config": {"config": "tiny_cpu", "image_size": SIZE}}},
+               weights)
+    monkeypatch.setattr(ev, "segment_with_support", fake_segment())
+    base = [a for a in args(data, tmp_path, "-checkpoint_path", str(weights), "-protocol", "gt_slices")]
+    for flag in ("-config", "-image_size"):
+        i = base.index(flag)
+        del base[i:i + 2]
+    df, _ = run_eval(base)
+    assert len(df) > 0
+    with pytest.raises(InputError) as err:
+        run_eval(base + ["-config", "sam2.1_hiera_t"])
+    assert err.value.where == "-config" and "trained with config tiny_cpu, not sam2.1_hiera_t" in err.value.problem

@@ -24,7 +24,6 @@ Which cases, their support and their rows: :mod:`icl.engine.eval_cases`; this mo
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,41 +32,28 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from icl.config import PROTOCOLS, EvalConfig, parse_eval_args
+from icl.config import CONFIG, IMAGE_SIZE, PROTOCOLS, CommonConfig, EvalConfig, parse_eval_args
 from icl.data.preprocess import CachedCase
 from icl.engine.checkpoint import resolve_weights
 from icl.engine.eval_cases import (choose_support, label_dtype, open_eval_cache, read_truth, score_case, split_cases,
                                    support_slices)
 from icl.engine.metrics import MetricRows
 from icl.model.build import build_predictor
+from icl.model.settings import settle_model
 from icl.model.precision import amp_dtype, autocast
-from icl.errors import InputError
+from icl.errors import InputError, library_errors
 from icl.io import atomic_path, write_json
 from icl.options import run_command
 from icl.progress import progress as progress_bar
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 from sam2_ext.icl import segment_with_support  # module attribute on purpose: tests replace it with a fake
 
+EVAL_FALLBACK_CONFIG, EVAL_FALLBACK_IMAGE_SIZE = CONFIG.default, IMAGE_SIZE.default  # weights that record neither
 
 
 def protocols_of(protocol: str) -> tuple[str, ...]:
     """``both`` expands to every protocol, in report order."""
     return PROTOCOLS if protocol == "both" else (protocol,)
-
-
-def _warn_config_mismatch(cfg: EvalConfig, weights: list[tuple[int | None, Path | None]]) -> None:
-    """A run folder's config.json (written by train_3d.py) names the model config and image size it was trained
-    with; evaluating with others is allowed but almost always a mistake, so say so."""
-    seen = {p.parent / "config.json" for _, p in weights if p is not None}
-    for path in sorted(s for s in seen if s.is_file()):
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for key in ("config", "image_size"):
-            if key in saved and saved[key] != getattr(cfg, key):
-                print(f"warning: {path} says the model was trained with -{key} {saved[key]}, "
-                      f"evaluating with -{key} {getattr(cfg, key)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------- prediction
@@ -141,7 +127,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Any, list[Path]]:
     from icl.model.weights import load_any_weights as load_weights  # adapter checkpoints too (merged)
 
     weights = resolve_weights(cfg)
-    _warn_config_mismatch(cfg, weights)
+    with library_errors(cfg.DASHES):
+        cfg.config, size = settle_model(cfg.config, cfg.image_size, weights[0][1], EVAL_FALLBACK_CONFIG, cfg.flag)
+        cfg.image_size = size or EVAL_FALLBACK_IMAGE_SIZE
+        CommonConfig.check_files(cfg)
     device = cfg.device
     predictor = build_predictor(cfg.config, device, None, cfg.image_size, cfg.memory_selector).eval()
     loaded = weights[0][1]

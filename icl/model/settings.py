@@ -1,0 +1,86 @@
+"""What a weights file says it was trained with, and the settings a command runs it with.
+
+Why: a checkpoint trained as ``tiny_cpu`` at 128 px is meaningless as ``sam2.1_hiera_t`` (hundreds of missing keys)
+and much worse at another image size, so — as nnU-Net reads its plans from the model folder — the model config and
+the image size come from the checkpoint unless the user says otherwise: a different config is one clear error
+naming both, a different image size one warning. Our training checkpoints record every flag (``config``), exported
+weights ``trained.config``, a run folder its ``config.json``; official SAM2 / MedSAM2 files record nothing, and then
+the command's default applies.
+
+An image size whose activations cannot fit in memory is refused before the model is built, with the estimate.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icl.errors import InputError
+
+#: Peak activation bytes per input pixel and unit of the image encoder's width, measured on one slice's tracking
+#: (tiny_cpu, width 24: 278 B/px at 1024 px; sam2.1_hiera_t, width 96: 760 B/px), rounded up.
+BYTES_PER_PIXEL_AND_WIDTH = 12
+
+
+def trained_settings(weights: str | Path | None) -> dict[str, Any]:
+    """``{"config": name, "image_size": int}`` as recorded in ``weights`` (either may be missing; {} for files that
+    record nothing or cannot be read — the loader reports those)."""
+    if weights is None:
+        return {}
+    try:
+        payload = torch.load(Path(weights), map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the weights loader says why, in one line
+        payload = None
+    flags = payload.get("config") if isinstance(payload, dict) else None
+    if not isinstance(flags, dict) and isinstance(payload, dict) and isinstance(payload.get("trained"), dict):
+        flags = payload["trained"].get("config")
+    beside = Path(weights).parent / "config.json"  # a run folder's flags, written by train_3d.py
+    if not isinstance(flags, dict) and beside.is_file():
+        try:
+            flags = json.loads(beside.read_text())
+        except (OSError, json.JSONDecodeError):
+            flags = None
+    if not isinstance(flags, dict):
+        return {}
+    return {k: flags[k] for k in ("config", "image_size") if flags.get(k) is not None}
+
+
+def _name(config: Any) -> str:
+    return Path(str(config)).name.removesuffix(".yaml")
+
+
+def settle_model(config: str | None, image_size: int | None, weights: str | Path | None, fallback_config: str,
+                 flag: Any) -> tuple[str, int | None]:
+    """The (config, image size) to run ``weights`` with: the given ones, else the recorded ones, else
+    ``fallback_config`` and the config's own size. ``flag(name)`` spells an option as the command does."""
+    record = trained_settings(weights)
+    trained = record.get("config")
+    if config is None:
+        config = trained or fallback_config
+    elif trained is not None and _name(config) != _name(trained):
+        raise InputError(flag("config"), f"{weights} was trained with config {trained}, not {config}: leave "
+                                         f"{flag('config')} out to use {trained}")
+    if image_size is None:
+        image_size = record.get("image_size")
+    elif record.get("image_size") not in (None, image_size):
+        print(f"warning: {weights} was trained at {flag('image_size')} {record['image_size']}; at {image_size} "
+              "its masks are usually worse", file=sys.stderr)
+    return str(config), image_size
+
+
+def check_image_memory(config: str, image_size: int | None, flag: str, available: int | None = None) -> None:
+    """Refuse an image size whose activations for one slice would not fit in the free memory (an estimate)."""
+    import psutil
+
+    from sam2_ext.build import load_model_config
+
+    cfg = load_model_config(config, image_size)
+    size, width = int(cfg.model.image_size), int(cfg.model.image_encoder.trunk.embed_dim)
+    need = BYTES_PER_PIXEL_AND_WIDTH * width * size * size
+    free = psutil.virtual_memory().available if available is None else available
+    if need > free:
+        raise InputError(flag, f"image size {size} needs about {need / 2**30:.1f} GiB for one slice with {_name(config)}"
+                               f" (estimate), {free / 2**30:.1f} GiB is free: choose a smaller size")

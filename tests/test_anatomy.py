@@ -9,8 +9,8 @@ from scipy import stats
 
 from icl.data.anatomy import MAX_STRUCTURES, MIN_STRUCTURES, make_template, patient
 from icl.data.anatomy_image import render, structure_means
-from icl.data.anatomy_tasks import (ANATOMY_LEVELS, WEAK_CONTRAST, make_anatomy_task, mean_intensity, slice_areas,
-                                    touching_pairs)
+from icl.data.anatomy_tasks import (ANATOMY_LEVELS, WEAK_CONTRAST, contiguous_in_z, make_anatomy_task,
+                                    mean_intensity, slice_areas, touching_pairs)
 from icl.engine.tasks import TaskMix, parse_schedule, task_from_anatomy
 
 SIZE, DEPTH = 64, 8  # small slabs keep the suite fast; the generator works at any size
@@ -163,3 +163,18 @@ def test_schedule_mixes_anatomy_with_look_alike_levels():
     assert kinds[:2] == ["anat_sparse", "anat_sparse"] and set(kinds[2:]) <= {"anat_cross", "adjacent"}
     assert all(level in parse_schedule(f"0:{level}=1")[0][1] for level in ANATOMY_LEVELS)
     assert slice_areas(np.array([[[0, 1], [1, 2]]]), 2).tolist() == [[1, 2, 1]]
+
+
+def test_sparse_targets_are_never_present_where_the_rule_stops_them():
+    """Both ways, the rule ends a structure at an annotated slice without it; a sparse task's truth agrees: every
+    slice showing a target lies between its bounding empty annotations (else those slices could not be learnt)."""
+    for seed in range(12):
+        task = make_anatomy_task(seed, "anat_sparse", size=SIZE, depth=12)
+        for j, prompts in task["prompts"].items():
+            drawn = [z for z, m in prompts.items() if m.any()]
+            empty = [z for z, m in prompts.items() if not m.any()]
+            start = max((z for z in empty if z < min(drawn)), default=-1)
+            stop = min((z for z in empty if z > max(drawn)), default=12)
+            shown = np.flatnonzero(task["targets"][j].reshape(12, -1).any(1))
+            assert start < shown.min() and shown.max() < stop, (seed, j)
+    assert contiguous_in_z(np.array([[0, 1, 1], [0, 0, 1], [0, 1, 1]])).tolist() == [False, False, True]

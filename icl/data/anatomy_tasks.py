@@ -40,6 +40,17 @@ def slice_areas(labels: np.ndarray, num: int) -> np.ndarray:
     return np.bincount(flat.ravel(), minlength=depth * (num + 1)).reshape(depth, num + 1)
 
 
+def contiguous_in_z(areas: np.ndarray) -> np.ndarray:
+    """[num + 1] bool: the slices showing the id (any voxel) form one run. Why: a sparse annotation says a structure
+    ended where an annotated slice lacks it, and the propagation rule stops it there; a structure that comes back
+    later would be present where nothing can track it."""
+    shown = areas > 0
+    count = shown.sum(0)
+    first = shown.argmax(0)
+    last = len(shown) - 1 - shown[::-1].argmax(0)
+    return (count > 0) & (last - first + 1 == count)
+
+
 def touching_pairs(labels: np.ndarray) -> np.ndarray:
     """Pairs (a, b), a < b, of ids that touch in-plane somewhere: [P, 2]."""
     pairs = []
@@ -123,14 +134,15 @@ def _attempt(rng, level, size, depth, k, style, every, num_support, structures) 
     template, scans = _scan(rng, size, depth, structures, pair=level == "anat_cross")
     labels, image = scans[0]
     num = template.num
-    present = slice_areas(labels, num) >= MIN_VOXELS  # [Z, num + 1]
+    areas = slice_areas(labels, num)
+    present = areas >= MIN_VOXELS  # [Z, num + 1]
     pairs = touching_pairs(labels)
     means = mean_intensity(image, labels, num)
     base = {"level": level, "style": None, "every": None}
     if level == "anat_cross":
         return _cross(rng, scans, num, present, pairs, means, k, num_support, base)
     if level == "anat_sparse":
-        return _sparse(rng, labels, image, present, pairs, means, k, style, every, base)
+        return _sparse(rng, labels, image, present, contiguous_in_z(areas), pairs, means, k, style, every, base)
     candidates = np.flatnonzero(present.sum(0) >= 3)
     candidates = candidates[candidates > 0]
     if not len(candidates):
@@ -156,7 +168,7 @@ def _attempt(rng, level, size, depth, k, style, every, num_support, structures) 
             "structures": targets}
 
 
-def _sparse(rng, labels, image, present, pairs, means, k, style, every, base) -> dict | None:
+def _sparse(rng, labels, image, present, one_run, pairs, means, k, style, every, base) -> dict | None:
     depth = labels.shape[0]
     style = style or str(rng.choice(STYLES))
     step = int(every or rng.integers(2, min(10, depth - 2) + 1))
@@ -164,7 +176,7 @@ def _sparse(rng, labels, image, present, pairs, means, k, style, every, base) ->
         annotated = list(range(int(rng.integers(0, step)), depth, step))
         free = [z for z in range(depth) if z not in annotated]
         # a target must show on an annotated slice (else nothing marks it) and on a slice to fill
-        ok = present[annotated].any(0) & present[free].any(0)
+        ok = present[annotated].any(0) & present[free].any(0) & one_run
         candidates = np.flatnonzero(ok[1:]) + 1
         if not len(candidates) or not free:
             return None
@@ -173,7 +185,7 @@ def _sparse(rng, labels, image, present, pairs, means, k, style, every, base) ->
         prompts = {j: {z: masks[j, z] for z in annotated} for j in range(len(targets))}
         scored = free
     else:
-        candidates = np.flatnonzero(present.sum(0)[1:] >= 2) + 1
+        candidates = np.flatnonzero((present.sum(0) >= 2)[1:] & one_run[1:]) + 1
         if not len(candidates):
             return None
         targets = _choose_targets(rng, candidates, pairs, means, k)

@@ -211,8 +211,10 @@ class TrainConfig(CommonConfig):
     classes_per_sample: int = opt(1, "classes tracked together per training sample on the same query slices "
                                      "(1 = seed)", int, check=POSITIVE)
     tasks: str = opt("0:clips=1", "what training shows the model, along the steps: 'STEP:source=weight,...;STEP:...' "
-                                  "with sources clips (the dataset's clips) and the look-alike levels discs_fixed, "
-                                  "discs_random, adjacent, far, sparse, cross (icl/data/lookalike.py)", check=_schedule)
+                                  "with sources clips (the dataset's clips), the look-alike levels discs_fixed, "
+                                  "discs_random, adjacent, far, sparse, cross (icl/data/lookalike.py) and the anatomy "
+                                  "levels anat_sparse, anat_adjacent, anat_far, anat_cross (icl/data/anatomy_tasks.py)",
+                 check=_schedule)
     loss: str = opt("sam2", "sam2 (SAM2's loss: best candidate mask, IoU head, object score) or dice_bce (Dice + BCE "
                             "of the returned mask + object-score BCE)", choices=("sam2", "dice_bce"))
     mask_logits: str = opt("raw", "masks either -loss scores: raw (the decoder's, before SAM2's object-score gate) "
@@ -230,6 +232,7 @@ class TrainConfig(CommonConfig):
                                         "with its own support (all), or only the target", choices=("all", "target"))
     lookalike_k: int = opt(3, "look-alike objects per generated volume", int, check=at_least(2))
     lookalike_depth: int = opt(12, "slices per generated look-alike volume", int, check=at_least(4))
+    anatomy_depth: int = opt(12, "slices per generated anatomy slab (anat_* levels)", int, check=at_least(4))
     held_out_shapes: str = opt("", "look-alike shape classes never trained on (comma names, e.g. torus,cone)",
                                check=_shape_list)
     export: str | None = opt(None, "at the end, write the weights alone of best.pth (else last.pth) to this file "

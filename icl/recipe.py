@@ -5,6 +5,7 @@ this prints. Training from random init on 2 CPU processes (``torchrun``, gloo) w
 
     python -m icl.recipe            # prints the command
     python -m icl.recipe --run      # runs it (resumable: add -resume runs/recipe/<run folder>)
+    python -m icl.recipe --variant anatomy --processes 1    # the anatomy candidate (issue #17), one process
 
 What the levers are and why, with the figures: BENCHMARKS.md (ICL section).
 """
@@ -40,27 +41,49 @@ RECIPE: dict[str, str] = {
 }
 
 
+# The anatomy candidate (issue #17): the same levers; the look-alike curriculum first (it is what teaches reading
+# the support, and keeps the phantom switch), then synthetic anatomy (icl/data/anatomy_tasks.py) mixed with
+# look-alikes. Sized for one process in 50 minutes. No phantom clips: they were not measured to help here.
+ANATOMY: dict[str, str] = {
+    "-exp_name": "icl_anat_cpu",
+    "-tasks": "0:discs_random=1;150:discs_random=1,adjacent=2;"
+              "400:adjacent=1,sparse=1,anat_adjacent=1,anat_sparse=1;"
+              "900:adjacent=0.3,sparse=0.7,anat_sparse=2,anat_adjacent=0.7,anat_far=0.5,anat_cross=0.7",
+    "-anatomy_depth": "12", "-epochs": "25", "-val_samples": "0", "-num_workers": "1", "-time_limit_min": "50",
+    "-checkpoint_path": "runs/anat", "-export": "runs/anat/candidate.pth",
+}
+VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY}
+
+
 def flags_with(changes: Mapping[str, str] | None = None) -> list[str]:
     """The recipe's flags with ``changes`` applied (new flags are appended), as an argv list."""
     merged = {**RECIPE, **(changes or {})}
     return [item for flag, value in merged.items() for item in (flag, value)]
 
 
-def launch_command(changes: Mapping[str, str] | None = None, python: str = ".venv/bin/python") -> list[str]:
-    """The default model's training command: torchrun (``torch.distributed.run``) with PROCESSES CPU ranks."""
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}", "train_3d.py",
+def launch_command(changes: Mapping[str, str] | None = None, python: str = ".venv/bin/python",
+                   processes: int = PROCESSES) -> list[str]:
+    """The training command: torchrun (``torch.distributed.run``) with ``processes`` CPU ranks, or plain
+    ``train_3d.py`` for one process."""
+    if processes == 1:
+        return [python, "train_3d.py", *flags_with(changes)]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "train_3d.py",
             "-distributed", "True", *flags_with(changes)]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icl.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", action="store_true", help="run the command (from the repository root)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="the recipe, or a candidate")
+    p.add_argument("--processes", type=int, default=PROCESSES, help="CPU ranks (1 = no torchrun)")
     a = p.parse_args(argv)
-    print("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in launch_command()))
+    changes = VARIANTS[a.variant]
+    print("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in launch_command(changes, processes=a.processes)))
     if not a.run:
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(launch_command(python=sys.executable), cwd=ROOT, env=env).returncode
+    command = launch_command(changes, python=sys.executable, processes=a.processes)
+    return subprocess.run(command, cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -226,7 +226,8 @@ class ICLPredictor(StoredFeatures, SAM2VideoPredictor):
                     state["frames_tracked_per_obj"][i][frame_idx] = {"reverse": reverse}
             self._prune_history(state, frame_idx, reverse)
             yield frame_idx, outs
-        state["cached_features"].clear()
+        if not torch.is_grad_enabled():  # under grad the graph holds every frame's features anyway (see below)
+            state["cached_features"].clear()
 
     def train_propagate_in_video(self, state: dict, start_frame_idx: int | None = None,
                                  max_frame_num_to_track: int | None = None,
@@ -280,6 +281,17 @@ class ICLPredictor(StoredFeatures, SAM2VideoPredictor):
                 del obj_out["non_cond_frame_outputs"][t]
 
     # ------------------------------------------------------------------ hooks into SAM2's internals
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        """SAM2's, but under grad mode every frame's backbone output is kept for the whole state, not only the
+        last frame's. Why: training holds each encoded frame in the autograd graph until backward anyway, and a
+        ``both``-ways task (or a conditioning frame tracked for other objects) would encode a frame again, forward
+        and backward. No-grad inference keeps SAM2's one-frame cache (bounded memory on long scans)."""
+        cache = inference_state["cached_features"]
+        if torch.is_grad_enabled() and frame_idx not in cache:
+            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
+            cache[frame_idx] = (image, self.forward_image(image))  # SAM2's lookup below then hits, keeping all
+        return super()._get_image_feature(inference_state, frame_idx, batch_size)
+
     def _run_single_frame_inference(self, inference_state, output_dict, frame_idx, batch_size,
                                     is_init_cond_frame, point_inputs, mask_inputs, reverse, run_mem_encoder,
                                     prev_sam_mask_logits=None):

@@ -1,6 +1,8 @@
 """The one propagation rule (sam2_ext.track): per-class bounds, both directions, classes batched, official equality."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import sam2.sam2_video_predictor as svp
 import sam2_ext.track
@@ -242,3 +244,36 @@ def test_pass_store_keeps_graphs_and_dtypes():
     back = store.pop("half")
     assert back.dtype == torch.bfloat16 and torch.equal(back, half)
     store.close()
+
+
+def test_grad_mode_encodes_every_frame_once_with_the_same_results(tiny_predictor, monkeypatch):
+    """Training keeps every frame's image features for the whole run (both passes, conditioning frames): the
+    logits and gradients are those of SAM2's one-frame cache, without encoding a frame again."""
+    images, prompts = _three_classes()
+    tiny_predictor.eval()  # no stochastic layers: both ways must agree
+    encoded = []
+    real_forward_image = tiny_predictor.forward_image
+
+    def spy(image):
+        encoded.append(1)
+        return real_forward_image(image)
+
+    monkeypatch.setattr(tiny_predictor, "forward_image", spy)
+
+    def run():
+        encoded.clear()
+        tiny_predictor.zero_grad(set_to_none=True)
+        results = sorted(track(tiny_predictor, images, prompts, "both", grad=True), key=lambda r: r.index)
+        logits = torch.stack([r.logits for r in results])
+        logits.float().clamp(-20, 20).mean().backward()
+        grads = [p.grad.clone() for p in tiny_predictor.image_encoder.parameters() if p.grad is not None]
+        return logits.detach(), grads, len(encoded)
+
+    logits, grads, calls = run()
+    assert calls == DEPTH and grads  # once per slice, though both passes and the prompts visit slices again
+    one_frame_cache = functools.partial(svp.SAM2VideoPredictor._get_image_feature, tiny_predictor)
+    monkeypatch.setattr(tiny_predictor, "_get_image_feature", one_frame_cache)
+    again, again_grads, again_calls = run()
+    assert again_calls > DEPTH  # SAM2's own cache encodes slices again
+    assert torch.allclose(logits, again, atol=1e-4)
+    assert all(torch.allclose(g, h, atol=1e-5, rtol=1e-4) for g, h in zip(grads, again_grads))

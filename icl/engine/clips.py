@@ -20,10 +20,10 @@ from icl.data.loaders import ICLDataset, make_loader, open_caches
 from icl.data.phantom import DEFAULT_CLASSES, SHAPES, make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
 from icl.data.readers import detect_layout
-from icl.data.lookalike import LEVELS
 from icl.data.sampling import make_splits, spread
 from icl.engine import distributed as dd
-from icl.engine.tasks import CLIPS, ClipTasks, LookalikeSet, TaskMix, first, parse_schedule
+from icl.engine.tasks import (CLIPS, TASK_LEVELS, ClipTasks, LookalikeSet, TaskMix, first, level_depths,
+                              parse_schedule)
 from icl.errors import InputError, spell_flag
 from icl.io import write_json
 
@@ -183,12 +183,13 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
 
     Clips (``clips`` in the schedule) come from the dataset's caches, split by ``-fold``/``-folds`` (deterministic
     k-fold on case ids, written to ``splits.json``), support slices from ``-support_instance`` (``none``: another
-    training case holding the class). Look-alike levels are generated on the fly; their validation tasks are a
-    fixed set of seeds training never draws. The train order depends only on (seed, epoch), so resume is exact.
+    training case holding the class). Look-alike and anatomy levels are generated on the fly; their validation
+    tasks are a fixed set of seeds training never draws. The train order depends only on (seed, epoch), so resume is exact.
     """
     schedule = parse_schedule(cfg.tasks)
     sources = {name for _, mix in schedule for name in mix}
-    levels = [lv for lv in LEVELS if lv in sources]
+    levels = [lv for lv in TASK_LEVELS if lv in sources]
+    depths = level_depths(cfg.lookalike_depth, cfg.anatomy_depth)
     clip_train, clip_val = _clip_sets(cfg, info, run_dir) if CLIPS in sources else (None, None)
     held_out = [s for s in cfg.held_out_shapes.split(",") if s]
     if sources == {CLIPS}:  # the seed's training: every clip once per epoch, shuffled
@@ -196,12 +197,12 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
     else:
         length = cfg.steps_per_epoch or (len(clip_train) if clip_train is not None else TASKS_PER_EPOCH)
         train_set = TaskMix(schedule, length, cfg.image_size, cfg.lookalike_depth, cfg.lookalike_k, held_out,
-                            cfg.seed, clip_train, info.world_size, objects=cfg.lookalike_objects)
+                            cfg.seed, clip_train, info.world_size, depths=depths, objects=cfg.lookalike_objects)
         shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
     val_parts = [ClipTasks(clip_val)] if clip_val is not None else []
     if levels:
         val_parts.append(LookalikeSet(levels, VAL_TASKS_PER_LEVEL, cfg.image_size, cfg.lookalike_depth,
-                                      cfg.lookalike_k, held_out))
+                                      cfg.lookalike_k, held_out, depths=depths))
     val_set = ConcatDataset(val_parts)
     # DistributedSampler even on one process: its order is a function of (seed, epoch), which makes resume exact.
     train_loader = make_loader(train_set, shuffle=shuffle, num_workers=cfg.num_workers, distributed=True,

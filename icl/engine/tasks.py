@@ -11,6 +11,9 @@ shape that rule takes. Two sources feed it:
   cannot fit them. Same-scan levels are tracked the way users' sparse annotations are (support slices inside the
   scan, ``direction="both"``; ``adjacent``/``far`` forward from the support slice); ``cross`` puts another scan's
   support slices in front of the query.
+* anatomy tasks generated on the fly (``icl.data.anatomy_tasks``, levels ``anat_*``): 1-3 marked structures among
+  10-60 touching ones of a synthetic anatomy; the generator already writes them in the rule's terms
+  (:func:`task_from_anatomy`).
 
 ``-tasks`` mixes the sources along a schedule (:func:`parse_schedule`), e.g.
 ``0:adjacent=1;300:sparse=0.4,cross=0.3,clips=0.3``: from step 0 only ``adjacent``, from step 300 that mix.
@@ -24,11 +27,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from icl.data.anatomy_tasks import ANATOMY_LEVELS, make_anatomy_task
 from icl.data.lookalike import LEVELS, as_video, level_name, make_task
 from icl.errors import InputError
 
 CLIPS = "clips"  # the schedule's name for samples of the preprocessed datasets
-SOURCES = (*LEVELS, CLIPS)
+TASK_LEVELS = (*LEVELS, *ANATOMY_LEVELS)  # every generated level: look-alike, then anatomy
+SOURCES = (*TASK_LEVELS, CLIPS)
+ANATOMY_DEPTH = 12  # slices of a generated anatomy slab unless the caller says otherwise
+
+
+def source_name(name: str) -> str:
+    """A schedule source by name (look-alike levels also by number) -> its name; ValueError if unknown."""
+    name = name.strip()
+    return name if name == CLIPS or name in ANATOMY_LEVELS else level_name(name)
 
 
 @dataclass
@@ -62,8 +74,7 @@ def parse_schedule(text: str, flag: str = "-tasks") -> list[tuple[int, dict[str,
             weights = {}
             for item in mix.split(","):
                 name, _, weight = item.partition("=")
-                name = name.strip()
-                name = name if name == CLIPS else level_name(name)
+                name = source_name(name)
                 weights[name] = float(weight)
             if not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
                 raise ValueError("weights must be >= 0 and not all 0")
@@ -137,9 +148,31 @@ def task_from_lookalike(task: Mapping[str, Any], objects: str = "all", seed: int
     return Task(_t(frames), prompts, direction, _t(masks[objs]), scored, level, distractors=_t(masks[rest]))
 
 
+def task_from_anatomy(task: Mapping[str, Any]) -> Task:
+    """A generated anatomy task (``icl.data.anatomy_tasks.make_anatomy_task``) as a Task (it is already in the
+    rule's terms: frames, per-object prompts, direction, truth, scored frames, distractors)."""
+    prompts = {k: {f: _t(m) for f, m in p.items()} for k, p in task["prompts"].items()}
+    return Task(_t(task["frames"]), prompts, task["direction"], _t(task["targets"]), list(task["scored"]),
+                task["level"], distractors=_t(task["distractors"]))
+
+
+def level_task(level: str, seed: int, image_size: int, depth: int, k: int, held_out: Sequence[str] = (),
+               objects: str = "all") -> Task:
+    """The Task of one generated ``level`` from ``seed`` (anatomy: 1-3 targets and ``depth`` slices of its own)."""
+    if level in ANATOMY_LEVELS:
+        return task_from_anatomy(make_anatomy_task(seed, level, size=image_size, depth=depth))
+    task = make_task(seed, level, size=image_size, depth=depth, k=k, held_out=held_out)
+    return task_from_lookalike(task, objects=objects, seed=seed)
+
+
+def level_depths(lookalike_depth: int, anatomy_depth: int = ANATOMY_DEPTH) -> dict[str, int]:
+    """Slices per generated volume of every level: look-alike levels one depth, anatomy levels another."""
+    return {**{lv: lookalike_depth for lv in LEVELS}, **{lv: anatomy_depth for lv in ANATOMY_LEVELS}}
+
+
 # ------------------------------------------------------------------------------------------------ the dataset
 class TaskMix(Dataset):
-    """``length`` samples per epoch drawn along a source schedule: look-alike tasks made on the fly, or clips.
+    """``length`` samples per epoch drawn along a source schedule: generated tasks (look-alike, anatomy), or clips.
 
     Sample ``i`` of epoch ``e`` on a sequential sampler is step ``(e - 1) * steps + i // world`` of the run (each rank
     takes every ``world``-th index), so the schedule follows the optimizer steps; its randomness depends only on
@@ -171,9 +204,8 @@ class TaskMix(Dataset):
         if source == CLIPS:
             return task_from_clip(self.clips[int(rng.integers(len(self.clips)))])
         task_seed = int(rng.integers(2**31))
-        task = make_task(task_seed, source, size=self.image_size, depth=self.depths.get(source, self.depth),
-                         k=self.k, held_out=self.held_out)
-        return task_from_lookalike(task, objects=self.objects, seed=task_seed)
+        depth = self.depths.get(source, ANATOMY_DEPTH if source in ANATOMY_LEVELS else self.depth)
+        return level_task(source, task_seed, self.image_size, depth, self.k, self.held_out, self.objects)
 
 
 class ClipTasks(Dataset):
@@ -194,22 +226,24 @@ class ClipTasks(Dataset):
 
 
 class LookalikeSet(Dataset):
-    """A fixed set of look-alike tasks, ``per_level`` of each level, from seeds training never draws (validation)."""
+    """A fixed set of generated tasks (look-alike or anatomy levels), ``per_level`` of each level, from seeds
+    training never draws (validation)."""
 
     SEED0 = 2**31  # training draws task seeds below 2**31
 
     def __init__(self, levels: Sequence[str], per_level: int, image_size: int, depth: int, k: int,
-                 held_out: Sequence[str] = ()):
-        self.items = [(level_name(lv), self.SEED0 + i) for lv in levels for i in range(per_level)]
+                 held_out: Sequence[str] = (), depths: Mapping[str, int] | None = None):
+        self.items = [(source_name(lv), self.SEED0 + i) for lv in levels for i in range(per_level)]
         self.image_size, self.depth, self.k, self.held_out = image_size, depth, k, tuple(held_out)
+        self.depths = dict(depths or {})
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Task:
         level, seed = self.items[index]
-        task = make_task(seed, level, size=self.image_size, depth=self.depth, k=self.k, held_out=self.held_out)
-        return task_from_lookalike(task, seed=seed)
+        depth = self.depths.get(level, ANATOMY_DEPTH if level in ANATOMY_LEVELS else self.depth)
+        return level_task(level, seed, self.image_size, depth, self.k, self.held_out)
 
 
 def first(batch: list[Task]) -> Task:

@@ -35,8 +35,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from icl.config import AUTO_SUPPORT_PER_CLASS, DEFAULT_SEGMENT_CONFIG, LABELLED, resolve_device
-from icl.data.frames import DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_slice_axis, label_slices, resize_slices
+from icl.config import AUTO_SUPPORT_PER_CLASS, DEFAULT_SEGMENT_CONFIG, LABELLED
+from icl.model.device import resolve_device
+from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_slice_axis, label_slices, resize_slices,
+                             resolve_window)
 from icl.data.sampling import labelled_slices, pick_support_slices
 from icl.data.validate import AFFINE_TOL
 from icl.errors import InputError, library_errors, spell_flag
@@ -231,12 +233,20 @@ class ICLSegmenter:
         weights = resolve_checkpoint(checkpoint, config or DEFAULT_SEGMENT_CONFIG)
         with library_errors("--"):
             from icl.model.build import build_predictor
-            from icl.model.settings import check_image_memory, settle_model
+            from icl.model.settings import check_image_memory, settle_model, trained_settings
 
             config, image_size = settle_model(config, image_size, weights, DEFAULT_SEGMENT_CONFIG,
                                               lambda name: spell_flag(name, "--"))
+            self.ct_window = trained_settings(weights).get("ct_window")  # --window auto on CT: the training window
             check_image_memory(config, image_size, "--image-size")
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
+
+    def window_for(self, scan: Scan) -> str | tuple[float, float]:
+        """The window of ``scan``'s frames: ``--window`` as given; with ``auto``, a CT scan gets the CT window the
+        weights were trained with, when they record one (``icl.model.settings``)."""
+        if self.window == "auto" and self.ct_window is not None and resolve_window(scan, "auto") != "mr":
+            return self.ct_window
+        return self.window
 
     def segment(self, query: Any, support: Any, support_label: Any,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:
@@ -258,7 +268,7 @@ class ICLSegmenter:
         if self.fill not in (AUTO, MODEL):
             raise InputError("--fill", f"{self.fill} fills a scan from its own annotated slices: give the same "
                                        f"scan as --support and --query (and not --direction forward)")
-        q_frames = VolumeFrames(q_scan, self.window, size, axis)
+        q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
         masks = label_slices(label_scan, axis, picks, size)
         labels = np.zeros(q_scan.shape, dtype=np.uint8 if max(cls) < 256 else np.int16)
         out = q_scan.to_canonical(labels)
@@ -268,7 +278,7 @@ class ICLSegmenter:
             prompts = {c: {z: masks[i] == c for i, z in enumerate(picks)} for c in cls}
             direction, offset = "both", 0
         else:
-            s_frames = VolumeFrames(s_scan, self.window, size, axis, indices=picks)
+            s_frames = VolumeFrames(s_scan, self.window_for(s_scan), size, axis, indices=picks)
             source = ConcatFrames(PreparedFrames(s_frames), PreparedFrames(q_frames))
             prompts = {c: {i: masks[i] == c for i in range(len(picks))} for c in cls}
             direction, offset = "forward", len(picks)
@@ -299,7 +309,7 @@ class ICLSegmenter:
                 print(f"warning: {label_path}: structure {c} is annotated on one slice only: no self-check for it; "
                       + ("nothing to fill between: classic fills keep that slice, the model is not bounded"
                          if reach is None else f"filled within {reach} slice(s) of it"), file=sys.stderr)
-        runner = ModelFill(self.predictor, scan, self.window, axis, self.crop,
+        runner = ModelFill(self.predictor, scan, self.window_for(scan), axis, self.crop,
                            lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames)
         checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
         labels = np.zeros(scan.shape, dtype=np.uint8 if max(cls) < 256 else np.int16)
@@ -310,7 +320,7 @@ class ICLSegmenter:
         finally:
             bar.close()
         return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, picks, "both_ways", axis,
-                            VolumeFrames(scan, self.window, self.predictor.image_size, axis), checks)
+                            VolumeFrames(scan, self.window_for(scan), self.predictor.image_size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
         """Write the label map with the query's affine and header, atomically; a name without a suffix gets

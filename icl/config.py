@@ -11,7 +11,6 @@ it, which the commands print as one ``error: ...`` line with exit status 2.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -20,6 +19,7 @@ from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES, parse_window
 from icl.data.readers import LAYOUTS
 from icl.model.precision import AMP_MODES
 from icl.errors import InputError, library_errors
+from icl.model.device import resolve_device  # noqa: F401  (re-exported: the options use it)
 from icl.options import (NONE_WORDS, NON_NEGATIVE, POSITIVE, Opt, Options, at_least, none_word, opt, parse_options,
                          probability)
 from icl.options import build_parser, str2bool, validate  # noqa: F401  (the commands' parsers and checks)
@@ -305,6 +305,9 @@ class EvalConfig(CommonConfig):
     save_pic: str | None = opt(None, "folder for overlay PNGs")
     nsd_tolerance: float = opt(2.0, "surface Dice tolerance in mm", float, check=at_least(0, unit=" mm"))
     max_cases: int = opt(0, "evaluate at most N cases (0 = all)", int, check=NON_NEGATIVE)
+    feature_cache: str = opt("off", "auto: read the image encoder's outputs of the cached slices from the feature "
+                                    "cache (computed on first use; see train_3d.py -feature_cache)",
+                             choices=("auto", "off"))
     config: str | None = CONFIG(default=None, help=CONFIG.help + "; default: the one the weights were trained "
                                                                  f"with, else {CONFIG.default}")
     image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the weights' training "
@@ -379,31 +382,3 @@ def parse_train_args(argv: Sequence[str] | None = None, check_files: bool = True
 def parse_eval_args(argv: Sequence[str] | None = None, check_files: bool = True) -> EvalConfig:
     """``eval_3d.py``'s command line -> validated EvalConfig (weights are resolved by the evaluation)."""
     return parse_options(EvalConfig, argv, check_files)
-
-
-# ----------------------------------------------------------------------------------------------------- device
-def resolve_device(spec: int | str, flag: str = "--device") -> str:
-    """THE device rule: ``-gpu_device N`` / ``--device cpu|cuda|cuda:N`` -> a torch device string.
-
-    -1 or ``cpu`` = CPU; CUDA asked for on a machine without it falls back to the CPU with a note (so one command
-    line works on both); a GPU index beyond the visible ones, or anything else, is an InputError naming ``flag``.
-    """
-    import torch
-
-    text = str(spec).strip().lower()
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        text = "cpu" if index < 0 else f"cuda:{index}"
-    match = re.fullmatch(r"cuda(?::(\d+))?", text)
-    if text != "cpu" and match is None:
-        raise InputError(flag, f"expected cpu, cuda or cuda:N (or a GPU index), got {spec!r}")
-    if text == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        print(f"note: CUDA is not available, running on CPU ({flag} {spec} ignored)", file=sys.stderr)
-        return "cpu"
-    index = int(match.group(1) or 0)
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise InputError(flag, f"GPU {index} requested but only {count} visible")
-    return f"cuda:{index}"

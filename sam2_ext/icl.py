@@ -6,6 +6,8 @@ Every class is one SAM2 object; all classes run as one batch. Use these when the
 """
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Mapping
 
 import torch
@@ -32,8 +34,10 @@ def segment_with_support(
     support_masks: Mapping[int, torch.Tensor],
     query_images: torch.Tensor,
     grad: bool = False,
+    features: Any = None,
 ) -> dict:
     """Segment ``query_images`` [Q, H, W] from support slices [S, H, W] and their masks {class_id: [S, H, W]}.
+    ``features``: stored image-encoder outputs of the video's frames (support then query; see ``track``).
 
     The video is the support slices followed by the query slices, tracked forward (``direction="forward"``).
     Returns ``logits`` [Q, C, H, W], ``object_score_logits`` [Q, C], ``iou_pred`` [Q, C] (C in the order of
@@ -51,7 +55,7 @@ def segment_with_support(
     num_support = len(support_images)
     frames = torch.cat([support_images, query_images.to(support_images.device)], dim=0)
     prompts = {cid: {s: masks[s] for s in range(num_support)} for cid, masks in support_masks.items()}
-    results = list(track(predictor, frames, prompts, "forward", grad=grad))
+    results = list(track(predictor, frames, prompts, "forward", grad=grad, features=features))
     return _dense(results, num_support, len(query_images), tuple(query_images.shape[1:]))
 
 

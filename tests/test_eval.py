@@ -274,3 +274,29 @@ def test_config_and_image_size_come_from_the_weights(data, tmp_path, monkeypatch
     with pytest.raises(InputError) as err:
         run_eval(base + ["-config", "sam2.1_hiera_t"])
     assert err.value.where == "-config" and "trained with config tiny_cpu, not sam2.1_hiera_t" in err.value.problem
+
+
+def test_eval_reads_the_feature_cache(data, tmp_path):
+    """-feature_cache auto: the encoder's outputs of the cached slices are stored on the first evaluation and read
+    on the next; the scores match the uncached run (fp16 rounding of the features only)."""
+    from icl.engine import feature_cache as fc
+
+    weights = tmp_path / "w" / "fixed.pth"  # fixed weights: the cache is keyed by the encoder's weights
+    _save_weights(weights, 3)
+    base = args(data, tmp_path, "-protocol", "gt_slices", "-checkpoint_path", str(weights))
+    plain, _ = run_eval(base)
+    counts = []
+    real = fc.FeatureCache
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            counts.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fc, "FeatureCache", Counting)
+        first, _ = run_eval(base + ["-feature_cache", "auto"])
+        second, _ = run_eval(base + ["-feature_cache", "auto"])
+    assert counts[0].computed > 0 and counts[1].computed == 0 and counts[1].read > 0
+    assert np.allclose(first["dice"].to_numpy(), second["dice"].to_numpy(), equal_nan=True)
+    assert np.allclose(first["dice"].to_numpy(), plain["dice"].to_numpy(), atol=0.02, equal_nan=True)

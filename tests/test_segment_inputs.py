@@ -179,8 +179,9 @@ def test_cli_frames_are_the_cached_frames(data, tmp_path, monkeypatch):
     from icl.data.preprocess import preprocess_dataset
     from sam2_ext.predictor import prepare_frames
 
+    # a cache windowed like KiTS (ct_kidney), not like --window auto's generic CT choice (ct_abdomen)
     cached = {c.id: c for c in preprocess_dataset("btcv", data["root"] / "btcv", tmp_path / "cache",
-                                                  image_size=IMAGE_SIZE, progress=False)}["0002"]
+                                                  image_size=IMAGE_SIZE, window="ct_kidney", progress=False)}["0002"]
     seen = {}
     real = sam2_ext.track.track
 
@@ -189,7 +190,13 @@ def test_cli_frames_are_the_cached_frames(data, tmp_path, monkeypatch):
         return real(predictor, frames, prompts, direction, **kw)
 
     monkeypatch.setattr(sam2_ext.track, "track", spy)
-    _seg(data, window=tuple(cached.meta["window"])).segment(data["q"], data["s"], data["s_lab"])
+    # weights that record the training window (as train_3d.py's checkpoints and exports do), the CLI's defaults
+    weights = tmp_path / "trained.pth"
+    state = torch.load(data["ckpt"], weights_only=True)["model"]
+    torch.save({"model": state, "trained": {"config": {"config": "tiny_cpu", "image_size": IMAGE_SIZE,
+                                                       "frames": {"ct_window": cached.meta["window"]}}}}, weights)
+    assert tuple(cached.meta["window"]) == (-79.0, 304.0)
+    ICLSegmenter(checkpoint=weights).segment(data["q"], data["s"], data["s_lab"])
     frames, offset = seen["frames"], seen["offset"]
     expected = prepare_frames(torch.from_numpy(np.array(cached.image)), IMAGE_SIZE)
     fed = torch.stack([frames[offset + z] for z in range(cached.num_slices)])

@@ -104,6 +104,11 @@ def test_lookalike_schedule_with_levers_trains_and_exports(train_data, tmp_path,
     assert summary["step"] == 2 and summary["exported"] == str(export)
     payload = torch.load(export, map_location="cpu", weights_only=True)
     assert payload["trained"]["config"]["tasks"] == "0:sparse=1,clips=1;1:cross=1"
+    # how the frames were made travels with the weights: KiTS-layout clips are windowed ct_kidney
+    from icl.data.frames import WINDOWS
+    from icl.model.settings import trained_settings
+
+    assert trained_settings(export) == {"config": "tiny_cpu", "image_size": 128, "ct_window": WINDOWS["ct_kidney"]}
     model = build_icl_predictor("tiny_cpu", "cpu", image_size=128)
     load_weights(model, export)  # the exported file loads like any SAM2 checkpoint
     val = summary["last_val"]

@@ -6,6 +6,8 @@ and the sample recipe of training (``-classes``, ``-query_mode context``, ``-sam
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import contextlib
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset
 
 from icl.config import CommonConfig, TrainConfig
+from icl.data.frames import DEFAULT_SLICE_AXIS
 from icl.data.loaders import ICLDataset, make_loader, open_caches
 from icl.data.phantom import DEFAULT_CLASSES, SHAPES, make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
@@ -176,6 +179,18 @@ def open_training_caches(cfg: CommonConfig, info: dd.DistInfo) -> tuple[list[Cac
         caches = prepare_caches(cfg, info)
         cases, label_map = open_caches(caches)
     return cases, label_map, caches
+
+
+def frames_record(cfg: TrainConfig, info: dd.DistInfo) -> dict[str, Any]:
+    """How this run's frames were made, for inference to make the same (``icl.model.settings``): the CT window of
+    the cached training cases (the most common one; None without CT clips), the image size and the slice axis."""
+    windows: list[tuple[float, ...]] = []
+    if CLIPS in {name for _, mix in parse_schedule(cfg.tasks) for name in mix}:
+        windows = [tuple(c.meta["window"]) for c in open_training_caches(cfg, info)[0]
+                   if c.meta.get("modality") == "CT" and c.meta.get("window")]
+    common = Counter(windows).most_common(1)
+    return {"ct_window": list(common[0][0]) if common else None, "image_size": cfg.image_size,
+            "slice_axis": DEFAULT_SLICE_AXIS}
 
 
 def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = None) -> tuple[Any, Any]:

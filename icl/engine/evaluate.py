@@ -62,7 +62,7 @@ def _tensor(arr: np.ndarray, device: str) -> torch.Tensor:
 
 
 def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx: dict[int, np.ndarray],
-                 protocol: str, device: str, amp: str = "auto") -> dict[int, np.ndarray]:
+                 protocol: str, device: str, amp: str = "auto", cache: Any = None) -> dict[int, np.ndarray]:
     """Logits ``{class_id: [Z, S, S]}`` on the cache grid for the classes in ``sup_idx``.
 
     gt_slices: one pass per class over the slices holding it; other slices get ``NO_OBJ_SCORE`` (SAM2's "no
@@ -84,7 +84,8 @@ def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx:
                 if query.size:
                     res = segment_with_support(predictor, _tensor(support.image[idx], device),
                                                {cid: _tensor(support.mask(cid, idx), device)},
-                                               _tensor(case.image[query], device))
+                                               _tensor(case.image[query], device),
+                                               **_stored(cache, support, idx, case, query))
                     full[query] = res["logits"][:, 0].float().cpu().numpy()
                 out[cid] = full
         elif protocol == "full_volume":
@@ -92,7 +93,8 @@ def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx:
             masks = {cid: _tensor(support.mask(cid, union) * np.isin(union, idx)[:, None, None], device)
                      for cid, idx in sup_idx.items()}
             res = segment_with_support(predictor, _tensor(support.image[union], device), masks,
-                                       _tensor(case.image[np.arange(depth)], device))
+                                       _tensor(case.image[np.arange(depth)], device),
+                                       **_stored(cache, support, union, case, np.arange(depth)))
             logits = res["logits"].float().cpu().numpy()
             for col, cid in enumerate(masks):
                 out[cid] = np.ascontiguousarray(logits[:, col])
@@ -101,7 +103,27 @@ def predict_case(predictor: Any, case: CachedCase, support: CachedCase, sup_idx:
     return out
 
 
+def _stored(cache: Any, support: CachedCase, support_slices: np.ndarray, case: CachedCase,
+            query_slices: np.ndarray) -> dict[str, Any]:
+    """``-feature_cache auto``: the stored encoder outputs of the video (support slices, then the query's)."""
+    if cache is None:
+        return {}
+    sources = [(support.id, int(z)) for z in support_slices] + [(case.id, int(z)) for z in query_slices]
+    return {"features": cache.source(sources)}
+
+
 # ----------------------------------------------------------------------------------------------------- the run
+def _feature_cache(cfg: EvalConfig, predictor: Any, cases: Sequence[CachedCase]) -> Any:
+    """``-feature_cache auto``: the image encoder's outputs of the cached slices, computed once and stored beside
+    the preprocessing cache (``icl.engine.feature_cache``); evaluation trains nothing, so the encoder is frozen."""
+    if cfg.feature_cache == "off":
+        return None
+    from icl.engine.feature_cache import FeatureCache
+
+    predictor.image_encoder.requires_grad_(False)
+    return FeatureCache(predictor, cases)
+
+
 def _epoch_tag(epoch: int | None) -> Path:
     return Path(f"epoch_{epoch}") if epoch is not None else Path()
 
@@ -161,6 +183,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Any, list[Path]]:
             load_weights(predictor, path)
             loaded = path
         predictor.eval()
+        stored = _feature_cache(cfg, predictor, cases)  # keyed by the weights just loaded
         extra = {"support_case": support.id, "num_support": cfg.num_support,
                  "checkpoint": str(path) if path is not None else "random_init"}
         desc = "eval" if epoch is None else f"eval epoch {epoch}"
@@ -168,7 +191,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Any, list[Path]]:
             truth = read_truth(case)
             for protocol in protocols:
                 t0 = time.time()
-                logits = predict_case(predictor, case, support, sup_idx, protocol, device, cfg.amp)
+                logits = predict_case(predictor, case, support, sup_idx, protocol, device, cfg.amp, stored)
                 labels = score_case(rows, case, truth, logits, class_ids, label_map, protocol, epoch,
                                     {**extra, "seconds": round(time.time() - t0, 3)})
                 sub = _epoch_tag(epoch) / protocol

@@ -3,15 +3,11 @@ wraps), the levers for training from scratch and what training measures of it. B
 ``icl.model.build`` (shared with the CLI and the API)."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterable, Sequence
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from icl.engine.tasks import Task
-from icl.model.build import build_predictor, freeze_parts, make_memory_selector  # noqa: F401  (re-exported)
 from sam2_ext.track import track
 
 

@@ -45,12 +45,12 @@ from icl.engine.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from icl.engine.clips import build_loaders
+from icl.engine.clips import build_loaders, frames_record
 from icl.engine.feature_cache import make_feature_cache
 from icl.model.lora import load_trained_state, trained_state
 from icl.engine.logging import RunLogger, make_logger
-from icl.engine.model import (ICLStep, build_predictor, count_parameters, flops_per_frame, positional_memory_init,
-                              set_multimask_tracking)
+from icl.engine.model import ICLStep, count_parameters, flops_per_frame, positional_memory_init, set_multimask_tracking
+from icl.model.build import build_predictor
 from icl.engine.objective import TaskLoss
 from icl.engine.validation import SELECTION, validate_tasks
 from icl.engine.weights import adapter_record, check_record, export_merged, lora_setup
@@ -119,6 +119,11 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None  # time.time() at which -time_limit_min runs out
     peft: dict[str, Any] | None = None  # -peft lora: the adapters' record (icl.engine.weights.lora_setup)
+    frames: dict[str, Any] = field(default_factory=dict)  # how the frames were made (clips.frames_record)
+
+    def saved_config(self) -> dict[str, Any]:
+        """The flags, and how the frames were made: what checkpoints, exports and config.json record."""
+        return {**self.cfg.to_dict(), "frames": self.frames}
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -158,12 +163,13 @@ def setup(cfg: TrainConfig) -> Run:
     scheduler = make_scheduler(optimizer, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                                kind=cfg.lr_schedule)
     amp_dtype, scaler = amp_setup(cfg.amp, device)
+    frames = frames_record(cfg, info)
     if info.is_main:
-        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "frames": frames})
     logger = make_logger(cfg.wandb_enabled, run_dir, run_dir.name, cfg.to_dict(), info.is_main)
     loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight, cfg.aux).to(device)
     run = Run(cfg, device, info, run_dir, predictor, step_module, loss_fn, optimizer, scheduler, scaler,
-              amp_dtype, train_loader, val_loader, steps_per_epoch, logger, peft=peft)
+              amp_dtype, train_loader, val_loader, steps_per_epoch, logger, peft=peft, frames=frames)
     _report_model(run)
     if resume_file is not None:
         _resume(run, resume_file)
@@ -276,7 +282,8 @@ def write_checkpoints(run: Run, improved: bool) -> None:
         extra["peft"] = run.peft
     state = trained_state(run.predictor) if run.peft is not None else None  # -peft lora: the adapters alone
     path = save_checkpoint(epoch_path(run.run_dir, p.epoch), run.predictor, run.optimizer, run.scheduler, p.epoch,
-                           p.step, run.cfg, p.best_metric, scaler=run.scaler, extra=extra, model_state=state)
+                           p.step, run.saved_config(), p.best_metric, scaler=run.scaler, extra=extra,
+                           model_state=state)
     _atomic_copy(path, run.run_dir / "last.pth")
     if improved:
         _atomic_copy(path, run.run_dir / "best.pth")

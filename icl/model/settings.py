@@ -7,6 +7,9 @@ naming both, a different image size one warning. Our training checkpoints record
 weights ``trained.config``, a run folder its ``config.json``; official SAM2 / MedSAM2 files record nothing, and then
 the command's default applies.
 
+The CT window of the training frames is recorded too: inference with ``--window auto`` windows a CT scan the way
+the checkpoint was trained (a KiTS model sees ``ct_kidney`` frames, not the generic ``ct_abdomen``).
+
 An image size whose activations cannot fit in memory is refused before the model is built, with the estimate.
 """
 from __future__ import annotations
@@ -26,8 +29,8 @@ BYTES_PER_PIXEL_AND_WIDTH = 12
 
 
 def trained_settings(weights: str | Path | None) -> dict[str, Any]:
-    """``{"config": name, "image_size": int}`` as recorded in ``weights`` (either may be missing; {} for files that
-    record nothing or cannot be read — the loader reports those)."""
+    """``{"config": name, "image_size": int, "ct_window": (lo, hi)}`` as recorded in ``weights`` (any may be
+    missing; {} for files that record nothing or cannot be read — the loader reports those)."""
     if weights is None:
         return {}
     try:
@@ -45,7 +48,11 @@ def trained_settings(weights: str | Path | None) -> dict[str, Any]:
             flags = None
     if not isinstance(flags, dict):
         return {}
-    return {k: flags[k] for k in ("config", "image_size") if flags.get(k) is not None}
+    out = {k: flags[k] for k in ("config", "image_size") if flags.get(k) is not None}
+    frames = flags.get("frames")
+    if isinstance(frames, dict) and frames.get("ct_window") is not None:
+        out["ct_window"] = tuple(float(v) for v in frames["ct_window"])
+    return out
 
 
 def _name(config: Any) -> str:

@@ -233,11 +233,11 @@ class ICLSegmenter:
         weights = resolve_checkpoint(checkpoint, config or DEFAULT_SEGMENT_CONFIG)
         with library_errors("--"):
             from icl.model.build import build_predictor
-            from icl.model.settings import check_image_memory, settle_model, trained_settings
+            from icl.model.settings import check_image_memory, settle_model
 
-            config, image_size = settle_model(config, image_size, weights, DEFAULT_SEGMENT_CONFIG,
-                                              lambda name: spell_flag(name, "--"))
-            self.ct_window = trained_settings(weights).get("ct_window")  # --window auto on CT: the training window
+            config, image_size, record = settle_model(config, image_size, weights, DEFAULT_SEGMENT_CONFIG,
+                                                      lambda name: spell_flag(name, "--"))
+            self.ct_window = record.get("ct_window")  # --window auto on CT: the training window
             check_image_memory(config, image_size, "--image-size")
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
 
@@ -270,7 +270,7 @@ class ICLSegmenter:
                                        f"scan as --support and --query (and not --direction forward)")
         q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
         masks = label_slices(label_scan, axis, picks, size)
-        labels = np.zeros(q_scan.shape, dtype=np.uint8 if max(cls) < 256 else np.int16)
+        labels = _empty_labels(q_scan, cls)
         out = q_scan.to_canonical(labels)
         values = torch.tensor(cls, device=self.device)
         if same:
@@ -309,10 +309,11 @@ class ICLSegmenter:
                 print(f"warning: {label_path}: structure {c} is annotated on one slice only: no self-check for it; "
                       + ("nothing to fill between: classic fills keep that slice, the model is not bounded"
                          if reach is None else f"filled within {reach} slice(s) of it"), file=sys.stderr)
-        runner = ModelFill(self.predictor, scan, self.window_for(scan), axis, self.crop,
+        window = self.window_for(scan)
+        runner = ModelFill(self.predictor, scan, window, axis, self.crop,
                            lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames)
         checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
-        labels = np.zeros(scan.shape, dtype=np.uint8 if max(cls) < 256 else np.int16)
+        labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
         try:
@@ -320,7 +321,7 @@ class ICLSegmenter:
         finally:
             bar.close()
         return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, picks, "both_ways", axis,
-                            VolumeFrames(scan, self.window_for(scan), self.predictor.image_size, axis), checks)
+                            VolumeFrames(scan, window, self.predictor.image_size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
         """Write the label map with the query's affine and header, atomically; a name without a suffix gets
@@ -329,6 +330,11 @@ class ICLSegmenter:
 
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
         return write_mask_nifti(result.labels, (result.affine, result.header), nifti_name(path), dtype=dtype)
+
+
+def _empty_labels(scan: Scan, classes: Sequence[int]) -> np.ndarray:
+    """The output label map on the scan's own grid: uint8 while the label values fit, else int16."""
+    return np.zeros(scan.shape, dtype=np.uint8 if max(classes) < 256 else np.int16)
 
 
 def _header_3d(scan: Scan) -> nib.Nifti1Header:

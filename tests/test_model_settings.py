@@ -32,9 +32,9 @@ def test_settings_come_from_the_weights(exported):
     ours, official = exported
     assert trained_settings(ours) == {"config": "tiny_cpu", "image_size": 64}
     assert trained_settings(official) == {} and trained_settings(None) == {}
-    assert settle_model(None, None, ours, "sam2.1_hiera_t", _flag) == ("tiny_cpu", 64)
-    assert settle_model(None, None, official, "sam2.1_hiera_t", _flag) == ("sam2.1_hiera_t", None)
-    assert settle_model("cfg/tiny_cpu.yaml", None, ours, "x", _flag) == ("cfg/tiny_cpu.yaml", 64)  # same config
+    assert settle_model(None, None, ours, "sam2.1_hiera_t", _flag) == ("tiny_cpu", 64, trained_settings(ours))
+    assert settle_model(None, None, official, "sam2.1_hiera_t", _flag) == ("sam2.1_hiera_t", None, {})
+    assert settle_model("cfg/tiny_cpu.yaml", None, ours, "x", _flag)[:2] == ("cfg/tiny_cpu.yaml", 64)  # same config
 
 
 def test_another_config_is_one_error_naming_both(exported):
@@ -44,7 +44,7 @@ def test_another_config_is_one_error_naming_both(exported):
 
 
 def test_another_image_size_is_a_warning(exported, capsys):
-    assert settle_model(None, 128, exported[0], "tiny_cpu", _flag) == ("tiny_cpu", 128)
+    assert settle_model(None, 128, exported[0], "tiny_cpu", _flag)[:2] == ("tiny_cpu", 128)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "--image-size 64; at 128" in err
 

@@ -150,7 +150,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[Any, list[Path]]:
 
     weights = resolve_weights(cfg)
     with library_errors(cfg.DASHES):
-        cfg.config, size = settle_model(cfg.config, cfg.image_size, weights[0][1], EVAL_FALLBACK_CONFIG, cfg.flag)
+        cfg.config, size, _ = settle_model(cfg.config, cfg.image_size, weights[0][1], EVAL_FALLBACK_CONFIG, cfg.flag)
         cfg.image_size = size or EVAL_FALLBACK_IMAGE_SIZE
         CommonConfig.check_files(cfg)
     device = cfg.device

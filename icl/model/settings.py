@@ -60,9 +60,10 @@ def _name(config: Any) -> str:
 
 
 def settle_model(config: str | None, image_size: int | None, weights: str | Path | None, fallback_config: str,
-                 flag: Any) -> tuple[str, int | None]:
+                 flag: Any) -> tuple[str, int | None, dict[str, Any]]:
     """The (config, image size) to run ``weights`` with: the given ones, else the recorded ones, else
-    ``fallback_config`` and the config's own size. ``flag(name)`` spells an option as the command does."""
+    ``fallback_config`` and the config's own size; and the record itself (:func:`trained_settings`, read once).
+    ``flag(name)`` spells an option as the command does."""
     record = trained_settings(weights)
     trained = record.get("config")
     if config is None:
@@ -75,7 +76,7 @@ def settle_model(config: str | None, image_size: int | None, weights: str | Path
     elif record.get("image_size") not in (None, image_size):
         print(f"warning: {weights} was trained at {flag('image_size')} {record['image_size']}; at {image_size} "
               "its masks are usually worse", file=sys.stderr)
-    return str(config), image_size
+    return str(config), image_size, record
 
 
 def check_image_memory(config: str, image_size: int | None, flag: str, available: int | None = None) -> None:

@@ -56,6 +56,7 @@ class ClassicFill:
         self._boxes = {c: annotation.box(c, BOX_MARGIN) for c in annotation.classes}
         self._extents = {c: annotation.extent(c) for c in annotation.classes}
         self._sdf: dict[tuple[int, int], np.ndarray] = {}
+        self._centroids: dict[tuple[int, int], np.ndarray] = {}
 
     def _distance(self, c: int, z: int) -> np.ndarray:
         key = (c, z)
@@ -94,7 +95,10 @@ class ClassicFill:
         return self._boxes[c], (1 - t) * a + t * b
 
     def _centroid(self, c: int, z: int) -> np.ndarray:
-        return np.array(center_of_mass(self._distance(c, z) > 0))
+        key = (c, z)
+        if key not in self._centroids:  # every interpolated slice between two annotated ones reads the same two
+            self._centroids[key] = np.array(center_of_mass(self._distance(c, z) > 0))
+        return self._centroids[key]
 
     def mask(self, c: int, z: int) -> np.ndarray:
         """Structure ``c`` on slice ``z`` as a full-plane bool mask (what the self-check scores)."""

@@ -85,7 +85,9 @@ def save(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 
 def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: list[int],
-                styles: list[str], steps: list[int], tmp: Path) -> list[dict]:
+                styles: list[str], steps: list[int], tmp: Path, fills: tuple[str, ...] = ENGINE_FILLS,
+                classic: bool = True) -> list[dict]:
+    prior = seg.mask_prior
     image_path = save(image.astype(np.float32), affine, tmp / "image.nii.gz")
     rows = []
     for style in styles:
@@ -93,8 +95,11 @@ def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine:
             sparse, drawn = annotate_sparse(label, classes, step, style)
             sparse_path = save(sparse.astype(np.int16), affine, tmp / f"sparse_{style}_{step}.nii.gz")
             row: dict = {"style": style, "step": step, "dice": {}, "seconds": {}, "chosen": {}}
-            for fill in ENGINE_FILLS:
-                seg.fill, seg.complete_slices = fill, style == "complete"
+            runs = [f for f in ENGINE_FILLS if f in fills] + (["model_without_prior"] if "model" in fills and
+                                                                     seg.mask_prior else [])
+            for fill in runs:
+                seg.fill, seg.complete_slices = fill.removesuffix("_without_prior"), style == "complete"
+                seg.mask_prior = prior and fill != "model_without_prior"  # ablation: the same weights, no prior
                 t0 = time.perf_counter()
                 result = seg.segment(query=image_path, support=image_path, support_label=sparse_path,
                                      classes=classes)
@@ -105,9 +110,10 @@ def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine:
                     row["self_check"] = [c.as_dict() for c in result.checks]
                     for c in result.checks:
                         print("  " + c.line(), file=sys.stderr)
+            seg.mask_prior = prior
             for name, run in (("sdf", lambda: plain_sdf(sparse, classes, style)),
                               ("mci", lambda: itk_interpolation(sparse)),
-                              ("rw", lambda: random_walker_fill(image, sparse, drawn))):
+                              ("rw", lambda: random_walker_fill(image, sparse, drawn))) if classic else ():
                 t0 = time.perf_counter()
                 pred = run()
                 if pred is not None:
@@ -172,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--styles", default="per_structure,complete")
     p.add_argument("--checkpoint", default=None, help="default: the shipped default model")
     p.add_argument("--config", default="tiny_cpu")
-    p.add_argument("--crop", default="off", choices=("on", "off"))
+    p.add_argument("--crop", default="auto", choices=("auto", "on", "off"),
+                   help="the model's crop (auto: on for weights trained with a mask prior)")
+    p.add_argument("--fills", default=",".join(ENGINE_FILLS), help="the engine's fills to run (comma names); a model "
+                   "trained with a mask prior also runs without it (model_without_prior)")
+    p.add_argument("--no-classic", action="store_true", help="skip sdf / mci / rw (a quick check of a model)")
     p.add_argument("--homologue-offset", type=int, default=1000)
     p.add_argument("--no-cross", action="store_true")
     p.add_argument("--json", default=None)
@@ -187,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         if __import__("importlib").util.find_spec(module) is None:
             print(f"note: {name} baseline skipped ({module} not installed: "
                   f"pip install -r bench/requirements-bench.txt)", file=sys.stderr)
-    seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled",
-                       crop=a.crop == "on")
+    seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled", crop=a.crop)
     with tempfile.TemporaryDirectory() as tmp:
         rows = sparse_rows(seg, image, label, img_nii.affine, classes, a.styles.split(","),
-                           [int(s) for s in a.steps.split(",")], Path(tmp))
+                           [int(s) for s in a.steps.split(",")], Path(tmp), tuple(a.fills.split(",")),
+                           not a.no_classic)
         if not a.no_cross:
             rows.append(cross_row(seg, image, label, img_nii.affine, classes, a.homologue_offset, Path(tmp)))
     print(markdown(rows))

@@ -171,6 +171,15 @@ def check_sparse_options(per_class: int | str, fill: str, complete_slices: bool)
     return fill
 
 
+def check_crop(crop: bool | str, mask_prior: bool) -> bool:
+    """``crop``: True/"on", False/"off", or "auto" (on for weights trained with a mask prior, on such boxes)."""
+    if crop in ("auto", None):
+        return bool(mask_prior)
+    if crop in (True, False, "on", "off"):
+        return crop in (True, "on")
+    raise InputError("--crop", f"expected auto, on or off, got {crop!r}")
+
+
 def load_support(support: Any, support_label: Any, classes: Sequence[int] | None = None,
                  channel: int | None = None) -> tuple[Scan, Scan, np.ndarray, list[int]]:
     """Open and check the support pair: (support scan, label scan, canonical label array, classes to segment)."""
@@ -214,7 +223,8 @@ class ICLSegmenter:
                  device: str | torch.device = "cpu", image_size: int | None = None,
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
-                 fill: str = AUTO, complete_slices: bool = False, crop: bool = False, direction: str = "auto"):
+                 fill: str = AUTO, complete_slices: bool = False, crop: bool | str = "auto",
+                 direction: str = "auto"):
         from icl.model.weights import resolve_checkpoint
         from icl.model.precision import check_amp
 
@@ -225,8 +235,8 @@ class ICLSegmenter:
         self.window, self.slice_axis = check_window(window), check_slice_axis(slice_axis)
         self.channel = channel
         self.per_class = parse_support_slices(support_slices)
-        self.fill, self.complete_slices, self.crop = check_sparse_options(self.per_class, fill, complete_slices), \
-            bool(complete_slices), bool(crop)
+        self.fill, self.complete_slices = check_sparse_options(self.per_class, fill, complete_slices), \
+            bool(complete_slices)
         from icl.scan_source import check_direction
 
         self.direction = check_direction(direction)
@@ -238,6 +248,9 @@ class ICLSegmenter:
             config, image_size, record = settle_model(config, image_size, weights, DEFAULT_SEGMENT_CONFIG,
                                                       lambda name: spell_flag(name, "--"))
             self.ct_window = record.get("ct_window")  # --window auto on CT: the training window
+            # trained to refine the classic interpolation, in boxes around the structures (icl.sparse.prior)
+            self.mask_prior = float(record.get("mask_prior") or 0) > 0
+            self.crop = check_crop(crop, self.mask_prior)
             check_image_memory(config, image_size, "--image-size")
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
 
@@ -311,7 +324,8 @@ class ICLSegmenter:
                          if reach is None else f"filled within {reach} slice(s) of it"), file=sys.stderr)
         window = self.window_for(scan)
         runner = ModelFill(self.predictor, scan, window, axis, self.crop,
-                           lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames)
+                           lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames,
+                           priors=self.mask_prior)
         checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)

@@ -228,6 +228,9 @@ class TrainConfig(CommonConfig):
     qk_init: float = opt(0.0, "start every memory cross-attention as a pure relative-position kernel: q/k weights 0, "
                               "biases this constant (e.g. 4); from-scratch training only; 0 = off", float,
                          check=NON_NEGATIVE)
+    mask_prior: float = opt(0.0, "chance that a both-ways training task is cropped like the sparse fill and given "
+                                 "the classic interpolation as a dense mask prompt to refine (icl.sparse.prior)",
+                            float, check=NON_NEGATIVE)
     lookalike_objects: str = opt("all", "look-alike tasks: every look-alike seen on a support slice is an object "
                                         "with its own support (all), or only the target", choices=("all", "target"))
     lookalike_k: int = opt(3, "look-alike objects per generated volume", int, check=at_least(2))
@@ -352,8 +355,9 @@ class SegmentOptions(Options):
                                    "and method, the method chosen) to this JSON file")
     direction: str = opt("auto", "auto: both ways when the query is the support scan (by content), else forward; "
                                  "both; forward", choices=("auto", "both", "forward"))
-    crop: str = opt("off", f"with '{LABELLED}': track the model in a square box around the annotated structures "
-                           "(on) or on the whole slice (off)", choices=("on", "off"))
+    crop: str = opt("auto", f"with '{LABELLED}': track the model in a square box around the annotated structures "
+                            "(on) or on the whole slice (off); auto: on for weights trained with -mask_prior (they "
+                            "were trained on such boxes)", choices=("auto", "on", "off"))
     checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
                                        "--config; none: random init")
     config: str | None = CONFIG(default=None, help=CONFIG.help + f"; default: the one the weights were trained "

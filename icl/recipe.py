@@ -6,6 +6,7 @@ this prints. Training from random init on 2 CPU processes (``torchrun``, gloo) w
     python -m icl.recipe            # prints the command
     python -m icl.recipe --run      # runs it (resumable: add -resume runs/recipe/<run folder>)
     python -m icl.recipe --variant anatomy --processes 1    # the anatomy candidate (issue #17), one process
+    python -m icl.recipe --variant prior --processes 1 --run    # stage 2 of the default model, from stage 1
 
 What the levers are and why, with the figures: BENCHMARKS.md (ICL section).
 """
@@ -52,7 +53,19 @@ ANATOMY: dict[str, str] = {
     "-anatomy_depth": "12", "-epochs": "25", "-val_samples": "0", "-num_workers": "1", "-time_limit_min": "50",
     "-checkpoint_path": "runs/anat", "-export": "runs/anat/candidate.pth",
 }
-VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY}
+
+# Stage 2 of the default model (issue #17): from the stage-1 weights (the look-alike/phantom recipe above, 60 min on
+# 2 processes, kept as checkpoint/icl_tiny_cpu_stage1.pth), synthetic anatomy with look-alikes kept in the mix (the
+# switch must hold), and both-ways tasks cropped like the sparse fill with the classic interpolation as a dense mask
+# prompt to refine (-mask_prior; icl/engine/prior_tasks.py). One process, 60 min: 120 min from random init in all.
+PRIOR: dict[str, str] = {
+    "-exp_name": "icl_tiny_cpu_prior", "-pretrain": "checkpoint/icl_tiny_cpu_stage1.pth", "-qk_init": "0",
+    "-tasks": "0:adjacent=0.3,sparse=0.6,anat_sparse=2,anat_adjacent=0.5,anat_far=0.3,anat_cross=0.5",
+    "-mask_prior": "0.8", "-anatomy_depth": "16", "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "20",
+    "-val_samples": "0", "-num_workers": "1", "-time_limit_min": "60",
+    "-checkpoint_path": "runs/prior", "-export": "runs/prior/candidate.pth",
+}
+VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR}
 
 
 def flags_with(changes: Mapping[str, str] | None = None) -> list[str]:

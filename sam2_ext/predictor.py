@@ -27,6 +27,7 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from sam2_ext.batching import capture_memory_inputs, enable_key_masks, key_mask_on, pad_memories
 from sam2_ext.features import FeatureSource, StoredFeatures
+from sam2_ext.priors import MaskPriors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,7 +96,7 @@ def _split_outputs(batched: dict, count: int) -> list[dict]:
     return outs
 
 
-class ICLPredictor(StoredFeatures, SAM2VideoPredictor):
+class ICLPredictor(StoredFeatures, MaskPriors, SAM2VideoPredictor):
     """SAM2 video predictor for in-context segmentation (support slices as prompts, query slices tracked)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -243,15 +244,20 @@ class ICLPredictor(StoredFeatures, SAM2VideoPredictor):
         return self._get_orig_video_res_output(state, low_res)[1]
 
     def _track_objects(self, state: dict, obj_indices: list[int], frame_idx: int, reverse: bool) -> list[dict]:
-        """One tracked frame for several objects as one batch; returns their outputs (not yet stored)."""
-        self._batch_banks = [state["output_dict_per_obj"][i] for i in obj_indices]
-        try:
-            out, _ = self._run_single_frame_inference(
-                state, output_dict=self._batch_banks[0], frame_idx=frame_idx, batch_size=len(obj_indices),
-                is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse, run_mem_encoder=True)
-        finally:
-            self._batch_banks = None
-        return _split_outputs(out, len(obj_indices))
+        """One tracked frame for several objects as one batch (two: with a mask prior there or without; see
+        ``sam2_ext.priors``); returns their outputs (not yet stored)."""
+        outs: dict[int, dict] = {}
+        for group, mask_inputs in self.prior_groups(state, obj_indices, frame_idx):  # with a mask prior or not
+            self._batch_banks = [state["output_dict_per_obj"][i] for i in group]
+            self._prior_step = mask_inputs is not None
+            try:
+                out, _ = self._run_single_frame_inference(
+                    state, self._batch_banks[0], frame_idx, len(group), is_init_cond_frame=False, point_inputs=None,
+                    mask_inputs=mask_inputs, reverse=reverse, run_mem_encoder=True)
+            finally:
+                self._batch_banks, self._prior_step = None, False
+            outs.update(zip(group, _split_outputs(out, len(group))))
+        return [outs[i] for i in obj_indices]
 
     # ------------------------------------------------------------------ history
     def min_exact_history(self) -> int:

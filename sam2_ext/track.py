@@ -163,23 +163,26 @@ def _final(index: int, passes: list[_Pass]) -> SliceResult:
 
 
 def track(predictor: Any, frames: Any, prompts: Mapping[Any, Mapping[int, Any]], direction: str = "both", *,
-          video_size: tuple[int, int] | None = None, grad: bool = False, features: Any = None) -> Iterator[SliceResult]:
+          video_size: tuple[int, int] | None = None, grad: bool = False, features: Any = None,
+          priors: Mapping[Any, Mapping[int, Any]] | None = None) -> Iterator[SliceResult]:
     """Apply the propagation rule (module docstring) to ``frames`` with ``prompts``; yields one result per slice.
 
     ``frames``: float [N, H, W] in [0, 1], or a lazy source of prepared frames (``sam2_ext.predictor.FrameSource``;
     ``video_size`` is then the (H, W) outputs refer to). ``prompts``: ``{class: {slice: mask [H, W]}}`` (tensors or
     arrays, any size; resized to the model like SAM2's ``add_new_mask``). ``grad=False`` runs under no_grad.
     ``features``: stored image-encoder outputs per slice (``sam2_ext.predictor.FeatureSource``), or None.
+    ``priors``: ``{class: {slice: mask [H, W]}}`` dense mask prompts on tracked slices (``sam2_ext.priors``; e.g. a
+    classic interpolation the model was trained to refine), or None. A prior on a prompted slice is ignored.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     # no_grad wrapped around the generator function sets the grad mode for each of its steps only, so the
     # caller's code between two slices keeps its own grad mode (a ``with`` inside a generator would leak into it)
     run = _track if grad else torch.no_grad()(_track)
-    return run(predictor, frames, prompts, direction, video_size, grad, features)
+    return run(predictor, frames, prompts, direction, video_size, grad, features, priors)
 
 
-def _track(predictor, frames, prompts, direction, video_size, grad, features) -> Iterator[SliceResult]:
+def _track(predictor, frames, prompts, direction, video_size, grad, features, priors) -> Iterator[SliceResult]:
     num_frames = len(frames)
     classes = list(prompts)
     by_frame, first, last, empty = _prompt_frames(prompts, num_frames)
@@ -194,6 +197,8 @@ def _track(predictor, frames, prompts, direction, video_size, grad, features) ->
     objects = [c for c in classes if c in first]
     columns = [classes.index(c) for c in objects]
     predictor.register_objects(state, objects)
+    if priors:
+        predictor.set_priors(state, {i: priors[c] for i, c in enumerate(objects) if c in priors})
     for z in sorted(by_frame):
         predictor.train_add_new_masks(state, z, by_frame[z])
 

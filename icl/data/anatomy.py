@@ -58,7 +58,7 @@ def _body_radius(rng: np.random.Generator, size: int, depth: int) -> np.ndarray:
     cy, cx = size / 2 + rng.normal(0, 0.03 * size, 2)
     ry, rx = rng.uniform(0.30, 0.44, 2) * size
     power = rng.uniform(1.7, 3.0)
-    taper = 1 + rng.uniform(-0.3, 0.3) * (np.arange(depth) / max(1, depth - 1) - 0.5)
+    taper = 1 + rng.uniform(-0.15, 0.15) * (np.arange(depth) / max(1, depth - 1) - 0.5)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dy, dx = np.abs(yy - cy) / ry, np.abs(xx - cx) / rx
     radius = (dy ** power + dx ** power) ** (1 / power)
@@ -88,11 +88,18 @@ def _shells(rng: np.random.Generator, radius: np.ndarray, size: int) -> tuple[np
 
 def _partition(rng: np.random.Generator, regions: int, size: int, depth: int) -> np.ndarray:
     """Argmax of ``regions`` smoothed noise fields (SynthMorph) -> region index [Z, H, W], computed at
-    PARTITION_SIZE in-plane and upsampled (nearest)."""
+    PARTITION_SIZE in-plane and upsampled (nearest).
+
+    Along z each field is the linear part of a field as smooth as in-plane (cells of ``size / grid`` voxels): a
+    base and a slope that changes it by ``depth / cell`` of its scale over the slab. Why: independent noise on a
+    few z cells made regions change several times faster across slices than within one, unlike anatomy at
+    near-isotropic voxels (thick slices come from the template's spacing)."""
     grid = int(rng.integers(3, 9))
-    coarse = (int(rng.integers(2, max(3, depth // 3) + 1)), grid, grid)
+    ratio = min(1.5, depth / (size / grid))
+    base, slope = rng.standard_normal((2, regions, 1, grid, grid)).astype(np.float32)
+    coarse = torch.from_numpy(np.concatenate([base - ratio * slope / 2, base + ratio * slope / 2], axis=1))
     small = min(size, PARTITION_SIZE)
-    fields = smooth_fields(rng, regions, coarse, (depth, small, small))
+    fields = F.interpolate(coarse[None], size=(depth, small, small), mode="trilinear", align_corners=True)[0]
     fields += torch.from_numpy(rng.normal(0, 0.3, regions).astype(np.float32))[:, None, None, None]  # sizes vary
     index = fields.argmax(0).to(torch.float32)[None, None]
     return F.interpolate(index, size=(depth, size, size), mode="nearest")[0, 0].numpy().astype(np.int16)
@@ -133,10 +140,10 @@ def _extra(rng: np.random.Generator, kind: str, labels: np.ndarray, allowed: np.
     else:
         extent = int(rng.integers(2, depth + 1))
     z0 = int(np.clip(zmid - rng.integers(extent), 0, depth - extent))
-    speed = {"tube": 2.0, "tiny": 0.0}.get(kind, 0.6)
+    speed = {"tube": 2.0, "tiny": 0.0}.get(kind, 0.4)  # px per slice: oblique tubes, slowly drifting others
     vel, amp = rng.uniform(-1, 1, 2) * speed, rng.uniform(0, 2, 2) * speed
     freq, phase, theta0, spin = rng.uniform(0.2, 0.7), rng.uniform(0, 2 * np.pi, 2), rng.uniform(0, np.pi), \
-        rng.uniform(-0.15, 0.15)
+        rng.uniform(-0.05, 0.05)
     a, b = rng.uniform(3, 12), rng.uniform(2, 8)
     arc_r, span, width = rng.uniform(6, 25), rng.uniform(0.5, 1.7) * np.pi, rng.uniform(1.5, 6.0)
     radius = {"tube": rng.uniform(1.0, 2.5), "tiny": rng.uniform(0.7, 1.8)}.get(kind, 0.0)
@@ -195,9 +202,14 @@ def make_template(rng: np.random.Generator, size: int = 128, depth: int = 12,
         missing = want - (len(kinds) - 1)
         if missing <= 0:
             break
-        for _ in range(missing):
-            kind = str(rng.choice(EXTRA_KINDS, p=EXTRA_WEIGHTS)) if missing > 1 else str(rng.choice(["blob", "tiny"]))
+        goal = len(kinds) + missing  # a nested pair adds two ids: only while two are still missing
+        while len(kinds) < goal:
+            kind = str(rng.choice(EXTRA_KINDS, p=EXTRA_WEIGHTS)) if goal - len(kinds) > 1 else \
+                str(rng.choice(["blob", "tiny"]))
+            before = len(kinds)
             _extra(rng, kind, labels, interior, kinds)
+            if len(kinds) == before:  # no room to paint it: give up this round
+                break
         labels, kinds = _compact(labels, kinds)
     while len(kinds) - 1 > MAX_STRUCTURES:  # a nested pair can overshoot by one: merge the last id into background
         labels[labels == len(kinds) - 1] = 0
@@ -220,7 +232,9 @@ def deformation_grid(rng: np.random.Generator, size: int, depth: int, strength: 
     y = (s * gx + c * gy) / float(scale[0]) + float(shift[0])
     grid = int(rng.integers(3, 7))
     amp = rng.uniform(0.0, 4.0) * strength * 2 / size  # pixels -> normalised units
-    disp = smooth_fields(rng, 2, (max(2, depth // 4), grid, grid), (depth, size, size)) * amp
+    # smooth along z too (2 cells over the slab): a deformation that changed every few slices would tear thin
+    # structures apart between neighbouring slices, which real anatomy does not do
+    disp = smooth_fields(rng, 2, (2, grid, grid), (depth, size, size)) * amp
     return torch.stack([x[None] + disp[0], y[None] + disp[1]], dim=-1)
 
 

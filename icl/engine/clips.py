@@ -214,6 +214,10 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
         train_set = TaskMix(schedule, length, cfg.image_size, cfg.lookalike_depth, cfg.lookalike_k, held_out,
                             cfg.seed, clip_train, info.world_size, depths=depths, objects=cfg.lookalike_objects)
         shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
+    if cfg.mask_prior > 0:  # both-ways tasks as the sparse fill runs them: cropped, the interpolation as a prior
+        from icl.engine.prior_tasks import PriorTasks
+
+        train_set = PriorTasks(train_set, cfg.mask_prior, cfg.image_size, cfg.seed)
     val_parts = [ClipTasks(clip_val)] if clip_val is not None else []
     if levels:
         val_parts.append(LookalikeSet(levels, VAL_TASKS_PER_LEVEL, cfg.image_size, cfg.lookalike_depth,

@@ -39,7 +39,8 @@ class ICLStep(nn.Module):
         cache = self.feature_cache
         features = cache.source(task.sources) if cache is not None else None
         results = sorted(track(self.predictor, task.frames, task.prompts, task.direction,
-                               grad=torch.is_grad_enabled(), features=features), key=lambda r: r.index)
+                               grad=torch.is_grad_enabled(), features=features, priors=task.priors),
+                         key=lambda r: r.index)
         tracked = [(r.index, t) for r in results for t in r.tracked]
         out = {"logits": torch.stack([r.logits for r in results]),
                "object_score_logits": torch.stack([r.object_score_logits for r in results]), "tracked": tracked}

@@ -57,12 +57,15 @@ class Task:
     class_ids: list[int] = field(default_factory=list)  # clips: the dataset's class id of each object
     distractors: torch.Tensor | None = None  # look-alikes: [J, N, H, W] masks of the objects nobody marked
     sources: list[tuple[str, int]] | None = None  # clips: (case id, slice) of each frame, for the feature cache
+    priors: dict[int, dict[int, torch.Tensor]] | None = None  # object -> {frame: mask prior} (icl.engine.prior_tasks)
 
     def to(self, device: str | torch.device) -> "Task":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Task(move(self.frames), {k: {z: move(m) for z, m in p.items()} for k, p in self.prompts.items()},
                     self.direction, move(self.targets), self.scored, self.kind, self.name, self.class_ids,
-                    move(self.distractors), self.sources)
+                    move(self.distractors), self.sources,
+                    None if self.priors is None else {k: {z: move(m) for z, m in p.items()}
+                                                      for k, p in self.priors.items()})
 
 
 def parse_schedule(text: str, flag: str = "-tasks") -> list[tuple[int, dict[str, float]]]:

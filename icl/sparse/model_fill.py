@@ -7,6 +7,10 @@ logits go back into the full slice at the box's place (outside it the structures
 (``--crop on``): the shipped model, trained on whole slices, follows its support worse in a crop (phantom switch,
 marked Dice 0.48 with it vs 0.97 without) and gains nothing on real MR (INIA19 every 6th slice: 0.186 vs 0.184).
 
+Weights trained with ``-mask_prior`` also get the classic interpolation as a dense mask prompt on every slice they
+track (``priors=True``; :mod:`icl.sparse.prior`), and run in the crop by default (``--crop auto``): how they
+were trained.
+
 Prompts follow the annotation's convention (:mod:`icl.sparse.annotation`): each structure on its own annotated
 slices, and an empty mask on every slice that ends it (:meth:`Annotation.stops`) — which the propagation rule
 (``sam2_ext.track``, ``direction="both"``) reads as "annotated without it".
@@ -22,6 +26,7 @@ import torch
 from icl.data.frames import VolumeFrames, resize_slices
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import Score
+from icl.sparse.prior import interpolation_priors
 
 CROP_MARGIN = 0.25  # of the box's larger side, on every side
 MIN_CROP_MARGIN = 8  # voxels
@@ -49,9 +54,11 @@ class ModelFill:
     ``(slice, {class: (box, logits)})`` for every slice of the scan, each once."""
 
     def __init__(self, predictor: Any, scan: Any, window: Any, slice_axis: int, crop: bool = False,
-                 autocast: Any = None, prepare: Any = None):
+                 autocast: Any = None, prepare: Any = None, priors: bool = False):
+        """``priors``: give the model the classic interpolation as its mask prior on every tracked slice
+        (:mod:`icl.sparse.prior`; for weights trained with ``-mask_prior``)."""
         self.predictor, self.scan, self.window, self.axis = predictor, scan, window, slice_axis
-        self.crop, self.autocast, self.prepare = crop, autocast, prepare
+        self.crop, self.autocast, self.prepare, self.priors = crop, autocast, prepare, priors
 
     def box(self, annotation: Annotation, classes: list[int]) -> tuple[int, int, int, int]:
         h, w = annotation.in_plane_shape
@@ -85,8 +92,10 @@ class ModelFill:
         shape = frames.in_plane_shape
         prompts = self.prompts(annotation, classes, box)
         source = self.prepare(frames)
+        low = self.predictor.sam_prompt_encoder.mask_input_size[0]
+        priors = interpolation_priors(annotation, classes, box, low) if self.priors else None
         with self.autocast():
-            for result in track(self.predictor, source, prompts, "both"):
+            for result in track(self.predictor, source, prompts, "both", priors=priors):
                 found = [i for i, c in enumerate(classes) if float(result.logits[i].max()) > 0]
                 if not found:
                     yield result.index, {}

@@ -1,0 +1,70 @@
+"""The model's mask prior on a sparse annotation: the engine's shape-based interpolation, slice by slice.
+
+Why: a model trained with ``-mask_prior`` (``icl.engine.tasks``) reads, on every slice it tracks between and just
+beyond a structure's annotated slices, the classic interpolation of that structure as SAM2's dense mask prompt
+(``sam2_ext.priors``) and learns to correct it. Training and inference compute it here, the same way: from the
+annotation's own slices only (:class:`~icl.sparse.classic.ClassicFill`, ``interpolation``), within the annotation's
+reach rule, cut to the model's in-plane box.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from icl.sparse.annotation import COMPLETE, PER_STRUCTURE, Annotation
+from icl.sparse.classic import INTERPOLATION, ClassicFill
+
+
+def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[int, int, int, int] | None = None,
+                         size: int | None = None) -> dict[int, dict[int, Any]]:
+    """``{class: {slice: bool mask [h, w] inside box}}`` on every slice of each class's extent that is not
+    annotated for it (an empty mask where the interpolation says the structure is not there). With ``size`` each
+    mask comes already as the model's mask input (float [size, size], ``sam2_ext.priors.prior_input``), so a long
+    scan never holds its full-resolution priors at once."""
+    from sam2_ext.priors import prior_input
+
+    h, w = annotation.in_plane_shape
+    y0, y1, x0, x1 = box if box is not None else (0, h, 0, w)
+    fill = ClassicFill(annotation, INTERPOLATION)
+    out: dict[int, dict[int, np.ndarray]] = {}
+    for c in classes:
+        extent = annotation.extent(c)
+        if extent is None:
+            continue
+        drawn = set(annotation.slices[c])
+        per: dict[int, np.ndarray] = {}
+        for z in range(extent[0], extent[1] + 1):
+            if z in drawn:
+                continue
+            mask = np.zeros((h, w), bool)
+            score = fill.score(c, z)
+            if score is not None:
+                (by0, by1, bx0, bx1), values = score
+                mask[by0:by1, bx0:bx1] = values > 0
+            per[z] = mask[y0:y1, x0:x1] if size is None else prior_input(mask[y0:y1, x0:x1], size, "cpu")[0, 0]
+        out[c] = per
+    return out
+
+
+def annotation_from_prompts(prompts: Mapping[int, Mapping[int, np.ndarray]], shape: tuple[int, int, int],
+                            complete: bool) -> Annotation:
+    """The :class:`Annotation` a training task's prompts stand for (``{object: {slice: mask}}``; empty masks are
+    "annotated without it"): object ``k`` is label ``k + 1``."""
+    labels = np.zeros(shape, np.int32)
+    slices: dict[int, list[int]] = {}
+    absent: dict[int, list[int]] = {}
+    for k, per in prompts.items():
+        c = int(k) + 1
+        slices[c], absent[c] = [], []
+        for z, mask in sorted(per.items()):
+            mask = np.asarray(mask) > 0.5
+            if mask.any():
+                labels[int(z)][mask] = c
+                slices[c].append(int(z))
+            else:
+                absent[c].append(int(z))
+    classes = sorted(slices)
+    style = COMPLETE if complete else PER_STRUCTURE
+    return Annotation(labels, classes, style, slices, absent if complete else {})

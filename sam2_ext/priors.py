@@ -1,0 +1,62 @@
+"""Mask priors: a dense mask prompt on tracked frames, which the mask decoder reads beside the memory.
+
+Why: between two annotated slices a classic fill (shape-based interpolation) is already a good guess; given to the
+model as SAM2's dense mask prompt (the prompt encoder's mask input, the way SAM2 refines a mask with clicks), the
+model learns to correct it from the image and the memory instead of re-deriving the shape from scratch.
+
+SAM2 treats a mask input on a conditioning frame as the answer (``use_mask_input_as_output_without_sam``); on a
+*tracked* frame with a prior this mixin runs the full step instead — memory-conditioned features, prompt encoder with
+the prior as its mask input, mask decoder — so the prior is a hint, never copied through. Priors live in the
+inference state as ``state["priors"] = {object index: {frame: [1, 1, h, w] float in [0, 1]}}``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def prior_input(mask: Any, size: int, device: Any) -> torch.Tensor:
+    """A prior mask [H, W] (any size, bool or float) as the decoder's mask input: [1, 1, size, size] float in [0, 1],
+    downsampled the way SAM2 downsamples a mask prompt (bilinear, antialiased)."""
+    m = torch.as_tensor(mask).float()[None, None].to(device)
+    if tuple(m.shape[-2:]) != (size, size):
+        m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return m.clamp(0, 1)
+
+
+class MaskPriors:
+    """Mixin of :class:`sam2_ext.predictor.ICLPredictor`: tracked frames with a mask prior (module docstring)."""
+
+    _prior_step = False
+
+    def set_priors(self, state: dict, priors: Mapping[int, Mapping[int, Any]]) -> None:
+        """``priors``: ``{object index: {frame: mask [H, W]}}``; stored at the prompt encoder's mask-input size."""
+        size = self.sam_prompt_encoder.mask_input_size[0]
+        state["priors"] = {int(i): {int(f): prior_input(m, size, state["device"]) for f, m in per.items()}
+                           for i, per in priors.items()}
+
+    @staticmethod
+    def prior_groups(state: dict, obj_indices: Sequence[int], frame_idx: int
+                     ) -> list[tuple[list[int], torch.Tensor | None]]:
+        """The objects of one tracked frame split into those without a prior there and those with one (with their
+        stacked mask inputs): each group is one batch."""
+        priors = state.get("priors") or {}
+        with_prior = [i for i in obj_indices if frame_idx in priors.get(i, {})]
+        plain = [i for i in obj_indices if i not in with_prior]
+        groups: list[tuple[list[int], torch.Tensor | None]] = [(plain, None)] if plain else []
+        if with_prior:
+            groups.append((with_prior, torch.cat([priors[i][frame_idx] for i in with_prior])))
+        return groups
+
+    def _track_step(self, *args, **kwargs):
+        if not self._prior_step:
+            return super()._track_step(*args, **kwargs)
+        as_output = self.use_mask_input_as_output_without_sam
+        self.use_mask_input_as_output_without_sam = False  # a prior is a hint for the decoder, not the answer
+        try:
+            return super()._track_step(*args, **kwargs)
+        finally:
+            self.use_mask_input_as_output_without_sam = as_output

@@ -1,0 +1,200 @@
+"""Mask priors: the classic interpolation as SAM2's dense mask prompt on tracked slices — in the propagation rule
+(sam2_ext.priors), in training tasks (icl.engine.prior_tasks) and in the sparse fill (icl.sparse.prior)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fixtures import tiny_predictor, toy_slices  # noqa: F401 (fixture)
+from icl.engine.prior_tasks import PriorTasks, with_mask_prior
+from icl.engine.tasks import Task, level_task
+from icl.sparse.annotation import Annotation
+from icl.sparse.classic import ClassicFill, place
+from icl.sparse.prior import annotation_from_prompts, interpolation_priors
+from sam2_ext.track import track
+
+
+def _run(predictor, images, prompts, priors=None, direction="forward"):
+    return {r.index: r.logits.clone() for r in track(predictor, images, prompts, direction, priors=priors)}
+
+
+# ---------------------------------------------------------------------------------------------- propagation rule
+def test_a_prior_changes_its_slice_and_later_ones_never_earlier_or_prompted(tiny_predictor):
+    images, masks = toy_slices(6)
+    prompts = {1: {1: masks[1]}}
+    plain = _run(tiny_predictor, images, prompts)
+    assert all(torch.equal(a, b) for a, b in zip(plain.values(), _run(tiny_predictor, images, prompts, {}).values()))
+    prior = torch.zeros(64, 64)
+    prior[40:60, 40:60] = 1  # a wrong hint on slice 3, and one on the prompted slice 1 (ignored there)
+    got = _run(tiny_predictor, images, prompts, {1: {3: prior, 1: prior}})
+    for z in (0, 1, 2):
+        assert torch.equal(got[z], plain[z]), z
+    assert float((got[3] - plain[3]).abs().max()) > 1e-3
+    # the decoder ran (memory + prompt), SAM2's mask-as-output shortcut (constant +-10 logits) did not
+    assert got[3].unique().numel() > 2
+    assert tiny_predictor.use_mask_input_as_output_without_sam  # restored after the prior step
+
+
+def test_objects_with_and_without_a_prior_on_one_slice(tiny_predictor):
+    """Two classes on one slice, only one with a prior there: the other gets exactly its plain result."""
+    images, masks = toy_slices(5)
+    other = torch.zeros_like(masks)
+    other[:, 2:14, 2:14] = 1
+    prompts = {1: {0: masks[0]}, 2: {0: other[0]}}
+    plain = _run(tiny_predictor, images, prompts)
+    got = _run(tiny_predictor, images, prompts, {1: {2: masks[2] * 0}})
+    assert torch.allclose(got[2][1], plain[2][1], atol=1e-6)  # class 2: batched alone instead of with class 1
+    assert float((got[2][0] - plain[2][0]).abs().max()) > 1e-3
+
+
+def test_the_tracked_logits_depend_differentiably_on_the_prior(tiny_predictor):
+    """In grad mode the decoder reads the prior (what training learns from), and the tracked slice's loss reaches
+    it through the prompt encoder."""
+    images, masks = toy_slices(4)
+    prior = masks[2].clone().requires_grad_(True)
+    results = list(track(tiny_predictor.train(), images, {1: {0: masks[0]}}, "forward", grad=True,
+                         priors={1: {2: prior}}))
+    results[2].logits.float().sigmoid().mean().backward()
+    assert prior.grad is not None and float(prior.grad.abs().sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------- the sparse fill
+def _tube_annotation(step: int = 4) -> tuple[Annotation, np.ndarray]:
+    depth = 20
+    yy, xx = np.mgrid[:40, :40]
+    label = np.zeros((depth, 40, 40), np.int32)
+    for z in range(depth):
+        label[z][(yy - 20) ** 2 + (xx - 12 - z // 2) ** 2 <= (4 + z // 4) ** 2] = 3
+    sparse = np.zeros_like(label)
+    for z in range(2, depth, step):
+        sparse[z][label[z] == 3] = 3
+    return Annotation.from_label(sparse, 0, [3]), label
+
+
+def test_interpolation_priors_are_the_classic_fill_on_the_slices_to_track():
+    annotation, _ = _tube_annotation()
+    priors = interpolation_priors(annotation, [3])
+    lo, hi = annotation.extent(3)
+    assert sorted(priors[3]) == [z for z in range(lo, hi + 1) if z not in annotation.slices[3]]
+    fill = ClassicFill(annotation, "interpolation")
+    for z, mask in priors[3].items():
+        np.testing.assert_array_equal(mask, place(fill.score(3, z), annotation.in_plane_shape))
+    box = (5, 37, 2, 34)
+    cut = interpolation_priors(annotation, [3], box)
+    z = next(iter(cut[3]))
+    np.testing.assert_array_equal(cut[3][z], priors[3][z][5:37, 2:34])
+    low = interpolation_priors(annotation, [3], box, size=16)[3][z]  # as the model's mask input
+    assert low.shape == (16, 16) and low.dtype == torch.float32 and 0 <= float(low.min()) <= float(low.max()) <= 1
+    assert abs(float(low.mean()) - cut[3][z].mean()) < 0.05
+
+
+def test_annotation_from_prompts_reads_both_styles():
+    drawn = np.zeros((8, 8), np.uint8)
+    drawn[2:5, 2:5] = 1
+    per_structure = annotation_from_prompts({0: {1: drawn, 5: drawn}}, (7, 8, 8), complete=False)
+    assert per_structure.slices == {1: [1, 5]} and per_structure.style == "per_structure"
+    complete = annotation_from_prompts({0: {1: drawn, 5: drawn, 6: drawn * 0}, 1: {3: drawn}}, (7, 8, 8), True)
+    assert complete.slices == {1: [1, 5], 2: [3]} and complete.absent[1] == [6]
+    assert complete.extent(1)[1] == 5  # ends where annotated without it
+    np.testing.assert_array_equal(complete.mask(2, 3), drawn.astype(bool))
+
+
+# ---------------------------------------------------------------------------------------------- training tasks
+def _sparse_task_with_priors() -> tuple[Task, Task]:
+    for seed in range(40):
+        task = level_task("anat_sparse", seed, 64, 12, 2)
+        prior = with_mask_prior(task, 64)
+        if prior.priors and any(prior.priors.values()):
+            return task, prior
+    raise AssertionError("no anat_sparse task with two annotated slices of a target in 40 seeds")
+
+
+def test_a_prior_task_is_the_task_cut_like_the_fill_with_its_interpolation():
+    task, prior = _sparse_task_with_priors()
+    assert prior.frames.shape == task.frames.shape and prior.scored == task.scored
+    assert float(prior.frames.min()) >= 0 and float(prior.frames.max()) <= 1
+    for k, per in prior.prompts.items():
+        assert sorted(per) == sorted(task.prompts[k])
+        for z, mask in per.items():  # prompts and truth were cut the same way
+            assert torch.equal(mask, prior.targets[k, z]) or not task.prompts[k][z].any()
+    annotation = annotation_from_prompts({k: {z: m.numpy() for z, m in p.items()} for k, p in prior.prompts.items()},
+                                         tuple(prior.frames.shape), complete=task.prompts != {} and any(
+                                             not bool(m.any()) for p in task.prompts.values() for m in p.values()))
+    expected = interpolation_priors(annotation, annotation.classes)
+    assert {c - 1 for c in expected} == set(prior.priors)
+    for c, per in expected.items():
+        assert sorted(per) == sorted(prior.priors[c - 1])
+        for z, mask in per.items():
+            assert z not in prior.prompts[c - 1] or not prior.prompts[c - 1][z].any()
+            np.testing.assert_array_equal(prior.priors[c - 1][z].numpy(), mask)
+
+
+def test_prior_tasks_touch_both_ways_tasks_only_seeded():
+    class Fixed(torch.utils.data.Dataset):
+        def __init__(self):
+            self.tasks = [_sparse_task_with_priors()[0], level_task("anat_adjacent", 1, 64, 12, 2)]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.tasks[i]
+
+    none, every = PriorTasks(Fixed(), 0.0, 64), PriorTasks(Fixed(), 1.0, 64)
+    assert none[0].priors is None and every[0].priors and every[1].priors is None
+    assert every[1] is every.tasks[1]  # a forward task is left as it is
+    half = PriorTasks(Fixed(), 0.5, 64, seed=3)
+    picks = []
+    for epoch in range(1, 13):
+        half.set_epoch(epoch)
+        picks.append(half[0].priors is not None)
+        assert (half[0].priors is not None) == picks[-1]  # the same epoch and index: the same choice
+    assert 0 < sum(picks) < len(picks)
+
+
+# ---------------------------------------------------------------------------------------------- through the API
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from segment_fixtures import make_segment_data
+
+    return make_segment_data(tmp_path_factory.mktemp("prior"), seed=5)
+
+
+@pytest.fixture()
+def prior_weights(data, tmp_path):
+    payload = torch.load(data["ckpt"], map_location="cpu", weights_only=True)
+    payload["config"] = {"config": "tiny_cpu", "mask_prior": 0.8}
+    path = tmp_path / "prior.pt"
+    torch.save(payload, path)
+    return path
+
+
+def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights, monkeypatch):
+    import sam2_ext.track
+    from icl.api import ICLSegmenter
+    from segment_fixtures import IMAGE_SIZE
+    from test_sparse import _sparse_file
+
+    seen = []
+    real = sam2_ext.track.track
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("priors"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sam2_ext.track, "track", spy)
+    sparse = data["root"] / "prior_sparse.nii.gz"
+    _sparse_file(data, sparse, step=3)
+    seg = ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled", fill="model")
+    assert seg.mask_prior and seg.crop
+    result = seg.segment(data["s"], data["s"], sparse)
+    assert seen and all(p for p in seen)  # the self-check's runs and the fill: every one with its priors
+    structure = result.classes[0]
+    assert any(len(p.get(structure, {})) > 0 for p in seen)
+    low = seg.predictor.sam_prompt_encoder.mask_input_size
+    assert all(tuple(m.shape) == tuple(low) for p in seen for per in p.values() for m in per.values())
+    assert not ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled",
+                            crop="off").crop
+    plain = ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, support_slices="labelled")
+    assert not plain.mask_prior and not plain.crop  # weights without the prior: whole slices, no prior

@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the model's crop (auto: on for weights trained with a mask prior)")
     p.add_argument("--fills", default=",".join(ENGINE_FILLS), help="the engine's fills to run (comma names); a model "
                    "trained with a mask prior also runs without it (model_without_prior)")
+    p.add_argument("--adapt-steps", type=int, default=0, help="test-time adaptation steps of the model (0 = off)")
     p.add_argument("--no-classic", action="store_true", help="skip sdf / mci / rw (a quick check of a model)")
     p.add_argument("--homologue-offset", type=int, default=1000)
     p.add_argument("--no-cross", action="store_true")
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if __import__("importlib").util.find_spec(module) is None:
             print(f"note: {name} baseline skipped ({module} not installed: "
                   f"pip install -r bench/requirements-bench.txt)", file=sys.stderr)
-    seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled", crop=a.crop)
+    seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled", crop=a.crop,
+                       adapt_steps=a.adapt_steps)
     with tempfile.TemporaryDirectory() as tmp:
         rows = sparse_rows(seg, image, label, img_nii.affine, classes, a.styles.split(","),
                            [int(s) for s in a.steps.split(",")], Path(tmp), tuple(a.fills.split(",")),

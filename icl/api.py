@@ -224,7 +224,7 @@ class ICLSegmenter:
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
                  fill: str = AUTO, complete_slices: bool = False, crop: bool | str = "auto",
-                 direction: str = "auto"):
+                 direction: str = "auto", adapt_steps: int = 0):
         from icl.model.weights import resolve_checkpoint
         from icl.model.precision import check_amp
 
@@ -237,6 +237,7 @@ class ICLSegmenter:
         self.per_class = parse_support_slices(support_slices)
         self.fill, self.complete_slices = check_sparse_options(self.per_class, fill, complete_slices), \
             bool(complete_slices)
+        self.adapt_steps = int(adapt_steps)  # test-time adaptation before the model fills (icl.sparse.adapt)
         from icl.scan_source import check_direction
 
         self.direction = check_direction(direction)
@@ -253,6 +254,7 @@ class ICLSegmenter:
             self.crop = check_crop(crop, self.mask_prior)
             check_image_memory(config, image_size, "--image-size")
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
+            self.predictor.prior_gain = float(record.get("mask_prior_gain") or 0)  # as trained (sam2_ext.priors)
 
     def window_for(self, scan: Scan) -> str | tuple[float, float]:
         """The window of ``scan``'s frames: ``--window`` as given; with ``auto``, a CT scan gets the CT window the
@@ -325,7 +327,7 @@ class ICLSegmenter:
         window = self.window_for(scan)
         runner = ModelFill(self.predictor, scan, window, axis, self.crop,
                            lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames,
-                           priors=self.mask_prior)
+                           priors=self.mask_prior, adapt_steps=self.adapt_steps)
         checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)

@@ -231,6 +231,9 @@ class TrainConfig(CommonConfig):
     mask_prior: float = opt(0.0, "chance that a both-ways training task is cropped like the sparse fill and given "
                                  "the classic interpolation as a dense mask prompt to refine (icl.sparse.prior)",
                             float, check=NON_NEGATIVE)
+    mask_prior_gain: float = opt(0.0, "with -mask_prior: the prior is also added to the decoder's logits as "
+                                      "gain * (2 * prior - 1), so the model learns corrections (10 = SAM2's +-10 "
+                                      "mask-as-output scale); 0 = the prompt alone", float, check=NON_NEGATIVE)
     lookalike_objects: str = opt("all", "look-alike tasks: every look-alike seen on a support slice is an object "
                                         "with its own support (all), or only the target", choices=("all", "target"))
     lookalike_k: int = opt(3, "look-alike objects per generated volume", int, check=at_least(2))
@@ -358,6 +361,9 @@ class SegmentOptions(Options):
     crop: str = opt("auto", f"with '{LABELLED}': track the model in a square box around the annotated structures "
                             "(on) or on the whole slice (off); auto: on for weights trained with -mask_prior (they "
                             "were trained on such boxes)", choices=("auto", "on", "off"))
+    adapt_steps: int = opt(0, f"with '{LABELLED}': test-time adaptation of the model on your own annotation (Adam "
+                              "steps on tasks between your annotated slices, weights restored after); 0 = off",
+                           int, check=NON_NEGATIVE)
     checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
                                        "--config; none: random init")
     config: str | None = CONFIG(default=None, help=CONFIG.help + f"; default: the one the weights were trained "

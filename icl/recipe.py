@@ -59,11 +59,11 @@ ANATOMY: dict[str, str] = {
 # switch must hold), and both-ways tasks cropped like the sparse fill with the classic interpolation as a dense mask
 # prompt to refine (-mask_prior; icl/engine/prior_tasks.py). One process, 60 min: 120 min from random init in all.
 PRIOR: dict[str, str] = {
-    "-exp_name": "icl_tiny_cpu_prior", "-pretrain": "checkpoint/icl_tiny_cpu_stage1.pth", "-qk_init": "0",
+    "-exp_name": "icl_tiny_cpu_prior_gain", "-pretrain": "checkpoint/icl_tiny_cpu_stage1.pth", "-qk_init": "0",
     "-tasks": "0:adjacent=0.3,sparse=0.6,anat_sparse=2,anat_adjacent=0.5,anat_far=0.3,anat_cross=0.5",
-    "-mask_prior": "0.8", "-anatomy_depth": "16", "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "20",
+    "-mask_prior": "0.8", "-mask_prior_gain": "10", "-anatomy_depth": "16", "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "20",
     "-val_samples": "0", "-num_workers": "1", "-time_limit_min": "60",
-    "-checkpoint_path": "runs/prior", "-export": "runs/prior/candidate.pth",
+    "-checkpoint_path": "runs/prior_gain", "-export": "runs/prior_gain/candidate.pth",
 }
 VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR}
 

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                        image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
                        slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
                        amp=args.amp, fill=args.fill, complete_slices=args.complete_slices,
-                       crop=args.crop, direction=args.direction)
+                       crop=args.crop, direction=args.direction,
+                       adapt_steps=args.adapt_steps)
     written = []
     for q, out in pairs:
         result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,

@@ -8,6 +8,10 @@ SAM2 treats a mask input on a conditioning frame as the answer (``use_mask_input
 *tracked* frame with a prior this mixin runs the full step instead — memory-conditioned features, prompt encoder with
 the prior as its mask input, mask decoder — so the prior is a hint, never copied through. Priors live in the
 inference state as ``state["priors"] = {object index: {frame: [1, 1, h, w] float in [0, 1]}}``.
+
+With ``prior_gain`` g > 0 the prior is also a *residual*: the decoder's mask logits get ``g * (2 * prior - 1)``
+added (g = 10 is SAM2's own scale for a mask used as output: +-10 logits), so the step starts from the prior and
+the decoder learns corrections; the object score still gates the result. 0 (the default) is the prompt alone.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
 
 def prior_input(mask: Any, size: int, device: Any) -> torch.Tensor:
@@ -31,6 +36,7 @@ class MaskPriors:
     """Mixin of :class:`sam2_ext.predictor.ICLPredictor`: tracked frames with a mask prior (module docstring)."""
 
     _prior_step = False
+    prior_gain = 0.0  # the residual's scale (module docstring); what the weights were trained with
 
     def set_priors(self, state: dict, priors: Mapping[int, Mapping[int, Any]]) -> None:
         """``priors``: ``{object index: {frame: mask [H, W]}}``; stored at the prompt encoder's mask-input size."""
@@ -50,6 +56,25 @@ class MaskPriors:
         if with_prior:
             groups.append((with_prior, torch.cat([priors[i][frame_idx] for i in with_prior])))
         return groups
+
+    def _forward_sam_heads(self, backbone_features, point_inputs=None, mask_inputs=None, high_res_features=None,
+                           multimask_output=False):
+        out = super()._forward_sam_heads(backbone_features, point_inputs, mask_inputs, high_res_features,
+                                         multimask_output)
+        if not (self._prior_step and self.prior_gain and mask_inputs is not None):
+            return out
+        low_multi, _, ious, low, _, obj_ptr, scores = out
+        prior = mask_inputs.float()
+        if prior.shape[-2:] != low.shape[-2:]:
+            prior = F.interpolate(prior, size=low.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        residual = self.prior_gain * (2 * prior - 1)
+        add = lambda x: torch.where(x > NO_OBJ_SCORE / 2, x + residual, x)  # noqa: E731 (gated masks stay gated)
+        low_multi, low = add(low_multi), add(low)
+        size = (self.image_size, self.image_size)
+        up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731 (SAM2's)
+        if getattr(self, "_raw_multimasks", None) is not None:  # what the ungated training loss reads
+            self._raw_multimasks = self._raw_multimasks + residual
+        return low_multi, up(low_multi), ious, low, up(low), obj_ptr, scores
 
     def _track_step(self, *args, **kwargs):
         if not self._prior_step:

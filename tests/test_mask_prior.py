@@ -36,6 +36,23 @@ def test_a_prior_changes_its_slice_and_later_ones_never_earlier_or_prompted(tiny
     assert tiny_predictor.use_mask_input_as_output_without_sam  # restored after the prior step
 
 
+def test_with_a_gain_the_prior_is_also_a_residual_of_the_logits(tiny_predictor):
+    from sam2_ext.priors import prior_input
+
+    images, masks = toy_slices(4)
+    prompts, priors = {1: {0: masks[0]}}, {1: {2: masks[2]}}
+    plain = _run(tiny_predictor, images, prompts, priors)
+    tiny_predictor.prior_gain = 10.0
+    try:
+        got = _run(tiny_predictor, images, prompts, priors)
+    finally:
+        tiny_predictor.prior_gain = 0.0
+    low = got[2].shape[-1]
+    residual = 10.0 * (2 * prior_input(masks[2], low, "cpu")[0, 0] - 1)
+    torch.testing.assert_close(got[2][0] - plain[2][0], residual, atol=1e-4, rtol=0)
+    assert torch.equal(got[1], plain[1])  # slices before the prior: untouched
+
+
 def test_objects_with_and_without_a_prior_on_one_slice(tiny_predictor):
     """Two classes on one slice, only one with a prior there: the other gets exactly its plain result."""
     images, masks = toy_slices(5)
@@ -198,3 +215,41 @@ def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights
                             crop="off").crop
     plain = ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, support_slices="labelled")
     assert not plain.mask_prior and not plain.crop  # weights without the prior: whole slices, no prior
+
+
+# ---------------------------------------------------------------------------------------------- test-time adaptation
+def test_adaptation_trains_between_annotated_slices_and_restores_the_weights(tiny_predictor):
+    from icl.sparse.adapt import adapt, adaptation_triples
+    from icl.sparse.model_fill import ModelFill
+
+    annotation, _ = _tube_annotation(step=3)
+    assert adaptation_triples(annotation, [3])[0] == (3, 2, 5, 8)
+    images = torch.from_numpy(np.stack([np.where(annotation.label_zhw[z] > 0, 0.8, 0.2) for z in range(20)]))
+    images = images.float()
+    from sam2_ext.predictor import prepare_frames
+
+    source = [prepare_frames(images[z][None], tiny_predictor.image_size)[0] for z in range(len(images))]
+    runner = ModelFill(tiny_predictor, None, None, 0, priors=True, adapt_steps=2)
+    prompts = runner.prompts(annotation, [3], (0, 40, 0, 40))
+    before = {k: v.clone() for k, v in tiny_predictor.state_dict().items()}
+    assert adapt(tiny_predictor, source, annotation, prompts, (0, 40, 0, 40), 2, priors=True) == 2
+    changed = [k for k, v in tiny_predictor.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not tiny_predictor.training  # it trained, and is back in eval mode
+    tiny_predictor.load_state_dict(before)
+    one_slice = Annotation(annotation.label_zhw, [3], "per_structure", {3: [2]})
+    assert adapt(tiny_predictor, source, one_slice, prompts, (0, 40, 0, 40), 2, priors=True) == 0  # nothing to learn
+
+
+def test_the_fill_restores_the_weights_after_adapting(data, prior_weights):
+    from icl.api import ICLSegmenter
+    from segment_fixtures import IMAGE_SIZE
+    from test_sparse import _sparse_file
+
+    sparse = data["root"] / "adapt_sparse.nii.gz"
+    _sparse_file(data, sparse, step=2)
+    seg = ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled", fill="model",
+                       adapt_steps=1)
+    before = {k: v.clone() for k, v in seg.predictor.state_dict().items()}
+    first = seg.segment(data["s"], data["s"], sparse).labels
+    assert all(torch.equal(v, before[k]) for k, v in seg.predictor.state_dict().items())
+    np.testing.assert_array_equal(first, seg.segment(data["s"], data["s"], sparse).labels)  # seeded: the same

@@ -149,6 +149,7 @@ def setup(cfg: TrainConfig) -> Run:
         set_multimask_tracking(predictor, cfg.multimask_tracking == "on")
     if cfg.qk_init > 0 and weights is None and resume_file is None:
         positional_memory_init(predictor, cfg.qk_init)
+    predictor.prior_gain = cfg.mask_prior_gain  # the mask prior as a residual too (sam2_ext.priors)
     step = ICLStep(predictor, aux_probe=cfg.aux > 0).to(device)
     step.feature_cache = make_feature_cache(cfg, info, predictor)
     step_module = dd.wrap_ddp(step, info, device)

@@ -48,7 +48,7 @@ def trained_settings(weights: str | Path | None) -> dict[str, Any]:
             flags = None
     if not isinstance(flags, dict):
         return {}
-    out = {k: flags[k] for k in ("config", "image_size", "mask_prior") if flags.get(k) is not None}
+    out = {k: flags[k] for k in ("config", "image_size", "mask_prior", "mask_prior_gain") if flags.get(k) is not None}
     frames = flags.get("frames")
     if isinstance(frames, dict) and frames.get("ct_window") is not None:
         out["ct_window"] = tuple(float(v) for v in frames["ct_window"])

@@ -54,11 +54,13 @@ class ModelFill:
     ``(slice, {class: (box, logits)})`` for every slice of the scan, each once."""
 
     def __init__(self, predictor: Any, scan: Any, window: Any, slice_axis: int, crop: bool = False,
-                 autocast: Any = None, prepare: Any = None, priors: bool = False):
+                 autocast: Any = None, prepare: Any = None, priors: bool = False, adapt_steps: int = 0):
         """``priors``: give the model the classic interpolation as its mask prior on every tracked slice
-        (:mod:`icl.sparse.prior`; for weights trained with ``-mask_prior``)."""
+        (:mod:`icl.sparse.prior`; for weights trained with ``-mask_prior``). ``adapt_steps``: test-time adaptation
+        on the annotation first (:mod:`icl.sparse.adapt`; the weights are restored afterwards)."""
         self.predictor, self.scan, self.window, self.axis = predictor, scan, window, slice_axis
         self.crop, self.autocast, self.prepare, self.priors = crop, autocast, prepare, priors
+        self.adapt_steps = int(adapt_steps)
 
     def box(self, annotation: Annotation, classes: list[int]) -> tuple[int, int, int, int]:
         h, w = annotation.in_plane_shape
@@ -94,13 +96,23 @@ class ModelFill:
         source = self.prepare(frames)
         low = self.predictor.sam_prompt_encoder.mask_input_size[0]
         priors = interpolation_priors(annotation, classes, box, low) if self.priors else None
-        with self.autocast():
-            for result in track(self.predictor, source, prompts, "both", priors=priors):
-                found = [i for i, c in enumerate(classes) if float(result.logits[i].max()) > 0]
-                if not found:
-                    yield result.index, {}
-                    continue
-                logits = resize_slices(result.logits[found].float(), shape, "logits").cpu().numpy()
-                yield result.index, {classes[i]: (box, logits[n]) for n, i in enumerate(found)}
+        backup = None
+        if self.adapt_steps > 0:
+            from icl.sparse.adapt import adapt
+
+            backup = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
+            adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
+        try:
+            with self.autocast():
+                for result in track(self.predictor, source, prompts, "both", priors=priors):
+                    found = [i for i, c in enumerate(classes) if float(result.logits[i].max()) > 0]
+                    if not found:
+                        yield result.index, {}
+                        continue
+                    logits = resize_slices(result.logits[found].float(), shape, "logits").cpu().numpy()
+                    yield result.index, {classes[i]: (box, logits[n]) for n, i in enumerate(found)}
+        finally:
+            if backup is not None:
+                self.predictor.load_state_dict(backup)
 
     __call__ = run

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", default="torus,twin_blobs", help="shape classes the model never trained on")
     p.add_argument("--parts", default="switch,sparse,cross")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--crop", default="off", choices=("on", "off"), help="labelled mode: track in a box (icl.segment --crop)")
+    p.add_argument("--crop", default="auto", choices=("auto", "on", "off"),
+                   help="labelled mode: track in a box (icl.segment --crop; auto: as the weights were trained)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from icl.api import ICLSegmenter
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if "switch" in parts:
             seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, window=(0.0, 1.0), support_slices="labelled",
-                               fill="model", complete_slices=True, crop=a.crop == "on")  # the model alone
+                               fill="model", complete_slices=True, crop=a.crop)  # the model alone
             r = switch_scores(seg, work, range(SEED0, SEED0 + a.cases), a.size, a.depth)
             n = next(iter(r.values()))["n"]
             print(f"## Switch ({n} marked objects, 3 look-alikes, support on every 4th slice)\n")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {method} | {v['marked']:.3f} | {v['others']:.3f} |")
             print()
         seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled",
-                           fill="model", complete_slices=True, crop=a.crop == "on")
+                           fill="model", complete_slices=True, crop=a.crop)
         if "sparse" in parts:
             r = sparse_dense(seg, work, a.cases)
             print(f"## Sparse -> dense ({a.cases} phantom scans, {len(SHAPES)} classes, Dice on unannotated slices)\n")

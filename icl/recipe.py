@@ -1,5 +1,8 @@
 """The recipe of the default CPU model (``checkpoint/icl_tiny_cpu.pth``): ``train_3d.py`` flags, written once.
 
+Two stages from random init: ``RECIPE`` (look-alikes + phantom clips, -> ``checkpoint/icl_tiny_cpu_stage1.pth``)
+then ``PRIOR`` (``--variant prior``: anatomy-like volumes with the interpolation as a mask prior, from stage 1).
+
 The ablation (``bench/icl_ablation.py``) changes one lever of it per row; ``checkpoint/README.md`` shows the command
 this prints. Training from random init on 2 CPU processes (``torchrun``, gloo) within 60 minutes:
 
@@ -38,7 +41,7 @@ RECIPE: dict[str, str] = {
     # optimisation: AdamW, warm-up then cosine over the whole run
     "-lr": "1e-3", "-warmup_epochs": "0.5", "-epochs": "30", "-steps_per_epoch": "100",
     "-val_freq": "5", "-val_samples": "40", "-count_flops": "False", "-time_limit_min": "60",
-    "-checkpoint_path": "runs/recipe", "-export": "checkpoint/icl_tiny_cpu.pth",
+    "-checkpoint_path": "runs/recipe", "-export": "checkpoint/icl_tiny_cpu_stage1.pth",  # stage 1 (PRIOR: stage 2)
 }
 
 

@@ -268,3 +268,27 @@ def test_a_structure_on_one_slice_is_a_warning_not_a_crash(data, tmp_path, capsy
     err = capsys.readouterr().err
     assert "structure 1 is annotated on one slice only" in err and "error" not in err
     np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), sparse)  # nothing to fill between
+
+
+def test_auto_takes_the_model_only_on_clear_per_slice_evidence():
+    """A model that ties with interpolation within the check's noise is not chosen; one that beats it on every
+    held-out slice is."""
+    from icl.sparse.fill import model_clearly_better
+
+    label = _two_tubes()
+    annotation = Annotation.from_label(_per_structure(label, {1: [2, 8, 14, 20, 26]}), 2, [1])
+
+    def check(model_slices):
+        interp = {8: 0.70, 20: 0.60, 14: 0.65, 26: 0.75}
+        model = dict(zip(interp, model_slices))
+        return {1: (4, {"interpolation": float(np.mean(list(interp.values()))), "nearest": 0.5,
+                        "model": float(np.mean(model_slices))}, {"interpolation": interp, "model": model})}
+
+    noisy = check([0.80, 0.52, 0.70, 0.72])  # mean +0.01, differences +0.10, -0.08, +0.05, -0.03
+    assert not model_clearly_better(noisy)
+    table = choose(annotation, noisy, "auto")
+    assert table[0].chosen == "interpolation" and "did not clearly beat" in table[0].rule
+    assert table[0].dice["model"] == pytest.approx(0.685)  # the table still reports the model's held-out Dice
+    clear = check([0.80, 0.71, 0.74, 0.86])  # +0.09 to +0.11 on every slice
+    assert model_clearly_better(clear) and choose(annotation, clear, "auto")[0].chosen == "model"
+    assert choose(annotation, noisy, "model")[0].chosen == "model"  # an explicit --fill model is obeyed

@@ -16,6 +16,8 @@ import numpy as np
 
 from icl.baselines import nearest_copy, sparse_dice, sparse_label
 from icl.data.lookalike import make_task
+from icl.sparse.classic import INTERPOLATION
+from icl.sparse.classic import NEAREST as NEAREST_FILL
 
 MODEL, NEAREST = "model", "nearest annotated slice"
 
@@ -47,7 +49,7 @@ def _save(arr: np.ndarray, path: Path) -> Path:
     return path
 
 
-ENGINE_FILLS = (MODEL, "interpolation", "nearest")
+ENGINE_FILLS = (MODEL, INTERPOLATION, NEAREST_FILL)  # the engine's --fill names
 
 
 def anatomy_scores(seg: Any, work: Path, seeds: Iterable[int], size: int = 128, depth: int = 24,

@@ -19,22 +19,20 @@ from icl.sparse.model_fill import square_box
 from icl.sparse.prior import annotation_from_prompts, interpolation_priors
 
 
-def _boxes(task: Task) -> list[tuple[int, int, int, int]]:
-    out = []
-    for per in task.prompts.values():
-        for mask in per.values():
-            m = np.asarray(mask) > 0.5
-            if m.any():
-                ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-                out.append((int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
-    return out
+def _as_annotation(prompts: dict, depth: int, shape: tuple[int, int], complete: bool):
+    return annotation_from_prompts({k: {z: np.asarray(m) for z, m in per.items()} for k, per in prompts.items()},
+                                   (depth, *shape), complete)
 
 
 def with_mask_prior(task: Task, size: int) -> Task:
     """``task`` (both ways) cropped like the sparse fill and given the interpolation prior of its prompts."""
+    if task.direction != "both":
+        return task
     shape = tuple(task.frames.shape[1:])
-    boxes = _boxes(task)
-    if task.direction != "both" or not boxes:
+    complete = any(not bool(m.any()) for per in task.prompts.values() for m in per.values())
+    drawn = _as_annotation(task.prompts, len(task.frames), shape, complete)
+    boxes = [b for c in drawn.classes if (b := drawn.box(c, 0)) is not None]  # the fill's box rule (ModelFill.box)
+    if not boxes:
         return task
     y0, y1, x0, x1 = square_box(boxes, shape)
     out = (size, size)
@@ -45,9 +43,7 @@ def with_mask_prior(task: Task, size: int) -> Task:
         return resize_slices(flat, out, mode).float().reshape(*lead, *out)
 
     prompts = {k: {z: cut(m[None], "label")[0] for z, m in per.items()} for k, per in task.prompts.items()}
-    numpy_prompts = {k: {z: m.numpy() for z, m in per.items()} for k, per in prompts.items()}
-    complete = any(not bool(m.any()) for per in prompts.values() for m in per.values())
-    annotation = annotation_from_prompts(numpy_prompts, (len(task.frames), *out), complete)
+    annotation = _as_annotation(prompts, len(task.frames), out, complete)
     priors = interpolation_priors(annotation, annotation.classes)
     return Task(cut(task.frames, "image").clamp(0, 1), prompts, task.direction, cut(task.targets, "label"),
                 task.scored, task.kind, task.name, task.class_ids,

@@ -29,8 +29,9 @@ BYTES_PER_PIXEL_AND_WIDTH = 12
 
 
 def trained_settings(weights: str | Path | None) -> dict[str, Any]:
-    """``{"config": name, "image_size": int, "mask_prior": float, "ct_window": (lo, hi)}`` as recorded in ``weights`` (any may be
-    missing; {} for files that record nothing or cannot be read — the loader reports those)."""
+    """``{"config": name, "image_size": int, "mask_prior": float, "mask_prior_gain": float, "ct_window": (lo, hi)}``
+    as recorded in ``weights`` (any may be missing; {} for files that record nothing or cannot be read — the loader
+    reports those)."""
     if weights is None:
         return {}
     try:

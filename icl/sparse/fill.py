@@ -102,15 +102,12 @@ def self_check(annotation: Annotation, run_model: ModelRunner | None) -> dict[in
 
 def model_clearly_better(checks: dict[int, tuple]) -> bool:
     """The module docstring's evidence rule; True when no per-slice evidence was recorded (nothing to test)."""
-    diffs = [m - i for check in checks.values() if len(check) > 2
-             for z, m in check[2].get(MODEL, {}).items()
-             if m is not None and (i := check[2].get(INTERPOLATION, {}).get(z)) is not None]
-    if not any(len(check) > 2 for check in checks.values()):
+    per_slice = [check[2] for check in checks.values() if len(check) > 2]
+    if not per_slice:
         return True
-    if len(diffs) < 2:
-        return False
-    diffs_arr = np.asarray(diffs)
-    return float(diffs_arr.mean()) > EVIDENCE * float(diffs_arr.std(ddof=1)) / np.sqrt(len(diffs_arr))
+    diffs = np.asarray([m - i for slices in per_slice for z, m in slices.get(MODEL, {}).items()
+                        if m is not None and (i := slices.get(INTERPOLATION, {}).get(z)) is not None])
+    return len(diffs) >= 2 and float(diffs.mean()) > EVIDENCE * float(diffs.std(ddof=1)) / np.sqrt(len(diffs))
 
 
 def _best(dice: dict[str, float | None]) -> str:

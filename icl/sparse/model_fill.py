@@ -3,13 +3,13 @@
 Why a crop: a structure 15 voxels across is 2–3 cells of the model's 32 × 32 mask grid at 128 px on a whole
 slice; tracked in a square box around the annotated structures (their in-plane bounding box over the annotated
 slices plus a margin) it is several times larger. The box is square so the frames are not stretched; the model's
-logits go back into the full slice at the box's place (outside it the structures are absent). It is opt-in
-(``--crop on``): the shipped model, trained on whole slices, follows its support worse in a crop (phantom switch,
-marked Dice 0.48 with it vs 0.97 without) and gains nothing on real MR (INIA19 every 6th slice: 0.186 vs 0.184).
+logits go back into the full slice at the box's place (outside it the structures are absent). ``--crop auto`` (the
+default) uses it for weights trained with ``-mask_prior`` (trained on such boxes) and not for others: the previous
+default model, trained on whole slices, followed its support worse in a crop (phantom switch, marked Dice 0.48 with
+it vs 0.97 without) and gained nothing on real MR (INIA19 every 6th slice: 0.186 vs 0.184).
 
 Weights trained with ``-mask_prior`` also get the classic interpolation as a dense mask prompt on every slice they
-track (``priors=True``; :mod:`icl.sparse.prior`), and run in the crop by default (``--crop auto``): how they
-were trained.
+track (``priors=True``; :mod:`icl.sparse.prior`): how they were trained.
 
 Prompts follow the annotation's convention (:mod:`icl.sparse.annotation`): each structure on its own annotated
 slices, and an empty mask on every slice that ends it (:meth:`Annotation.stops`) — which the propagation rule

@@ -1,6 +1,6 @@
 """The model's mask prior on a sparse annotation: the engine's shape-based interpolation, slice by slice.
 
-Why: a model trained with ``-mask_prior`` (``icl.engine.tasks``) reads, on every slice it tracks between and just
+Why: a model trained with ``-mask_prior`` (``icl.engine.prior_tasks``) reads, on every slice it tracks between and just
 beyond a structure's annotated slices, the classic interpolation of that structure as SAM2's dense mask prompt
 (``sam2_ext.priors``) and learns to correct it. Training and inference compute it here, the same way: from the
 annotation's own slices only (:class:`~icl.sparse.classic.ClassicFill`, ``interpolation``), within the annotation's
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from icl.sparse.annotation import COMPLETE, PER_STRUCTURE, Annotation
-from icl.sparse.classic import INTERPOLATION, ClassicFill
+from icl.sparse.classic import INTERPOLATION, ClassicFill, place
 
 
 def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[int, int, int, int] | None = None,
@@ -38,11 +38,7 @@ def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[
         for z in range(extent[0], extent[1] + 1):
             if z in drawn:
                 continue
-            mask = np.zeros((h, w), bool)
-            score = fill.score(c, z)
-            if score is not None:
-                (by0, by1, bx0, bx1), values = score
-                mask[by0:by1, bx0:bx1] = values > 0
+            mask = place(fill.score(c, z), (h, w))
             per[z] = mask[y0:y1, x0:x1] if size is None else prior_input(mask[y0:y1, x0:x1], size, "cpu")[0, 0]
         out[c] = per
     return out

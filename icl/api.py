@@ -255,6 +255,7 @@ class ICLSegmenter:
             check_image_memory(config, image_size, "--image-size")
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
             self.predictor.prior_gain = float(record.get("mask_prior_gain") or 0)  # as trained (sam2_ext.priors)
+            self.predictor.prior_resolution = str(record.get("mask_prior_res") or "grid")
 
     def window_for(self, scan: Scan) -> str | tuple[float, float]:
         """The window of ``scan``'s frames: ``--window`` as given; with ``auto``, a CT scan gets the CT window the

@@ -23,6 +23,8 @@ from icl.model.device import resolve_device  # noqa: F401  (re-exported: the opt
 from icl.options import (NONE_WORDS, NON_NEGATIVE, POSITIVE, Opt, Options, at_least, none_word, opt, parse_options,
                          probability)
 from icl.options import build_parser, str2bool, validate  # noqa: F401  (the commands' parsers and checks)
+from icl.option_checks import class_list as _class_list, exp_name as _exp_name, generator_parts as _generator_parts
+from icl.option_checks import schedule as _schedule, shape_list as _shape_list
 
 AUTO_SUPPORT_PER_CLASS = 3  # support slices per label value for --support-slices auto
 LABELLED = "labelled"  # --support-slices labelled: exactly the slices that carry a label value
@@ -48,45 +50,6 @@ def no_weights(value: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------- checks
 def _weights(value: str) -> str | None:
     return None if no_weights(value) else value
-
-
-def _exp_name(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
-        raise ValueError(f"use letters, digits, '.', '_' or '-' only, got {value!r}")
-    return value
-
-
-def _schedule(text: str) -> str:
-    from icl.engine.tasks import parse_schedule
-
-    try:
-        parse_schedule(text)
-    except InputError as err:
-        raise ValueError(err.problem) from None
-    return text
-
-
-def _shape_list(text: str) -> str:
-    from icl.data.lookalike import SHAPES
-
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        raise ValueError(f"unknown shape class(es) {unknown}; choose from {', '.join(SHAPES)}")
-    return ",".join(names)
-
-
-def _class_list(value: str) -> str:
-    text = value.strip().lower().replace(" ", "") or "all"
-    if text == "all":
-        return text
-    try:
-        ids = [int(c) for c in text.split(",") if c]
-    except ValueError:
-        raise ValueError(f"expected all or comma-separated integers, got {value!r}") from None
-    if not ids or min(ids) < 1:
-        raise ValueError(f"class ids are >= 1 (0 is background), got {value!r}")
-    return text
 
 
 def _parts(value: str) -> str:
@@ -234,11 +197,16 @@ class TrainConfig(CommonConfig):
     mask_prior_gain: float = opt(0.0, "with -mask_prior: the prior is also added to the decoder's logits as "
                                       "gain * (2 * prior - 1), so the model learns corrections (10 = SAM2's +-10 "
                                       "mask-as-output scale); 0 = the prompt alone", float, check=NON_NEGATIVE)
+    mask_prior_res: str = opt("grid", "where the gain's residual is read: on the decoder's mask grid (grid) or at the "
+                                      "output's resolution, the prior's own detail kept (output; sam2_ext.priors)",
+                              choices=("grid", "output"))
     lookalike_objects: str = opt("all", "look-alike tasks: every look-alike seen on a support slice is an object "
                                         "with its own support (all), or only the target", choices=("all", "target"))
     lookalike_k: int = opt(3, "look-alike objects per generated volume", int, check=at_least(2))
     lookalike_depth: int = opt(12, "slices per generated look-alike volume", int, check=at_least(4))
     anatomy_depth: int = opt(12, "slices per generated anatomy slab (anat_* levels)", int, check=at_least(4))
+    anatomy_drop: str = opt("", "generator parts left out of the anat_* levels, an ablation (comma names, e.g. "
+                                "texture,bias; icl.data.anatomy_tasks.GENERATOR_PARTS)", check=_generator_parts)
     held_out_shapes: str = opt("", "look-alike shape classes never trained on (comma names, e.g. torus,cone)",
                                check=_shape_list)
     export: str | None = opt(None, "at the end, write the weights alone of best.pth (else last.pth) to this file "

@@ -3,8 +3,9 @@
 Two stages from random init: ``RECIPE`` (look-alikes + phantom clips, -> ``checkpoint/icl_tiny_cpu_stage1.pth``)
 then ``PRIOR`` (``--variant prior``: anatomy-like volumes with the interpolation as a mask prior, from stage 1).
 
-The ablation (``bench/icl_ablation.py``) changes one lever of it per row; ``checkpoint/README.md`` shows the command
-this prints. Training from random init on 2 CPU processes (``torchrun``, gloo) within 60 minutes:
+The ablations change one lever per row: ``bench/icl_ablation.py`` of stage 1, ``bench/anatomy_ablation.py`` of
+stage 2 (generator parts, where the prior's residual is read); ``checkpoint/README.md`` shows the commands this
+prints. Stage 1 on 2 CPU processes (``torchrun``, gloo) in about 38 minutes, stage 2 on one in about 21:
 
     python -m icl.recipe            # prints the command
     python -m icl.recipe --run      # runs it (resumable: add -resume runs/recipe/<run folder>)
@@ -57,16 +58,17 @@ ANATOMY: dict[str, str] = {
     "-checkpoint_path": "runs/anat", "-export": "runs/anat/candidate.pth",
 }
 
-# Stage 2 of the default model (issue #17): from the stage-1 weights (the look-alike/phantom recipe above, 60 min on
-# 2 processes, kept as checkpoint/icl_tiny_cpu_stage1.pth), synthetic anatomy with look-alikes kept in the mix (the
-# switch must hold), and both-ways tasks cropped like the sparse fill with the classic interpolation as a dense mask
-# prompt to refine (-mask_prior; icl/engine/prior_tasks.py). One process, 60 min: 120 min from random init in all.
+# Stage 2 of the default model (issue #17): from the stage-1 weights (the look-alike/phantom recipe above, kept as
+# checkpoint/icl_tiny_cpu_stage1.pth), synthetic anatomy with look-alikes kept in the mix (the switch must hold), and
+# both-ways tasks cropped like the sparse fill with the classic interpolation as a dense mask prompt to refine
+# (-mask_prior; icl/engine/prior_tasks.py), also a residual of the logits read at the output's resolution
+# (-mask_prior_gain, -mask_prior_res output; sam2_ext/priors.py). One process, 1,200 steps.
 PRIOR: dict[str, str] = {
-    "-exp_name": "icl_tiny_cpu_prior_gain", "-pretrain": "checkpoint/icl_tiny_cpu_stage1.pth", "-qk_init": "0",
+    "-exp_name": "icl_tiny_cpu_prior", "-pretrain": "checkpoint/icl_tiny_cpu_stage1.pth", "-qk_init": "0",
     "-tasks": "0:adjacent=0.3,sparse=0.6,anat_sparse=2,anat_adjacent=0.5,anat_far=0.3,anat_cross=0.5",
-    "-mask_prior": "0.8", "-mask_prior_gain": "10", "-anatomy_depth": "16", "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "20",
-    "-val_samples": "0", "-num_workers": "1", "-time_limit_min": "60",
-    "-checkpoint_path": "runs/prior_gain", "-export": "runs/prior_gain/candidate.pth",
+    "-mask_prior": "0.8", "-mask_prior_gain": "10", "-mask_prior_res": "output", "-anatomy_depth": "16",
+    "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "12", "-val_samples": "0", "-num_workers": "1",
+    "-time_limit_min": "45", "-checkpoint_path": "runs/prior", "-export": "runs/prior/candidate.pth",
 }
 VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR}
 

@@ -12,6 +12,11 @@ inference state as ``state["priors"] = {object index: {frame: [1, 1, h, w] float
 With ``prior_gain`` g > 0 the prior is also a *residual*: the decoder's mask logits get ``g * (2 * prior - 1)``
 added (g = 10 is SAM2's own scale for a mask used as output: +-10 logits), so the step starts from the prior and
 the decoder learns corrections; the object score still gates the result. 0 (the default) is the prompt alone.
+
+The residual is added on the decoder's mask grid (image_size / 4: 32 x 32 at 128 px), which blurs a prior that is
+finer than that. With ``prior_resolution = "output"`` whoever sizes the logits for use (the sparse fill at the
+slice's own resolution, the training loss at the target's) swaps that coarse residual for the prior at its own
+resolution (:func:`residual_at_output`): the decoder's correction stays on its grid, the prior keeps its detail.
 """
 from __future__ import annotations
 
@@ -32,11 +37,38 @@ def prior_input(mask: Any, size: int, device: Any) -> torch.Tensor:
     return m.clamp(0, 1)
 
 
+def residual_at_output(logits: torch.Tensor, prior: torch.Tensor, fine: Any, gain: float) -> torch.Tensor:
+    """A prior step's mask logits [..., h, w] at the output's resolution [..., H, W]: the mask-grid residual
+    ``gain * (2 * prior - 1)`` taken out (``prior``: the mask input the step read, [h', w'] or [..., h', w']), the
+    rest resized bilinearly (SAM2's way), and ``gain * (2 * fine - 1)`` added (``fine``: the prior at the output's
+    resolution, [H, W] or [..., H, W]). Masks SAM2 gated as absent stay gated (the resized constant)."""
+    fine = torch.as_tensor(fine).to(logits.device, torch.float32)
+    size = tuple(fine.shape[-2:])
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == size:
+            return x
+        lead = x.shape[:-2]
+        flat = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=size, mode="bilinear", align_corners=False)
+        return flat.reshape(*lead, *size)
+
+    logits = logits.float()
+    prior = prior.to(logits)
+    if prior.shape[-2:] != logits.shape[-2:]:
+        lead = prior.shape[:-2]
+        prior = F.interpolate(prior.reshape(-1, 1, *prior.shape[-2:]), size=logits.shape[-2:], mode="bilinear",
+                              align_corners=False, antialias=True).reshape(*lead, *logits.shape[-2:])
+    present = (logits.flatten(-2).amax(-1) > NO_OBJ_SCORE / 2)[..., None, None]
+    swapped = resize(logits - gain * (2 * prior - 1)) + gain * (2 * fine - 1)
+    return torch.where(present, swapped, resize(logits))
+
+
 class MaskPriors:
     """Mixin of :class:`sam2_ext.predictor.ICLPredictor`: tracked frames with a mask prior (module docstring)."""
 
     _prior_step = False
     prior_gain = 0.0  # the residual's scale (module docstring); what the weights were trained with
+    prior_resolution = "grid"  # where the residual is read: "grid" (as returned) or "output" (residual_at_output)
 
     def set_priors(self, state: dict, priors: Mapping[int, Mapping[int, Any]]) -> None:
         """``priors``: ``{object index: {frame: mask [H, W]}}``; stored at the prompt encoder's mask-input size."""

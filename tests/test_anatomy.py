@@ -178,3 +178,30 @@ def test_sparse_targets_are_never_present_where_the_rule_stops_them():
             shown = np.flatnonzero(task["targets"][j].reshape(12, -1).any(1))
             assert start < shown.min() and shown.max() < stop, (seed, j)
     assert contiguous_in_z(np.array([[0, 1, 1], [0, 0, 1], [0, 1, 1]])).tolist() == [False, False, True]
+
+
+# ------------------------------------------------------------------------------------------------ the ablation's parts
+def test_a_render_without_any_of_its_parts_is_the_label_map_in_grey_levels():
+    from icl.data.anatomy_image import RENDER_PARTS
+
+    rng, template, labels = _case(12)
+    image, means = render(rng, labels, template.kinds, drop=frozenset(RENDER_PARTS))
+    for i in np.unique(labels):  # no texture, blur, bias, noise: one grey level per structure
+        assert np.ptp(image[labels == i]) < 1e-5, i
+    assert len(np.unique(means[1:].round(6))) == len(means) - 1  # no shared tissue classes: every mean its own
+    full, _ = render(np.random.default_rng(12), labels, template.kinds)
+    assert max(np.ptp(full[labels == i]) for i in np.unique(labels)) > 0.05
+
+
+def test_generator_parts_are_left_out_by_name_and_seeded():
+    from icl.data.anatomy_tasks import GENERATOR_PARTS
+
+    plain = make_template(np.random.default_rng(2), SIZE, DEPTH, extras=False)
+    assert set(plain.kinds) <= {"background", "skin", "rim", "layer", "region"}  # no blobs, tubes, curves, tiny ones
+    a = make_anatomy_task(4, "anat_sparse", size=SIZE, depth=DEPTH, drop={"texture", "extras"})
+    b = make_anatomy_task(4, "anat_sparse", size=SIZE, depth=DEPTH, drop={"texture", "extras"})
+    assert np.array_equal(a["frames"], b["frames"])
+    assert not np.array_equal(a["frames"], make_anatomy_task(4, "anat_sparse", size=SIZE, depth=DEPTH)["frames"])
+    assert "deformation" in GENERATOR_PARTS
+    with pytest.raises(ValueError, match="unknown generator parts"):
+        make_anatomy_task(4, "anat_sparse", drop={"colour"})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from icl.api import ICLSegmenter
@@ -39,16 +38,15 @@ def _switch(tmp_path):
 
 def test_default_model_follows_the_marked_object(tmp_path):
     """Same image, only the support differs: the model segments the object its support marks and leaves the
-    look-alikes alone (measured with the current default: 0.647 marked, 0.000 others)."""
+    look-alikes alone (measured with the current default: 0.860 marked, 0.000 others)."""
     model, _, scores = _switch(tmp_path)
     assert model["marked"] > 0.5 and model["others"] < 0.05, scores
 
 
-@pytest.mark.xfail(strict=True, reason="#17 target missed by the current default (anatomy + mask-prior stage): "
-                                       "0.647 vs nearest copy 0.746 marked; the previous default scored 0.950")
 def test_default_model_follows_the_marked_object_better_than_copying(tmp_path):
     """Nearest-slice copy follows the marked object by construction (Dice(others) 0), so the model's worth is its
-    margin over copying on the same tasks."""
+    margin over copying on the same tasks (measured: 0.860 vs 0.746; the stage-2 default before the prior was read
+    at the output's resolution scored 0.647, the stage-1 default 0.950)."""
     model, nearest, scores = _switch(tmp_path)
     assert model["marked"] > nearest["marked"] + 0.1, scores  # it beats copying the nearest annotated slice
 
@@ -59,7 +57,7 @@ ANATOMY_SEEDS = tuple(range(2**31 + 5000, 2**31 + 5006))  # generated anatomy vo
 def test_default_model_fills_generated_anatomy_like_copying_or_better(tmp_path):
     """On anatomy-like volumes (10–60 touching structures, per-structure annotation every 4th slice; the generator's
     seeds training never draws), the model alone — with its mask prior, as ``--fill model`` runs it — keeps up with
-    nearest-slice copy (measured: model 0.472, nearest 0.464, interpolation 0.520); the previous default, trained on
+    nearest-slice copy (measured: model 0.527, interpolation 0.520, nearest 0.464); the stage-1 default, trained on
     phantoms only, scored 0.009 there."""
     from icl.switch_check import anatomy_scores
 

@@ -53,6 +53,64 @@ def test_with_a_gain_the_prior_is_also_a_residual_of_the_logits(tiny_predictor):
     assert torch.equal(got[1], plain[1])  # slices before the prior: untouched
 
 
+def test_the_residual_can_be_read_at_the_outputs_resolution():
+    """residual_at_output: the mask-grid residual out, the prior at the output's resolution in, gated stays gated."""
+    from sam2.modeling.sam2_base import NO_OBJ_SCORE
+
+    from sam2_ext.priors import prior_input, residual_at_output
+    from sam2_ext.track import to_size
+
+    gen = torch.Generator().manual_seed(0)
+    decoder = torch.randn(2, 8, 8, generator=gen)
+    fine = torch.zeros(2, 32, 32)
+    fine[:, 5:19, 9:23] = 1  # edges off the 8 x 8 grid's cell borders
+    coarse = prior_input(fine[0], 8, "cpu")[0, 0]
+    logits = decoder + 10 * (2 * coarse - 1)
+    logits[1] = NO_OBJ_SCORE  # SAM2 called the second object absent
+    got = residual_at_output(logits, coarse, fine, 10.0)
+    torch.testing.assert_close(got[0], to_size(decoder[0], (32, 32)) + 10 * (2 * fine[0] - 1), atol=1e-4, rtol=0)
+    assert torch.equal(got[1], torch.full((32, 32), NO_OBJ_SCORE))
+    # where the decoder is unsure the result is the prior itself, edges at its own resolution
+    assert torch.equal(residual_at_output(10 * (2 * coarse - 1), coarse, fine[0], 10.0) > 0, fine[0] > 0)
+
+
+def test_the_loss_and_the_fill_read_the_prior_at_their_own_resolution(tiny_predictor):
+    """-mask_prior_res output: the training loss swaps the residual at the target's size, the sparse fill at the
+    scan's, both through residual_at_output: one rule."""
+    from icl.engine.objective import TaskLoss
+    from icl.sparse.model_fill import ModelFill
+    from icl.sparse.prior import interpolation_prior
+    from sam2_ext.priors import prior_input, residual_at_output
+    from sam2_ext.track import SliceResult
+
+    task = _sparse_task_with_priors()[1]
+    k, per = next((k, per) for k, per in task.priors.items() if per)
+    z = next(iter(per))
+    low = torch.randn(4, 3, 16, 16)
+    loss = TaskLoss("dice_bce", 64, prior_gain=10.0)
+    want = residual_at_output(low[0], prior_input(per[z], 16, "cpu")[0, 0], per[z], 10.0)
+    torch.testing.assert_close(loss._sized(low[0], task, z, k, (64, 64)), want)
+    assert loss._sized(low[0], task, z, k + 5, (64, 64)).shape == (3, 64, 64)  # no prior there: resized only
+    assert not torch.equal(TaskLoss("dice_bce", 64)._sized(low[0], task, z, k, (64, 64)), want)  # gain 0: off
+
+    annotation, _ = _tube_annotation(step=4)
+    box = (0, 40, 0, 40)
+    priors = interpolation_priors(annotation, [3], box, 16)
+    z = next(iter(priors[3]))
+    result = SliceResult(z, 10 * (2 * priors[3][z][None] - 1), torch.ones(1), torch.ones(1))
+    runner = ModelFill(tiny_predictor, None, None, 0, priors=True)
+    tiny_predictor.prior_gain = 10.0
+    try:
+        fill = ClassicFill(annotation, "interpolation")
+        got = runner.sized(result, [3], priors, fill, box, (40, 40))
+        coarse = runner.sized(result, [3], priors, None, box, (40, 40))  # the mask-grid residual, resized
+    finally:
+        tiny_predictor.prior_gain = 0.0
+    exact = interpolation_prior(fill, 3, z, box)
+    np.testing.assert_array_equal(got[3] > 0, exact)  # the decoder added nothing: the prior at the scan's detail
+    assert not np.array_equal(coarse[3] > 0, exact)
+
+
 def test_objects_with_and_without_a_prior_on_one_slice(tiny_predictor):
     """Two classes on one slice, only one with a prior there: the other gets exactly its plain result."""
     images, masks = toy_slices(5)
@@ -215,6 +273,19 @@ def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights
                             crop="off").crop
     plain = ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, support_slices="labelled")
     assert not plain.mask_prior and not plain.crop  # weights without the prior: whole slices, no prior
+
+
+def test_the_api_reads_where_the_weights_read_their_residual(data, tmp_path):
+    from icl.api import ICLSegmenter
+    from segment_fixtures import IMAGE_SIZE
+
+    payload = torch.load(data["ckpt"], map_location="cpu", weights_only=True)
+    payload["config"] = {"config": "tiny_cpu", "mask_prior": 0.8, "mask_prior_gain": 10.0, "mask_prior_res": "output"}
+    torch.save(payload, tmp_path / "output.pt")
+    seg = ICLSegmenter(checkpoint=tmp_path / "output.pt", image_size=IMAGE_SIZE, support_slices="labelled")
+    assert (seg.predictor.prior_gain, seg.predictor.prior_resolution) == (10.0, "output")
+    plain = ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, support_slices="labelled")
+    assert (plain.predictor.prior_gain, plain.predictor.prior_resolution) == (0.0, "grid")
 
 
 # ---------------------------------------------------------------------------------------------- test-time adaptation

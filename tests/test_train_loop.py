@@ -109,7 +109,8 @@ def test_lookalike_schedule_with_levers_trains_and_exports(train_data, tmp_path,
     from icl.model.settings import trained_settings
 
     assert trained_settings(export) == {"config": "tiny_cpu", "image_size": 128, "ct_window": WINDOWS["ct_kidney"],
-                                        "mask_prior": 0.0, "mask_prior_gain": 0.0}  # no prior: none at inference
+                                        "mask_prior": 0.0, "mask_prior_gain": 0.0,
+                                        "mask_prior_res": "grid"}  # no prior: none at inference
     model = build_icl_predictor("tiny_cpu", "cpu", image_size=128)
     load_weights(model, export)  # the exported file loads like any SAM2 checkpoint
     val = summary["last_val"]

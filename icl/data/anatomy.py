@@ -183,22 +183,23 @@ def _compact(labels: np.ndarray, kinds: list[str]) -> tuple[np.ndarray, list[str
 
 
 def make_template(rng: np.random.Generator, size: int = 128, depth: int = 12,
-                  structures: int | None = None, spacing: int | None = None) -> Template:
+                  structures: int | None = None, spacing: int | None = None, extras: bool = True) -> Template:
     """A seeded anatomy template with ``structures`` (default: random MIN..MAX_STRUCTURES) structure ids for
-    patients of ``depth`` slices taken every ``spacing`` template slices (default 1, or 2 with probability 0.3)."""
+    patients of ``depth`` slices taken every ``spacing`` template slices (default 1, or 2 with probability 0.3).
+    ``extras=False`` (an ablation): no blobs, nested pairs, tubes, curves or tiny structures, only the partition."""
     want = int(structures or rng.integers(MIN_STRUCTURES, MAX_STRUCTURES + 1))
     want = int(np.clip(want, MIN_STRUCTURES, MAX_STRUCTURES))
     spacing = int(spacing or (2 if rng.random() < 0.3 else 1))
     slab = (depth - 1) * spacing + 1 + SLAB_MARGIN
     labels, kinds, interior = _shells(rng, _body_radius(rng, size, slab), size)
     rest = want - (len(kinds) - 1)
-    extras = int(rng.integers(int(0.2 * rest), int(0.6 * rest) + 1))
-    regions = max(3, rest - extras)
+    painted = int(rng.integers(int(0.2 * rest), int(0.6 * rest) + 1)) if extras else 0
+    regions = max(3, rest - painted)
     part = _partition(rng, regions, size, slab)
     labels[interior] = (part[interior] + len(kinds)).astype(np.int16)
     kinds += ["region"] * regions
     labels, kinds = _compact(labels, kinds)
-    for _ in range(4):  # painting over regions hides some ids: paint again until the count is reached
+    for _ in range(4 if extras else 0):  # painting over regions hides some ids: paint again until the count
         missing = want - (len(kinds) - 1)
         if missing <= 0:
             break

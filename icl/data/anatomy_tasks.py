@@ -23,9 +23,12 @@ from __future__ import annotations
 import numpy as np
 
 from icl.data.anatomy import make_template, patient
-from icl.data.anatomy_image import render
+from icl.data.anatomy_image import RENDER_PARTS, render
 
 ANATOMY_LEVELS: tuple[str, ...] = ("anat_sparse", "anat_adjacent", "anat_far", "anat_cross")
+#: generator parts an ablation can leave out (``-anatomy_drop``): the image's (``icl.data.anatomy_image``), the
+#: painted structures beside the partition (``extras``) and the patients' deformation (``deformation``)
+GENERATOR_PARTS: tuple[str, ...] = (*RENDER_PARTS, "extras", "deformation")
 STYLES = ("per_structure", "complete")
 MIN_VOXELS = 4  # a target has at least this many voxels on a slice where it counts as present
 LOOKALIKE_PROB = 0.6  # chance that the first target is drawn among structures with a weak-contrast neighbour
@@ -97,14 +100,16 @@ def _distractors(pairs: np.ndarray, means: np.ndarray, targets: list[int], per_t
 
 
 # ------------------------------------------------------------------------------------------------ tasks
-def _scan(rng: np.random.Generator, size: int, depth: int, structures: int | None, pair: bool):
-    template = make_template(rng, size, depth, structures)
+def _scan(rng: np.random.Generator, size: int, depth: int, structures: int | None, pair: bool,
+          drop: frozenset = frozenset()):
+    template = make_template(rng, size, depth, structures, extras="extras" not in drop)
     scans = []
     for i in range(2 if pair else 1):
-        labels = patient(rng, template, depth, mirror=bool(i == 1 and rng.random() < 0.5))
+        labels = patient(rng, template, depth, mirror=bool(i == 1 and rng.random() < 0.5),
+                         strength=0.0 if "deformation" in drop else 1.0)
         if rng.random() < 0.5:  # tracked up or down the scan alike
             labels = np.ascontiguousarray(labels[::-1])
-        scans.append((labels, render(rng, labels, template.kinds)[0]))
+        scans.append((labels, render(rng, labels, template.kinds, drop=drop)[0]))
     return template, scans
 
 
@@ -115,23 +120,29 @@ def _masks(labels: np.ndarray, ids: list[int]) -> np.ndarray:
 
 def make_anatomy_task(seed: int, level: str = "anat_sparse", size: int = 128, depth: int = 12, k: int | None = None,
                       style: str | None = None, every: int | None = None, num_support: int | None = None,
-                      structures: int | None = None) -> dict:
+                      structures: int | None = None, drop: frozenset | set = frozenset()) -> dict:
     """One seeded anatomy task of ``level`` (module docstring); same arguments -> same arrays.
 
     ``k``: targets (default random 1-3); ``style``/``every``: the sparse annotation (defaults random);
-    ``num_support``: cross-case support slices (default random 1-3); ``structures``: ids in the template."""
+    ``num_support``: cross-case support slices (default random 1-3); ``structures``: ids in the template;
+    ``drop``: parts of :data:`GENERATOR_PARTS` left out (an ablation)."""
     if level not in ANATOMY_LEVELS:
         raise ValueError(f"unknown anatomy level {level!r}; choose from {', '.join(ANATOMY_LEVELS)}")
+    drop = frozenset(drop)
+    if drop - set(GENERATOR_PARTS):
+        raise ValueError(f"unknown generator parts {sorted(drop - set(GENERATOR_PARTS))}; "
+                         f"choose from {', '.join(GENERATOR_PARTS)}")
     rng = np.random.default_rng([int(seed), ANATOMY_LEVELS.index(level), size, depth, 29])
     for _ in range(20):  # a draw without a usable target (rare: tiny slabs) is drawn again
-        task = _attempt(rng, level, size, depth, int(k or rng.integers(1, 4)), style, every, num_support, structures)
+        task = _attempt(rng, level, size, depth, int(k or rng.integers(1, 4)), style, every, num_support, structures,
+                        drop)
         if task is not None:
             return task
     raise RuntimeError(f"no usable {level} task for seed {seed} at {size}px x {depth} slices")
 
 
-def _attempt(rng, level, size, depth, k, style, every, num_support, structures) -> dict | None:
-    template, scans = _scan(rng, size, depth, structures, pair=level == "anat_cross")
+def _attempt(rng, level, size, depth, k, style, every, num_support, structures, drop) -> dict | None:
+    template, scans = _scan(rng, size, depth, structures, level == "anat_cross", drop)
     labels, image = scans[0]
     num = template.num
     areas = slice_areas(labels, num)

@@ -212,7 +212,8 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
     else:
         length = cfg.steps_per_epoch or (len(clip_train) if clip_train is not None else TASKS_PER_EPOCH)
         train_set = TaskMix(schedule, length, cfg.image_size, cfg.lookalike_depth, cfg.lookalike_k, held_out,
-                            cfg.seed, clip_train, info.world_size, depths=depths, objects=cfg.lookalike_objects)
+                            cfg.seed, clip_train, info.world_size, depths=depths, objects=cfg.lookalike_objects,
+                            anatomy_drop=frozenset(p for p in cfg.anatomy_drop.split(",") if p))
         shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
     if cfg.mask_prior > 0:  # both-ways tasks as the sparse fill runs them: cropped, the interpolation as a prior
         from icl.engine.prior_tasks import PriorTasks

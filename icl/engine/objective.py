@@ -8,6 +8,10 @@ masks by a constant without gradient, so the presence head must learn too), plus
 against each candidate's real IoU where the object is present (the scored memory selector reads predicted IoU, and
 multimask tracking picks with it: an untrained head would make both pick at random).
 
+``prior_gain`` > 0 (weights trained with ``-mask_prior_res output``): on (frame, object) items with a mask prior the
+scored logits have the decoder's mask-grid residual swapped for the prior at the target's resolution
+(``sam2_ext.priors.residual_at_output``), as the sparse fill does at the scan's.
+
 ``aux`` > 0 adds an auxiliary loss: a 1x1 probe on the memory-conditioned features (``ICLStep(aux_probe=True)``)
 must predict how much of each feature cell the target covers (BCE). Why: from random init the decoder can lower
 the loss by segmenting every look-alike from the image alone, and the memory path is then trained *away*; asking
@@ -23,6 +27,7 @@ from torch import nn
 from icl.engine.losses import ICLLoss
 from icl.engine.sam2_loss import SAM2Loss, SAM2LossWeights, iou_l1, presence_bce
 from icl.engine.tasks import Task
+from sam2_ext.priors import prior_input, residual_at_output
 from sam2_ext.track import to_size
 
 LOSSES = ("sam2", "dice_bce")
@@ -40,12 +45,12 @@ class TaskLoss(nn.Module):
     weight in both losses."""
 
     def __init__(self, kind: str = "sam2", out_size: int = 128, mask_logits: str = "raw", obj_weight: float = 1.0,
-                 aux: float = 0.0):
+                 aux: float = 0.0, prior_gain: float = 0.0):
         super().__init__()
         if kind not in LOSSES or mask_logits not in MASK_LOGITS:
             raise ValueError(f"loss {kind!r} / mask logits {mask_logits!r} not in {LOSSES} / {MASK_LOGITS}")
         self.kind, self.out_size, self.mask_logits, self.obj_weight = kind, out_size, mask_logits, obj_weight
-        self.aux = aux
+        self.aux, self.prior_gain = aux, float(prior_gain)
         self.sam2 = SAM2Loss(SAM2LossWeights(obj=obj_weight))
         self.dice_bce = ICLLoss()
 
@@ -62,7 +67,9 @@ class TaskLoss(nn.Module):
         if not items:  # nothing tracked on a scored frame: a zero that keeps the graph
             return {"loss": out["logits"].sum() * 0.0}
         masks = "raw_multimask_logits" if self.mask_logits == "raw" else "multimask_logits"
-        return self.sam2(torch.stack([getattr(t, masks)[row] for _, row, _, t in items]),
+        size = tuple(task.targets.shape[-2:])
+        return self.sam2(torch.stack([self._sized(getattr(t, masks)[row], task, f, col, size)
+                                      for f, row, col, t in items]),
                          torch.stack([t.multimask_ious[row] for _, row, _, t in items]),
                          torch.stack([t.object_score_logits[row] for _, row, _, t in items]),
                          torch.stack([task.targets[col, f] for f, _, col, _ in items]),
@@ -71,12 +78,28 @@ class TaskLoss(nn.Module):
     def _dice_bce(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
         source = ungated(out) if self.mask_logits == "raw" else out
         logits, target = scored_logits(source, task, self.out_size)
+        if self.prior_gain and task.priors:
+            low = source["logits"][task.scored]
+            logits = torch.stack([torch.stack([self._sized(low[t, k], task, f, k, logits.shape[-2:])
+                                               for k in range(low.shape[1])]) for t, f in enumerate(task.scored)])
         terms = self.dice_bce.terms(logits, target)
         present = target.flatten(2).amax(2)
         obj = presence_bce(out["object_score_logits"][task.scored], present)
         iou = iou_head_loss(out, task)
         return {"loss": terms["loss"] + self.obj_weight * obj + iou, "dice": terms["dice"].detach(),
                 "ce": terms["ce"].detach(), "obj": obj.detach(), "iou": iou.detach()}
+
+
+    def _sized(self, logits: torch.Tensor, task: Task, frame: int, column: int, size) -> torch.Tensor:
+        """One item's mask logits [..., h, w] at ``size``: with the prior at that size where it has one (above)."""
+        fine = (task.priors or {}).get(column, {}).get(frame) if self.prior_gain else None
+        if fine is None:
+            return to_size(logits.float(), tuple(size))
+        read = prior_input(fine, logits.shape[-1], logits.device)[0, 0]  # what the decoder read (set_priors)
+        fine = fine.float().to(logits.device)
+        if tuple(fine.shape[-2:]) != tuple(size):
+            fine = F.interpolate(fine[None, None], size=tuple(size), mode="nearest")[0, 0]
+        return residual_at_output(logits, read, fine, self.prior_gain)
 
 
 def ungated(out: dict) -> dict:

@@ -160,10 +160,11 @@ def task_from_anatomy(task: Mapping[str, Any]) -> Task:
 
 
 def level_task(level: str, seed: int, image_size: int, depth: int, k: int, held_out: Sequence[str] = (),
-               objects: str = "all") -> Task:
-    """The Task of one generated ``level`` from ``seed`` (anatomy: 1-3 targets and ``depth`` slices of its own)."""
+               objects: str = "all", anatomy_drop: frozenset = frozenset()) -> Task:
+    """The Task of one generated ``level`` from ``seed`` (anatomy: 1-3 targets and ``depth`` slices of its own;
+    ``anatomy_drop``: generator parts left out, an ablation)."""
     if level in ANATOMY_LEVELS:
-        return task_from_anatomy(make_anatomy_task(seed, level, size=image_size, depth=depth))
+        return task_from_anatomy(make_anatomy_task(seed, level, size=image_size, depth=depth, drop=anatomy_drop))
     task = make_task(seed, level, size=image_size, depth=depth, k=k, held_out=held_out)
     return task_from_lookalike(task, objects=objects, seed=seed)
 
@@ -184,13 +185,14 @@ class TaskMix(Dataset):
 
     def __init__(self, schedule: list[tuple[int, dict[str, float]]], length: int, image_size: int, depth: int,
                  k: int, held_out: Sequence[str] = (), seed: int = 0, clips: Dataset | None = None,
-                 world_size: int = 1, depths: Mapping[str, int] | None = None, objects: str = "all"):
+                 world_size: int = 1, depths: Mapping[str, int] | None = None, objects: str = "all",
+                 anatomy_drop: frozenset = frozenset()):
         if any(CLIPS in mix for _, mix in schedule) and clips is None:
             raise InputError("-tasks", "the schedule asks for clips but no dataset is given")
         self.schedule, self.length, self.image_size = schedule, int(length), int(image_size)
         self.depth, self.k, self.held_out, self.seed = int(depth), int(k), tuple(held_out), int(seed)
         self.clips, self.world_size, self.epoch = clips, int(world_size), 1
-        self.depths, self.objects = dict(depths or {}), objects
+        self.depths, self.objects, self.anatomy_drop = dict(depths or {}), objects, frozenset(anatomy_drop)
 
     def __len__(self) -> int:
         return self.length * self.world_size
@@ -208,7 +210,8 @@ class TaskMix(Dataset):
             return task_from_clip(self.clips[int(rng.integers(len(self.clips)))])
         task_seed = int(rng.integers(2**31))
         depth = self.depths.get(source, ANATOMY_DEPTH if source in ANATOMY_LEVELS else self.depth)
-        return level_task(source, task_seed, self.image_size, depth, self.k, self.held_out, self.objects)
+        return level_task(source, task_seed, self.image_size, depth, self.k, self.held_out, self.objects,
+                          self.anatomy_drop)
 
 
 class ClipTasks(Dataset):

@@ -150,6 +150,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.qk_init > 0 and weights is None and resume_file is None:
         positional_memory_init(predictor, cfg.qk_init)
     predictor.prior_gain = cfg.mask_prior_gain  # the mask prior as a residual too (sam2_ext.priors)
+    predictor.prior_resolution = cfg.mask_prior_res
     step = ICLStep(predictor, aux_probe=cfg.aux > 0).to(device)
     step.feature_cache = make_feature_cache(cfg, info, predictor)
     step_module = dd.wrap_ddp(step, info, device)
@@ -168,7 +169,8 @@ def setup(cfg: TrainConfig) -> Run:
     if info.is_main:
         write_json(run_dir / "config.json", {**cfg.to_dict(), "frames": frames})
     logger = make_logger(cfg.wandb_enabled, run_dir, run_dir.name, cfg.to_dict(), info.is_main)
-    loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight, cfg.aux).to(device)
+    output_prior = cfg.mask_prior_gain if cfg.mask_prior_res == "output" else 0.0  # sam2_ext.priors
+    loss_fn = TaskLoss(cfg.loss, cfg.out_size, cfg.mask_logits, cfg.obj_loss_weight, cfg.aux, output_prior).to(device)
     run = Run(cfg, device, info, run_dir, predictor, step_module, loss_fn, optimizer, scheduler, scaler,
               amp_dtype, train_loader, val_loader, steps_per_epoch, logger, peft=peft, frames=frames)
     _report_model(run)

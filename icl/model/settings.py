@@ -29,9 +29,9 @@ BYTES_PER_PIXEL_AND_WIDTH = 12
 
 
 def trained_settings(weights: str | Path | None) -> dict[str, Any]:
-    """``{"config": name, "image_size": int, "mask_prior": float, "mask_prior_gain": float, "ct_window": (lo, hi)}``
-    as recorded in ``weights`` (any may be missing; {} for files that record nothing or cannot be read — the loader
-    reports those)."""
+    """``{"config": name, "image_size": int, "mask_prior": float, "mask_prior_gain": float, "mask_prior_res": str,
+    "ct_window": (lo, hi)}`` as recorded in ``weights`` (any may be missing; {} for files that record nothing or
+    cannot be read — the loader reports those)."""
     if weights is None:
         return {}
     try:
@@ -49,7 +49,8 @@ def trained_settings(weights: str | Path | None) -> dict[str, Any]:
             flags = None
     if not isinstance(flags, dict):
         return {}
-    out = {k: flags[k] for k in ("config", "image_size", "mask_prior", "mask_prior_gain") if flags.get(k) is not None}
+    keys = ("config", "image_size", "mask_prior", "mask_prior_gain", "mask_prior_res")
+    out = {k: flags[k] for k in keys if flags.get(k) is not None}
     frames = flags.get("frames")
     if isinstance(frames, dict) and frames.get("ct_window") is not None:
         out["ct_window"] = tuple(float(v) for v in frames["ct_window"])

@@ -25,8 +25,8 @@ import torch
 
 from icl.data.frames import VolumeFrames, resize_slices
 from icl.sparse.annotation import Annotation
-from icl.sparse.classic import Score
-from icl.sparse.prior import interpolation_priors
+from icl.sparse.classic import INTERPOLATION, ClassicFill, Score
+from icl.sparse.prior import interpolation_prior, interpolation_priors
 
 CROP_MARGIN = 0.25  # of the box's larger side, on every side
 MIN_CROP_MARGIN = 8  # voxels
@@ -102,17 +102,43 @@ class ModelFill:
 
             backup = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
             adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
+        fine = None  # the prior at the scan's resolution, for weights that read their residual there
+        if priors and self.predictor.prior_gain and getattr(self.predictor, "prior_resolution", "grid") == "output":
+            fine = ClassicFill(annotation, INTERPOLATION)
         try:
             with self.autocast():
                 for result in track(self.predictor, source, prompts, "both", priors=priors):
-                    found = [i for i, c in enumerate(classes) if float(result.logits[i].max()) > 0]
-                    if not found:
+                    logits = self.sized(result, classes, priors, fine, box, shape)
+                    if not logits:
                         yield result.index, {}
                         continue
-                    logits = resize_slices(result.logits[found].float(), shape, "logits").cpu().numpy()
-                    yield result.index, {classes[i]: (box, logits[n]) for n, i in enumerate(found)}
+                    yield result.index, {c: (box, m) for c, m in logits.items()}
         finally:
             if backup is not None:
                 self.predictor.load_state_dict(backup)
+
+    def sized(self, result: Any, classes: list[int], priors: dict | None, fine: ClassicFill | None,
+              box: tuple[int, int, int, int], shape: tuple[int, int]) -> dict[int, np.ndarray]:
+        """``{class: logits [h, w] in the box}`` of one slice's result, the classes found there (some logit > 0);
+        with ``fine``, the mask-grid residual swapped for the prior at the scan's resolution
+        (``sam2_ext.priors.residual_at_output``), as the weights were trained."""
+        from sam2_ext.priors import residual_at_output
+
+        z = result.index
+        with_prior = {i for i, c in enumerate(classes) if fine is not None and z in priors.get(c, {})}
+        rows = [i for i in range(len(classes)) if i in with_prior or float(result.logits[i].max()) > 0]
+        if not rows:
+            return {}
+        plain = [i for i in rows if i not in with_prior]
+        out: dict[int, np.ndarray] = {}
+        if plain:
+            sized = resize_slices(result.logits[plain].float(), shape, "logits").cpu().numpy()
+            out.update({classes[i]: sized[n] for n, i in enumerate(plain)})
+        for i in sorted(with_prior):
+            c = classes[i]
+            m = residual_at_output(result.logits[i], priors[c][z], interpolation_prior(fine, c, z, box),
+                                   self.predictor.prior_gain)
+            out[c] = m.cpu().numpy()
+        return {c: out[c] for c in classes if c in out and float(out[c].max()) > 0}
 
     __call__ = run

@@ -25,8 +25,6 @@ def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[
     scan never holds its full-resolution priors at once."""
     from sam2_ext.priors import prior_input
 
-    h, w = annotation.in_plane_shape
-    y0, y1, x0, x1 = box if box is not None else (0, h, 0, w)
     fill = ClassicFill(annotation, INTERPOLATION)
     out: dict[int, dict[int, np.ndarray]] = {}
     for c in classes:
@@ -38,10 +36,19 @@ def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[
         for z in range(extent[0], extent[1] + 1):
             if z in drawn:
                 continue
-            mask = place(fill.score(c, z), (h, w))
-            per[z] = mask[y0:y1, x0:x1] if size is None else prior_input(mask[y0:y1, x0:x1], size, "cpu")[0, 0]
+            mask = interpolation_prior(fill, c, z, box)
+            per[z] = mask if size is None else prior_input(mask, size, "cpu")[0, 0]
         out[c] = per
     return out
+
+
+def interpolation_prior(fill: ClassicFill, c: int, z: int, box: tuple[int, int, int, int] | None = None
+                        ) -> np.ndarray:
+    """One slice of :func:`interpolation_priors` at the scan's resolution: bool [h, w] inside ``box``. The sparse
+    fill reads it slice by slice for weights whose residual is read at the output's resolution (sam2_ext.priors)."""
+    h, w = fill.annotation.in_plane_shape
+    y0, y1, x0, x1 = box if box is not None else (0, h, 0, w)
+    return place(fill.score(c, z), (h, w))[y0:y1, x0:x1]
 
 
 def annotation_from_prompts(prompts: Mapping[int, Mapping[int, np.ndarray]], shape: tuple[int, int, int],

@@ -8,7 +8,8 @@ scores the exported weights with the model fill alone:
 * on generated anatomy it never trained on (per-structure sparse annotation every 4th slice, 6 volumes,
   ``icl.switch_check.anatomy_scores``), beside interpolation and nearest copy in the same run;
 * with ``--image/--label/--classes``, on a real labelled scan (per structure, every ``--every``-th slice; the
-  protocol of ``bench/real_anatomy.py``), beside the same two classic fills.
+  protocol of ``bench/real_anatomy.py``), beside the same two classic fills, and the same weights without their
+  prior (what the image alone teaches them: the prior hides the generator's effect where the model copies it).
 
     .venv/bin/python bench/anatomy_ablation.py [--steps 500] [--rows full,no_texture,...] [--out runs/anat_ablation] \\
         [--image T1.nii.gz --label LABELS.nii.gz --classes 1,2,3 --every 6]
@@ -72,7 +73,7 @@ def scores(weights: Path, real: dict | None, work: Path) -> dict[str, float]:
 
         row = sparse_rows(seg, real["image"], real["label"], real["affine"], real["classes"], ["per_structure"],
                           [real["every"]], work, ("model", "interpolation", "nearest"), classic=False)[0]
-        out.update({f"real_{k}": mean(v) for k, v in row["dice"].items() if k != "model_without_prior"})
+        out.update({f"real_{k}": mean(v) for k, v in row["dice"].items()})  # model_without_prior too
     return out
 
 

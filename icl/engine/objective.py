@@ -89,7 +89,6 @@ class TaskLoss(nn.Module):
         return {"loss": terms["loss"] + self.obj_weight * obj + iou, "dice": terms["dice"].detach(),
                 "ce": terms["ce"].detach(), "obj": obj.detach(), "iou": iou.detach()}
 
-
     def _sized(self, logits: torch.Tensor, task: Task, frame: int, column: int, size) -> torch.Tensor:
         """One item's mask logits [..., h, w] at ``size``: with the prior at that size where it has one (above)."""
         fine = (task.priors or {}).get(column, {}).get(frame) if self.prior_gain else None

@@ -50,6 +50,8 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "grid_residual": ("the prior's residual on the decoder's 32 x 32 grid (-mask_prior_res grid)",
                       {"-mask_prior_res": "grid"}),
     "gain4": ("residual gain 4 instead of 10", {"-mask_prior_gain": "4"}),
+    "px160": ("160 px instead of 128 (a 40 x 40 mask grid; stage 1 was trained at 128)",
+              {"-image_size": "160", "-out_size": "160"}),
 }
 
 

@@ -39,28 +39,19 @@ def prior_input(mask: Any, size: int, device: Any) -> torch.Tensor:
 
 def residual_at_output(logits: torch.Tensor, prior: torch.Tensor, fine: Any, gain: float) -> torch.Tensor:
     """A prior step's mask logits [..., h, w] at the output's resolution [..., H, W]: the mask-grid residual
-    ``gain * (2 * prior - 1)`` taken out (``prior``: the mask input the step read, [h', w'] or [..., h', w']), the
-    rest resized bilinearly (SAM2's way), and ``gain * (2 * fine - 1)`` added (``fine``: the prior at the output's
-    resolution, [H, W] or [..., H, W]). Masks SAM2 gated as absent stay gated (the resized constant)."""
+    ``gain * (2 * prior - 1)`` taken out (``prior``: the mask input the step read, at the logits' size), the rest
+    resized bilinearly (SAM2's way, ``sam2_ext.track.to_size``), and ``gain * (2 * fine - 1)`` added (``fine``: the
+    prior at the output's resolution, [H, W] or [..., H, W]). Masks SAM2 gated as absent stay gated."""
+    from sam2_ext.track import to_size  # track imports the predictor, which imports this module
+
     fine = torch.as_tensor(fine).to(logits.device, torch.float32)
     size = tuple(fine.shape[-2:])
-
-    def resize(x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == size:
-            return x
-        lead = x.shape[:-2]
-        flat = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=size, mode="bilinear", align_corners=False)
-        return flat.reshape(*lead, *size)
-
     logits = logits.float()
-    prior = prior.to(logits)
     if prior.shape[-2:] != logits.shape[-2:]:
-        lead = prior.shape[:-2]
-        prior = F.interpolate(prior.reshape(-1, 1, *prior.shape[-2:]), size=logits.shape[-2:], mode="bilinear",
-                              align_corners=False, antialias=True).reshape(*lead, *logits.shape[-2:])
+        raise ValueError(f"prior {tuple(prior.shape)} is not at the logits' size {tuple(logits.shape[-2:])}")
     present = (logits.flatten(-2).amax(-1) > NO_OBJ_SCORE / 2)[..., None, None]
-    swapped = resize(logits - gain * (2 * prior - 1)) + gain * (2 * fine - 1)
-    return torch.where(present, swapped, resize(logits))
+    swapped = to_size(logits - gain * (2 * prior.to(logits) - 1), size) + gain * (2 * fine - 1)
+    return torch.where(present, swapped, to_size(logits, size))
 
 
 class MaskPriors:

@@ -72,6 +72,8 @@ def test_the_residual_can_be_read_at_the_outputs_resolution():
     assert torch.equal(got[1], torch.full((32, 32), NO_OBJ_SCORE))
     # where the decoder is unsure the result is the prior itself, edges at its own resolution
     assert torch.equal(residual_at_output(10 * (2 * coarse - 1), coarse, fine[0], 10.0) > 0, fine[0] > 0)
+    with pytest.raises(ValueError, match="not at the logits' size"):
+        residual_at_output(logits, fine[0], fine, 10.0)  # the prior the decoder read is on its grid, not finer
 
 
 def test_the_loss_and_the_fill_read_the_prior_at_their_own_resolution(tiny_predictor):

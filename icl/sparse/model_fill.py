@@ -103,7 +103,7 @@ class ModelFill:
             backup = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
             adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
         fine = None  # the prior at the scan's resolution, for weights that read their residual there
-        if priors and self.predictor.prior_gain and getattr(self.predictor, "prior_resolution", "grid") == "output":
+        if priors and self.predictor.prior_gain and self.predictor.prior_resolution == "output":
             fine = ClassicFill(annotation, INTERPOLATION)
         try:
             with self.autocast():

@@ -77,11 +77,13 @@ class TaskLoss(nn.Module):
 
     def _dice_bce(self, out: dict, task: Task) -> dict[str, torch.Tensor]:
         source = ungated(out) if self.mask_logits == "raw" else out
-        logits, target = scored_logits(source, task, self.out_size)
-        if self.prior_gain and task.priors:
-            low = source["logits"][task.scored]
-            logits = torch.stack([torch.stack([self._sized(low[t, k], task, f, k, logits.shape[-2:])
-                                               for k in range(low.shape[1])]) for t, f in enumerate(task.scored)])
+        if self.prior_gain and task.priors:  # each item sized once, with its prior where it has one
+            low, size = source["logits"][task.scored], (self.out_size, self.out_size)
+            logits = torch.stack([torch.stack([self._sized(low[t, k], task, f, k, size) for k in range(low.shape[1])])
+                                  for t, f in enumerate(task.scored)])
+            target = scored_targets(task, self.out_size)
+        else:
+            logits, target = scored_logits(source, task, self.out_size)
         terms = self.dice_bce.terms(logits, target)
         present = target.flatten(2).amax(2)
         obj = presence_bce(out["object_score_logits"][task.scored], present)
@@ -146,8 +148,12 @@ def probe_loss(probe: list, task: Task) -> torch.Tensor:
 
 def scored_logits(out: dict, task: Task, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of the scored frames at ``size`` x ``size``: ([T, K, S, S], [T, K, S, S])."""
-    logits = to_size(out["logits"][task.scored].float(), (size, size))
+    return to_size(out["logits"][task.scored].float(), (size, size)), scored_targets(task, size)
+
+
+def scored_targets(task: Task, size: int) -> torch.Tensor:
+    """The targets of the scored frames at ``size`` x ``size``: [T, K, S, S]."""
     target = task.targets[:, task.scored].transpose(0, 1).float()
     if target.shape[-2:] != (size, size):
         target = F.interpolate(target, size=(size, size), mode="nearest")
-    return logits, target
+    return target

@@ -95,16 +95,17 @@ class ModelFill:
         prompts = self.prompts(annotation, classes, box)
         source = self.prepare(frames)
         low = self.predictor.sam_prompt_encoder.mask_input_size[0]
-        priors = interpolation_priors(annotation, classes, box, low) if self.priors else None
+        interpolation = ClassicFill(annotation, INTERPOLATION) if self.priors else None
+        priors = interpolation_priors(annotation, classes, box, low, interpolation) if self.priors else None
         backup = None
         if self.adapt_steps > 0:
             from icl.sparse.adapt import adapt
 
             backup = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
             adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
-        fine = None  # the prior at the scan's resolution, for weights that read their residual there
-        if priors and self.predictor.prior_gain and self.predictor.prior_resolution == "output":
-            fine = ClassicFill(annotation, INTERPOLATION)
+        # the prior at the scan's resolution, slice by slice, for weights that read their residual there
+        output_res = priors and self.predictor.prior_gain and self.predictor.prior_resolution == "output"
+        fine = interpolation if output_res else None
         try:
             with self.autocast():
                 for result in track(self.predictor, source, prompts, "both", priors=priors):

@@ -18,14 +18,15 @@ from icl.sparse.classic import INTERPOLATION, ClassicFill, place
 
 
 def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[int, int, int, int] | None = None,
-                         size: int | None = None) -> dict[int, dict[int, Any]]:
+                         size: int | None = None, fill: ClassicFill | None = None) -> dict[int, dict[int, Any]]:
     """``{class: {slice: bool mask [h, w] inside box}}`` on every slice of each class's extent that is not
     annotated for it (an empty mask where the interpolation says the structure is not there). With ``size`` each
     mask comes already as the model's mask input (float [size, size], ``sam2_ext.priors.prior_input``), so a long
-    scan never holds its full-resolution priors at once."""
+    scan never holds its full-resolution priors at once. ``fill``: the annotation's interpolation, when the caller
+    keeps one (its distance maps are then computed once for both)."""
     from sam2_ext.priors import prior_input
 
-    fill = ClassicFill(annotation, INTERPOLATION)
+    fill = fill or ClassicFill(annotation, INTERPOLATION)
     out: dict[int, dict[int, np.ndarray]] = {}
     for c in classes:
         extent = annotation.extent(c)

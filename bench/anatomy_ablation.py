@@ -1,12 +1,12 @@
 """Which parts of the anatomy generator, and which stage-2 levers, does the default model need? One change per row.
 
-Every row runs stage 2 of the default model's recipe (``icl.recipe``, variant ``prior``: from the stage-1 weights,
+Every row runs stage 2 of the default model's recipe (``icl.cli.recipe``, variant ``prior``: from the stage-1 weights,
 anatomy-like volumes with the interpolation as a mask prior) for the same number of steps, one change made — a
 generator part left out (``-anatomy_drop``, ``icl.data.anatomy_tasks.GENERATOR_PARTS``) or a lever changed — then
 scores the exported weights with the model fill alone:
 
 * on generated anatomy it never trained on (per-structure sparse annotation every 4th slice, 6 volumes,
-  ``icl.switch_check.anatomy_scores``), beside interpolation and nearest copy in the same run;
+  ``bench.switch_check.anatomy_scores``), beside interpolation and nearest copy in the same run;
 * with ``--image/--label/--classes``, on a real labelled scan (per structure, every ``--every``-th slice; the
   protocol of ``bench/real_anatomy.py``), beside the same two classic fills, and the same weights without their
   prior (what the image alone teaches them: the prior hides the generator's effect where the model copies it).
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.recipe import PRIOR, launch_command  # noqa: E402
+from icl.cli.recipe import PRIOR, launch_command  # noqa: E402
 
 ACQUISITION = "blur,lowres,bias,noise,gamma"
 # row -> (what changes, the flags that change it)
@@ -65,7 +65,7 @@ def command(row: str, steps: int, out: Path) -> list[str]:
 def scores(weights: Path, real: dict | None, work: Path) -> dict[str, float]:
     """Model / interpolation / nearest on generated anatomy, and on the real scan when given."""
     from icl.api import ICLSegmenter
-    from icl.switch_check import anatomy_scores
+    from bench.switch_check import anatomy_scores
 
     seg = ICLSegmenter(checkpoint=weights, support_slices="labelled")
     out = {f"anat_{k}": v for k, v in anatomy_scores(seg, work, range(900, 906)).items() if k != "auto"}

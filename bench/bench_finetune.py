@@ -69,7 +69,7 @@ def phantom_case(root: Path, size: int):
 
 
 def clip_task(case, query: int):
-    from icl.engine.tasks import Task
+    from icl.engine.train.tasks import Task
 
     cid = case.class_ids()[0]
     idx = case.slices_with(cid)[: query + 1]
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from icl.engine.feature_cache import FeatureCache
-    from icl.engine.model import ICLStep, count_parameters
-    from icl.engine.objective import TaskLoss
+    from icl.engine.train.step import ICLStep, count_parameters
+    from icl.engine.train.losses import TaskLoss
 
     print(f"## Fine-tuning cost: {a.config}, random weights, {a.threads} thread(s)\n")
     print(f"Parameters and AdamW state (at {a.sizes[0]} px):\n")

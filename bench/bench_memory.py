@@ -79,7 +79,8 @@ def child_official(a: argparse.Namespace) -> dict:
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
     from bench.official import run_official
-    from icl.api import ConcatFrames, PreparedFrames, choose_support_slices, load_support
+    from icl.infer.segmenter import ConcatFrames, PreparedFrames
+    from icl.infer.support import choose_support_slices, load_support
     from icl.data.frames import Scan, VolumeFrames, label_slices
     from sam2_ext.build import build_icl_predictor
 

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 from icl.data.loaders import ICLDataset  # noqa: E402
 from icl.data.phantom import make_phantom_dataset  # noqa: E402
 from icl.data.preprocess import open_cache, preprocess_dataset  # noqa: E402
-from icl.engine.metrics import case_class_metrics, logits_to_mask  # noqa: E402
+from icl.engine.eval.metrics import case_class_metrics, logits_to_mask  # noqa: E402
 from icl.errors import InputError  # noqa: E402
 from icl.io import write_text  # noqa: E402
 from sam2_ext.build import build_icl_predictor  # noqa: E402

@@ -1,7 +1,7 @@
 """Training throughput of the recipe: optimizer steps per minute, per task source, through the real training loop.
 
-Each row builds the recipe's run (``icl.recipe.RECIPE``, one process, random init) with ``-tasks 0:<source>=1`` and
-``-num_workers W``, takes ``--warmup`` steps, then times ``--steps`` steps of ``icl.engine.train.train_step``. The
+Each row builds the recipe's run (``icl.cli.recipe.RECIPE``, one process, random init) with ``-tasks 0:<source>=1`` and
+``-num_workers W``, takes ``--warmup`` steps, then times ``--steps`` steps of ``icl.engine.train.loop.train_step``. The
 time of a step is split into waiting for the loader (task generation, unless a worker made it ahead) and the step
 itself (forward, backward, optimizer). Also: generation alone, per task. Median over the steps (the CPU is shared).
 
@@ -25,9 +25,9 @@ if str(ROOT) not in sys.path:
 
 def time_source(source: str, workers: int, steps: int, warmup: int, changes: dict[str, str]) -> dict[str, float]:
     """Median wait / step / total seconds of ``steps`` training steps on ``source`` tasks (after ``warmup``)."""
-    from icl.config import parse_train_args
-    from icl.engine.train import setup, train_step
-    from icl.recipe import flags_with
+    from icl.options.train import parse_train_args
+    from icl.engine.train.loop import setup, train_step
+    from icl.cli.recipe import flags_with
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_train_args(flags_with({
@@ -54,7 +54,7 @@ def time_source(source: str, workers: int, steps: int, warmup: int, changes: dic
 
 def generation_ms(source: str, count: int, size: int, depth: int) -> float:
     """Median milliseconds to generate one task of ``source`` (in the training process, no model)."""
-    from icl.engine.tasks import level_task
+    from icl.engine.train.tasks import level_task
 
     times = []
     for seed in range(count):

@@ -1,9 +1,9 @@
 """Which levers make a model from random init read its support? The default recipe, and one lever changed per row.
 
-Every row runs ``train_3d.py`` with the default model's recipe (``icl.recipe``) for the same number of steps on one
+Every row runs ``train_3d.py`` with the default model's recipe (``icl.cli.recipe``) for the same number of steps on one
 thread, one lever changed (the recipe's task schedule is compressed to the row's steps, so every row sees the whole
 curriculum), then scores its last checkpoint on fixed look-alike tasks training never draws
-(``icl.engine.tasks.LookalikeSet``): ``adjacent`` (support on one slice, forward), ``sparse`` (the switch: support
+(``icl.engine.train.tasks.LookalikeSet``): ``adjacent`` (support on one slice, forward), ``sparse`` (the switch: support
 on every k-th slice, both ways) and ``cross`` (support from another scan of the same shape class). Each figure is
 Dice(marked) / Dice(others): a model that ignores its support has marked = others.
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.recipe import RECIPE, flags_with  # noqa: E402
+from icl.cli.recipe import RECIPE, flags_with  # noqa: E402
 
 # row -> (what changes, the flags that change it)
 ROWS: dict[str, tuple[str, dict[str, str]]] = {
@@ -65,11 +65,11 @@ def command(row: str, steps: int, out: Path) -> list[str]:
 
 def score(run_dir: Path, image_size: int) -> dict[str, tuple[float, float]]:
     """Dice(marked), Dice(others) per level of the run's last checkpoint on the fixed look-alike tasks."""
-    from icl.engine.checkpoint import load_checkpoint
+    from icl.model.weights import load_checkpoint
     from icl.engine.distributed import DistInfo
-    from icl.engine.model import ICLStep, set_multimask_tracking
-    from icl.engine.tasks import LookalikeSet, first
-    from icl.engine.validation import validate_tasks
+    from icl.engine.train.step import ICLStep, set_multimask_tracking
+    from icl.engine.train.tasks import LookalikeSet, first
+    from icl.engine.train.validation import validate_tasks
     from sam2_ext.build import build_icl_predictor
 
     ck = load_checkpoint(run_dir / "last.pth")

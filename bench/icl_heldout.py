@@ -4,7 +4,7 @@ Steps (each printed as it runs):
 
 1. a BTCV-layout phantom dataset in which every volume holds all six shape classes (ids 1..6: ellipsoid, torus,
    tube, box, cone, twin_blobs), preprocessed at ``--image_size``;
-2. training of the tiny model from random init with ``python -m icl.engine.train -classes <all but the held-out>``
+2. training of the tiny model from random init with ``python -m icl.engine.train.loop -classes <all but the held-out>``
    under a wall-clock cap ``-time_limit_min`` (skipped with ``--checkpoint``);
 3. on the validation cases of fold 0 (never trained on), per case and class, 3D Dice on the cache grid for
 
@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.data.phantom import SHAPES  # noqa: E402
+from icl.data.vocabulary import SHAPES  # noqa: E402
 from icl.data.preprocess import CachedCase, open_cache  # noqa: E402
-from icl.engine.metrics import binary_dice as dice  # noqa: E402
+from icl.model.dice import binary_dice as dice  # noqa: E402
 from icl.data.sampling import make_splits, spread  # noqa: E402
 from icl.errors import InputError  # noqa: E402
 from icl.io import write_text  # noqa: E402
@@ -194,17 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, cache, runs = out / "data", out / "cache", out / "runs" / a.exp_name
     py = sys.executable
     if not data.exists():
-        run_cmd([py, "-m", "icl.data.phantom", "--out", str(data), "--layout", "btcv", "--cases", str(a.cases),
+        run_cmd([py, "-m", "icl.cli.phantom", "--out", str(data), "--layout", "btcv", "--cases", str(a.cases),
                  "--shape", a.shape, "--classes", ",".join(SHAPES)])
     t0 = time.time()
     if a.checkpoint is None:
-        run_cmd([py, "-m", "icl.engine.train", *train_args(a, data, cache, runs)])
+        run_cmd([py, "-m", "icl.engine.train.loop", *train_args(a, data, cache, runs)])
         checkpoint: Path | None = newest_run(runs, a.exp_name)
     else:
         checkpoint = None if a.checkpoint.lower() == "none" else Path(a.checkpoint)
         if not (cache / f"phantom_{data.name}_{a.image_size}" / "index.json").is_file():
             # training makes the cache; without training, preprocess here
-            run_cmd([py, "-m", "icl.data.preprocess", "--dataset", "btcv", "--data_path", str(data),
+            run_cmd([py, "-m", "icl.cli.preprocess", "--dataset", "btcv", "--data_path", str(data),
                      "--cache", str(cache / f"phantom_{data.name}_{a.image_size}"), "--image_size", str(a.image_size)])
     train_min = (time.time() - t0) / 60
     try:

@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.baselines import classic_fills, sparse_dice, sparse_label  # noqa: E402
-from icl.data.phantom import SHAPES, make_case  # noqa: E402
-from icl.engine.metrics import binary_dice as dice  # noqa: E402
-from icl.switch_check import switch_scores  # noqa: E402
+from bench.baselines import classic_fills
+from icl.sparse.protocol import sparse_dice, sparse_label  # noqa: E402
+from icl.data.vocabulary import SHAPES
+from icl.data.phantom import make_case  # noqa: E402
+from icl.model.dice import binary_dice as dice  # noqa: E402
+from bench.switch_check import switch_scores  # noqa: E402
 
 SEED0 = 2**31 + 7_000  # far from every seed training draws
 PHANTOM_SHAPE = (96, 96, 40)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from icl.baselines import annotate_sparse  # noqa: E402
+from icl.sparse.protocol import annotate_sparse  # noqa: E402
 from icl.sparse.annotation import Annotation  # noqa: E402
 from icl.sparse.classic import ClassicFill, place  # noqa: E402
 from icl.sparse.model_fill import square_box  # noqa: E402

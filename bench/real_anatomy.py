@@ -3,7 +3,7 @@
 The protocol of ``../shared/data/inia19/README.md``, on any labelled scan of yours:
 
 * **sparse → dense**, both annotation styles (``per_structure``: each structure drawn on its own slices;
-  ``complete``: all structures on the same slices), every 4th / 6th / 8th slice (``icl.baselines.annotate_sparse``);
+  ``complete``: all structures on the same slices), every 4th / 6th / 8th slice (``bench.baselines.annotate_sparse``);
   each structure scored (Dice) on the slices where it was not annotated, mean over structures. Methods: the engine's
   ``auto`` (self-check per structure), ``model`` (SAM2 propagation alone), ``interpolation`` and ``nearest`` —
   all through ``icl.api.ICLSegmenter`` on NIfTI files, as ``python -m icl.segment --support-slices labelled``
@@ -40,10 +40,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from icl.api import ICLSegmenter  # noqa: E402
-from icl.baselines import (affine_label_transfer, annotate_sparse, itk_interpolation, random_walker_fill,  # noqa: E402
-                           sparse_dice)
+from bench.baselines import affine_label_transfer, random_walker_fill  # noqa: E402
+from icl.sparse.itk_contour import itk_interpolation  # noqa: E402
+from icl.sparse.protocol import annotate_sparse, sparse_dice  # noqa: E402
 from icl.sparse.annotation import Annotation  # noqa: E402
-from icl.sparse.classic import INTERPOLATION, ClassicFill  # noqa: E402
+from icl.sparse.methods import INTERPOLATION
+from icl.sparse.classic import ClassicFill  # noqa: E402
 from icl.sparse.fill import compose  # noqa: E402
 
 ENGINE_FILLS = ("auto", "model", "interpolation", "nearest")

@@ -1,9 +1,7 @@
 """One exception type for bad user input, so the CLIs can print one clear line and exit non-zero."""
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,18 +24,6 @@ EXIT_INPUT_ERROR = 2
 def spell_flag(name: str, dashes: str) -> str:
     """An option's name as a command spells it: ``-image_size`` (the seed's single dash) or ``--image-size``."""
     return f"-{name}" if dashes == "-" else f"--{name.replace('_', '-')}"
-
-
-@contextlib.contextmanager
-def library_errors(dashes: str = "-") -> Iterator[None]:
-    """The boundary to ``sam2_ext``: its errors become InputError, option names spelled as this command's flags."""
-    from sam2_ext.errors import OptionError, Sam2ExtError
-
-    try:
-        yield
-    except Sam2ExtError as err:
-        where = spell_flag(err.where, dashes) if isinstance(err, OptionError) else err.where
-        raise InputError(where, err.problem) from None
 
 
 def report(err: InputError) -> int:

@@ -1,4 +1,5 @@
-"""Atomic writers: write to a temp file beside the target, then rename, so nothing is ever half-written."""
+"""Atomic writers (write to a temp file beside the target, then rename, so nothing is ever half-written) and file
+identity (one file under two names)."""
 from __future__ import annotations
 
 import contextlib
@@ -48,3 +49,12 @@ def write_json(target: str | Path, obj: Any) -> Path:
 
 def write_text(target: str | Path, text: str) -> Path:
     return atomic_write(target, lambda p: p.write_text(text))
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """One existing file under two names: another spelling (``./a/../X``), a symbolic or a hard link. A name that
+    does not exist (yet) is no file, so it is never the same as another."""
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import sam2
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -28,8 +29,6 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 def _sam2_package_dir() -> Path:
-    import sam2
-
     return Path(sam2.__path__[0])
 
 

@@ -6,9 +6,8 @@ Every class is one SAM2 object; all classes run as one batch. Use these when the
 """
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -9,9 +9,10 @@ from scipy import stats
 
 from icl.data.anatomy import MAX_STRUCTURES, MIN_STRUCTURES, make_template, patient
 from icl.data.anatomy_image import render, structure_means
-from icl.data.anatomy_tasks import (ANATOMY_LEVELS, WEAK_CONTRAST, contiguous_in_z, make_anatomy_task,
-                                    mean_intensity, slice_areas, touching_pairs)
-from icl.engine.tasks import TaskMix, parse_schedule, task_from_anatomy
+from icl.data.vocabulary import ANATOMY_LEVELS
+from icl.data.anatomy_tasks import (WEAK_CONTRAST, contiguous_in_z, make_anatomy_task, mean_intensity, slice_areas, touching_pairs)
+from icl.engine.train.tasks import TaskMix, task_from_anatomy
+from icl.engine.train.schedule import parse_schedule
 
 SIZE, DEPTH = 64, 8  # small slabs keep the suite fast; the generator works at any size
 
@@ -182,7 +183,7 @@ def test_sparse_targets_are_never_present_where_the_rule_stops_them():
 
 # ------------------------------------------------------------------------------------------------ the ablation's parts
 def test_a_render_without_any_of_its_parts_is_the_label_map_in_grey_levels():
-    from icl.data.anatomy_image import RENDER_PARTS
+    from icl.data.vocabulary import RENDER_PARTS
 
     rng, template, labels = _case(12)
     image, means = render(rng, labels, template.kinds, drop=frozenset(RENDER_PARTS))
@@ -194,7 +195,7 @@ def test_a_render_without_any_of_its_parts_is_the_label_map_in_grey_levels():
 
 
 def test_generator_parts_are_left_out_by_name_and_seeded():
-    from icl.data.anatomy_tasks import GENERATOR_PARTS
+    from icl.data.vocabulary import GENERATOR_PARTS
 
     plain = make_template(np.random.default_rng(2), SIZE, DEPTH, extras=False)
     assert set(plain.kinds) <= {"background", "skin", "rim", "layer", "region"}  # no blobs, tubes, curves, tiny ones

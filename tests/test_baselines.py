@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from icl.baselines import itk_interpolation, nearest_copy, sparse_label
+from icl.sparse.itk_contour import itk_interpolation
+from bench.baselines import nearest_copy
+from icl.sparse.protocol import sparse_label
 from icl.data.sampling import labelled_slices
 
 

@@ -13,17 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from icl.engine.checkpoint import (
-    capture_rng,
-    epoch_path,
-    export_weights,
-    find_resume_point,
-    load_checkpoint,
-    remove_stale_temps,
-    resolve_resume,
-    restore_rng,
-    save_checkpoint,
-)
+from icl.engine.checkpoint import (capture_rng, epoch_path, export_weights, find_resume_point, remove_stale_temps, resolve_resume, restore_rng, save_checkpoint)
+from icl.model.weights import load_checkpoint
 from icl.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

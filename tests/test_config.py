@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from icl.config import (
-    DEFAULT_PRETRAIN,
-    EvalConfig,
-    SegmentOptions,
-    TrainConfig,
-    build_parser,
-    parse_eval_args,
-    parse_train_args,
-    resolve_device,
-    str2bool,
-)
+from icl.options.common import DEFAULT_PRETRAIN
+from icl.options.evaluate import EvalConfig, parse_eval_args
+from icl.options.segment import SegmentOptions
+from icl.options.train import TrainConfig, parse_train_args
+from icl.options.spec import build_parser, str2bool
+from icl.model.device import resolve_device
 from icl.errors import InputError
-from icl.segment import parse_segment_args
+from icl.cli.segment import parse_segment_args
 
 BASE = ["-dataset", "phantom", "-pretrain", "none"]
 
@@ -135,7 +130,7 @@ def _actions(parser) -> dict[str, object]:
 
 
 def test_the_three_parsers_come_from_the_same_field_definitions():
-    from icl.segment import build_parser as segment_parser
+    from icl.cli.segment import build_parser as segment_parser
 
     parsers = {"-": [build_parser(TrainConfig), build_parser(EvalConfig)], "--": [segment_parser()]}
     for dest, spelled in (("amp", ("-amp", "--amp")), ("memory_selector", ("-memory_selector", "--memory-selector")),
@@ -256,7 +251,7 @@ def test_oracle_selector_is_refused_on_the_command_line(parse, flag):
 
 
 def test_data_commands_help_shows_defaults(capsys):
-    from icl.data import phantom, preprocess
+    from icl.cli import phantom, preprocess
 
     for module, needles in ((preprocess, ("in-plane size in pixels (default: 128)",)),
                             (phantom, ("(default: 4)", "(default: 96,96,40)"))):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from data_fixtures import PHANTOM_CASES, PHANTOM_SHAPE, phantom_datasets  # noqa: F401
-from icl.data.phantom import SHAPES, main, make_case, make_phantom_dataset
+from icl.data.vocabulary import SHAPES
+from icl.cli.phantom import main
+from icl.data.phantom import make_case, make_phantom_dataset
 from icl.errors import InputError
 
 SMALL = (36, 32, 18)

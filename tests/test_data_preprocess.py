@@ -12,7 +12,8 @@ import pytest
 from data_fixtures import PHANTOM_IMAGE_SIZE, PHANTOM_SHAPE, phantom_caches, phantom_datasets  # noqa: F401
 from icl.data.phantom import make_phantom_dataset
 from icl.data.frames import Scan, intensity_range, window01
-from icl.data.preprocess import CT_WINDOWS, CachedCase, main, open_cache, preprocess_dataset, to_original_grid
+from icl.data.preprocess import CT_WINDOWS, CachedCase, open_cache, preprocess_dataset, to_original_grid
+from icl.cli.preprocess import main
 from icl.errors import InputError
 
 
@@ -136,7 +137,7 @@ def test_module_entry_point_prints_one_line_error(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "icl.data.preprocess", "--dataset", "kits", "--data_path",
+    r = subprocess.run([sys.executable, "-m", "icl.cli.preprocess", "--dataset", "kits", "--data_path",
                         str(tmp_path / "absent"), "--cache", str(tmp_path / "c")], capture_output=True, text=True)
     expected = f"error: {tmp_path / 'absent'}: dataset folder not found"
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected]
@@ -145,7 +146,8 @@ def test_module_entry_point_prints_one_line_error(tmp_path):
 def test_one_dataset_vocabulary_and_one_error_style(tmp_path, phantom_datasets, capsys):
     """preprocess takes the words train_3d / eval_3d take (phantom: the layout the folder holds) and they take its
     (nnunet); its flag errors are the one line every command prints, not argparse's usage block."""
-    from icl.config import DATASETS, parse_train_args
+    from icl.options.common import DATASETS
+    from icl.options.train import parse_train_args
     from icl.data.readers import LAYOUTS
 
     assert set(LAYOUTS) <= set(DATASETS) and {"phantom", "nnunet"} <= set(LAYOUTS)
@@ -165,7 +167,7 @@ def test_one_dataset_vocabulary_and_one_error_style(tmp_path, phantom_datasets, 
 
 
 def test_segment_window_takes_what_preprocess_takes():
-    from icl.segment import parse_segment_args
+    from icl.cli.segment import parse_segment_args
 
     base = ["--support", "a", "--support-label", "b", "--query", "c", "--out", "d"]
     assert parse_segment_args(base + ["--window", "0,300"]).window == (0.0, 300.0)

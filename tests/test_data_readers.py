@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import PHANTOM_CASES, PHANTOM_SHAPE, phantom_datasets  # noqa: F401
-from icl.data.phantom import SHAPES
+from icl.data.vocabulary import SHAPES
 from icl.data.preprocess import preprocess_dataset
 from icl.data.readers import BTCV_NAMES, read_combined, read_dataset, unify_label_maps
 from icl.data.validate import check_pair, load_nifti_volume

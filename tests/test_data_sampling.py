@@ -9,7 +9,7 @@ import torch
 
 from data_fixtures import PHANTOM_IMAGE_SIZE, PHANTOM_SHAPE, phantom_caches, phantom_datasets  # noqa: F401
 from icl.data.loaders import ICLDataset, collate, make_loader, open_caches, set_epoch
-from icl.data.phantom import SHAPES
+from icl.data.vocabulary import SHAPES
 from icl.data.preprocess import open_cache
 from icl.data.sampling import extract_object, full_volume_indices, load_splits, make_splits, pick_support_slices
 from icl.errors import InputError

@@ -3,7 +3,7 @@
 Three look-alike objects (one shape class, one intensity distribution) in one scan, on a seed training never
 draws; each in turn is marked on every 4th slice. Same image, same propagation, only the support differs, so the
 prediction can follow the marked object only by reading the support; nearest-slice copy is scored on the same
-tasks (``icl.switch_check``). Through ``icl.api`` (what
+tasks (``bench.switch_check``). Through ``icl.api`` (what
 ``python -m icl.segment`` runs), with the default weights: no ``checkpoint`` argument.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from icl.api import ICLSegmenter
-from icl.switch_check import MODEL, NEAREST, switch_scores
+from bench.switch_check import MODEL, NEAREST, switch_scores
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoint" / "icl_tiny_cpu.pth"
 SEEDS = (2**31 + 91_000, 2**31 + 91_001)  # far from the seeds training draws
@@ -59,7 +59,7 @@ def test_default_model_fills_generated_anatomy_like_copying_or_better(tmp_path):
     seeds training never draws), the model alone — with its mask prior, as ``--fill model`` runs it — keeps up with
     nearest-slice copy (measured: model 0.527, interpolation 0.520, nearest 0.464); the stage-1 default, trained on
     phantoms only, scored 0.009 there."""
-    from icl.switch_check import anatomy_scores
+    from bench.switch_check import anatomy_scores
 
     torch.set_num_threads(1)
     seg = ICLSegmenter(config="tiny_cpu", window=(0.0, 1.0), support_slices="labelled", fill="model")

@@ -1,4 +1,4 @@
-"""``python -m icl.demo --quick``: the README's first command runs end to end and leaves sane result files."""
+"""``python -m icl.cli.demo --quick``: the README's first command runs end to end and leaves sane result files."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from icl import demo
+from icl.cli import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
@@ -20,12 +20,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 def test_quick_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "icl.demo", "--quick", "--out", str(out)], cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "icl.cli.demo", "--quick", "--out", str(out)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert seconds < 120, f"--quick took {seconds:.0f} s"
-    for step in ("icl.segment", "icl.data.phantom", "icl.data.preprocess", "train_3d.py", "eval_3d.py"):
+    for step in ("icl.segment", "icl.cli.phantom", "icl.cli.preprocess", "train_3d.py", "eval_3d.py"):
         assert f"$ python {step}" in proc.stdout or f"$ python -m {step}" in proc.stdout, f"{step} not shown"
     for row in ("| auto (icl.segment: self-check per structure) |", "| default model alone (--fill model) |",
                 "| interpolation (--fill interpolation) |", "| nearest (--fill nearest) |"):
@@ -43,7 +43,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 def test_help_and_bad_out(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "icl.demo", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "icl.cli.demo", "--help"], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--minutes" in proc.stdout
     afile = tmp_path / "file"

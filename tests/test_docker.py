@@ -81,7 +81,7 @@ def test_dockerignore_keeps_data_and_venv_out_and_the_default_model_in():
     ignored = {line.rstrip("/") for line in lines}
     for must in (".git", ".venv", "datasets", "checkpoint/*"):
         assert must in ignored, must
-    # Docker applies the last matching line: the image must ship the default model (icl.demo, segment without -w)
+    # Docker applies the last matching line: the image must ship the default model (icl.cli.demo, segment without -w)
     assert lines.index("!checkpoint/icl_tiny_cpu.pth") > lines.index("checkpoint/*")
 
 

@@ -1,4 +1,4 @@
-"""eval_3d.py / icl.engine.evaluate: tables, hand-checked values, the full-volume protocol, epochs, NIfTI, errors.
+"""eval_3d.py / icl.engine.eval.evaluate: tables, hand-checked values, the full-volume protocol, epochs, NIfTI, errors.
 
 The data is a tiny KiTS-layout set whose CT intensity *encodes* the label (class c at 100·c HU), so a fake
 segmenter can return "the ground truth shifted by one pixel" from the query images alone, and every expected
@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from icl.config import parse_eval_args
-from icl.engine import evaluate as ev
+from icl.options.evaluate import parse_eval_args
+from icl.engine.eval import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, DEPTH, CASES = 32, 10, 3
@@ -195,7 +195,7 @@ def test_all_checkpoints_gives_epoch_rows(data, tmp_path, monkeypatch, capsys):
     _save_weights(run / "epoch_10.pth", 10)
     (run / ".epoch_11.pth.abc.tmp.pth").write_bytes(b"half-written")  # a killed save: ignored
     (run / "config.json").write_text('{"config": "tiny_cpu", "image_size": 64}')
-    import sam2_ext.build as build
+    import icl.model.weights as build  # where the loader looks load_weights up
 
     loaded, original = [], build.load_weights
 
@@ -294,7 +294,7 @@ def test_eval_reads_the_feature_cache(data, tmp_path):
             counts.append(self)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fc, "FeatureCache", Counting)
+        mp.setattr(ev, "FeatureCache", Counting)  # where the evaluation looks it up
         first, _ = run_eval(base + ["-feature_cache", "auto"])
         second, _ = run_eval(base + ["-feature_cache", "auto"])
     assert counts[0].computed > 0 and counts[1].computed == 0 and counts[1].read > 0

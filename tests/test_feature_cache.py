@@ -10,11 +10,11 @@ import torch
 
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
 from engine_fixtures import make_tiny_predictor, single_thread
-from icl.config import parse_train_args
+from icl.options.train import parse_train_args
 from icl.data.phantom import make_phantom_dataset
 from icl.data.preprocess import preprocess_dataset
 from icl.engine import feature_cache as FC
-from icl.engine import train as T
+from icl.engine.train import loop as T
 from icl.engine.feature_cache import FeatureCache
 from sam2_ext.predictor import prepare_frames
 from sam2_ext.track import track

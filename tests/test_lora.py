@@ -9,12 +9,12 @@ import torch
 
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
 from engine_fixtures import make_tiny_predictor, single_thread, toy_slices
-from icl.config import parse_train_args
+from icl.options.train import parse_train_args
 from icl.model import lora
-from icl.engine import train as T
-from icl.engine.checkpoint import load_checkpoint
+from icl.engine.train import loop as T
+from icl.model.weights import load_checkpoint
 from icl.model.build import build_predictor
-from icl.engine.train import main, train
+from icl.engine.train.loop import main, train
 from icl.errors import InputError
 from sam2_ext.build import build_icl_predictor
 from sam2_ext.track import track
@@ -133,8 +133,8 @@ def test_lora_run_saves_adapters_exports_merged_and_resumes_exactly(train_data, 
 
     # the API (what icl.segment --checkpoint runs) and eval_3d.py take the adapter checkpoint as it is
     from icl.api import ICLSegmenter
-    from icl.config import parse_eval_args
-    from icl.engine.evaluate import evaluate
+    from icl.options.evaluate import parse_eval_args
+    from icl.engine.eval.evaluate import evaluate
 
     api = ICLSegmenter(checkpoint=run / "best.pth", config="tiny_cpu", device="cpu", image_size=128)
     assert (_logits(api.predictor, frames, masks) - a).abs().max().item() <= 1e-5

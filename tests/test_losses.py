@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl.engine.losses import ICLLoss
+from icl.model.losses import ICLLoss
 
 
 def _target(t=3, c=2, h=16, w=16) -> torch.Tensor:

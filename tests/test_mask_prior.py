@@ -1,5 +1,5 @@
 """Mask priors: the classic interpolation as SAM2's dense mask prompt on tracked slices — in the propagation rule
-(sam2_ext.priors), in training tasks (icl.engine.prior_tasks) and in the sparse fill (icl.sparse.prior)."""
+(sam2_ext.priors), in training tasks (icl.engine.train.loop.prior_tasks) and in the sparse fill (icl.sparse.prior)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine_fixtures import tiny_predictor, toy_slices  # noqa: F401 (fixture)
-from icl.engine.prior_tasks import PriorTasks, with_mask_prior
-from icl.engine.tasks import Task, level_task
+from icl.engine.train.prior_tasks import PriorTasks, with_mask_prior
+from icl.engine.train.tasks import Task, level_task
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, place
 from icl.sparse.prior import annotation_from_prompts, interpolation_priors
@@ -79,7 +79,7 @@ def test_the_residual_can_be_read_at_the_outputs_resolution():
 def test_the_loss_and_the_fill_read_the_prior_at_their_own_resolution(tiny_predictor):
     """-mask_prior_res output: the training loss swaps the residual at the target's size, the sparse fill at the
     scan's, both through residual_at_output: one rule."""
-    from icl.engine.objective import TaskLoss
+    from icl.engine.train.losses import TaskLoss
     from icl.sparse.model_fill import ModelFill
     from icl.sparse.prior import interpolation_prior
     from sam2_ext.priors import prior_input, residual_at_output
@@ -248,6 +248,7 @@ def prior_weights(data, tmp_path):
 
 
 def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights, monkeypatch):
+    import icl.sparse.model_fill
     import sam2_ext.track
     from icl.api import ICLSegmenter
     from segment_fixtures import IMAGE_SIZE
@@ -260,7 +261,7 @@ def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights
         seen.append(kwargs.get("priors"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sam2_ext.track, "track", spy)
+    monkeypatch.setattr(icl.sparse.model_fill, "track", spy)  # where the fill looks it up
     sparse = data["root"] / "prior_sparse.nii.gz"
     _sparse_file(data, sparse, step=3)
     seg = ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled", fill="model")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl.engine.metrics import METRIC_COLUMNS, MetricRows, case_class_metrics, logits_to_mask
+from icl.engine.eval.metrics import METRIC_COLUMNS, MetricRows, case_class_metrics, logits_to_mask
 
 
 def _vol(shape=(6, 8, 8)) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from icl.api import ICLSegmenter
 from icl.errors import InputError, spell_flag
 from icl.model.settings import check_image_memory, settle_model, trained_settings
-from icl.segment import main
+from icl.cli.segment import main
 from sam2_ext.build import build_icl_predictor
 
 

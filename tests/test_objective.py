@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from engine_fixtures import tiny_predictor, toy_slices  # noqa: F401 (fixture)
-from icl.engine.model import ICLStep
-from icl.engine.objective import TaskLoss
-from icl.engine.sam2_loss import SAM2Loss
-from icl.engine.tasks import Task
-from icl.engine.validation import task_dice, summarise
+from icl.engine.train.step import ICLStep
+from icl.engine.train.losses import TaskLoss
+from icl.engine.train.losses import SAM2Loss
+from icl.engine.train.tasks import Task
+from icl.engine.train.validation import task_dice, summarise
 
 
 def test_sam2_loss_backpropagates_the_best_candidate_and_every_iou():
@@ -123,7 +123,7 @@ def test_dice_bce_scores_the_raw_masks_and_obj_weight_acts_in_both(tiny_predicto
 
 
 def test_ungated_masks_are_the_returned_candidate_before_the_gate(tiny_predictor):
-    from icl.engine.objective import ungated
+    from icl.engine.train.losses import ungated
 
     images, masks = toy_slices(5)
     tiny_predictor.train()

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from icl.api import ICLSegmenter, choose_support_slices
-from icl.segment import main
+from icl.api import ICLSegmenter
+from icl.infer.support import choose_support_slices
+from icl.cli.segment import main
 from segment_fixtures import IMAGE_SIZE, SHAPE, make_segment_data
 
 ROOT = Path(__file__).resolve().parents[1]

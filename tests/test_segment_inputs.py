@@ -15,7 +15,7 @@ import torch
 from icl.api import ICLSegmenter
 from icl.model import weights as ckpt_module
 from icl.errors import InputError
-from icl.segment import main
+from icl.cli.segment import main
 from segment_fixtures import IMAGE_SIZE, SHAPE, make_segment_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +175,7 @@ def test_progress_bar_stays_out_of_log_files(data, tmp_path):
 # ---------------------------------------------------------------------------------------------------- one road
 def test_cli_frames_are_the_cached_frames(data, tmp_path, monkeypatch):
     """The frames the CLI feeds the model for a query equal the training cache's frames of the same scan."""
+    import icl.infer.segmenter
     import sam2_ext.track
     from icl.data.preprocess import preprocess_dataset
     from sam2_ext.predictor import prepare_frames
@@ -189,7 +190,7 @@ def test_cli_frames_are_the_cached_frames(data, tmp_path, monkeypatch):
         seen["frames"], seen["offset"] = frames, len(frames) - cached.num_slices
         return real(predictor, frames, prompts, direction, **kw)
 
-    monkeypatch.setattr(sam2_ext.track, "track", spy)
+    monkeypatch.setattr(icl.infer.segmenter, "track", spy)  # where the segmenter looks it up
     # weights that record the training window (as train_3d.py's checkpoints and exports do), the CLI's defaults
     weights = tmp_path / "trained.pth"
     state = torch.load(data["ckpt"], weights_only=True)["model"]

@@ -13,7 +13,7 @@ import pytest
 import icl.api
 from icl.api import ICLSegmenter
 from icl.errors import InputError
-from icl.segment import main
+from icl.cli.segment import main
 from segment_fixtures import IMAGE_SIZE, make_segment_data
 
 

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from icl.errors import InputError, library_errors
+from icl.errors import InputError
+from icl.model.boundary import library_errors
 from sam2_ext.errors import Sam2ExtError
 from sam2_ext.selector import MemorySelector, SelectorConfig, mask_confidence, mask_iou, parse_selector_config
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from icl.api import ICLSegmenter
-from icl.segment import main
+from icl.cli.segment import main
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, place
-from icl.sparse.fill import MODEL, choose, fill_volume, self_check
+from icl.sparse.methods import MODEL
+from icl.sparse.fill import choose, fill_volume, self_check
 from icl.sparse.model_fill import ModelFill, square_box
 from segment_fixtures import IMAGE_SIZE, make_segment_data
 
@@ -168,7 +169,7 @@ def _sparse_file(data, path, step: int = 3):
 def test_crop_round_trips_into_the_full_grid(data):
     """On an annotated slice the model returns the drawn mask (its conditioning output): tracked in a crop, it
     comes back at the same place of the full slice."""
-    from icl.api import PreparedFrames
+    from icl.infer.segmenter import PreparedFrames
     from icl.data.frames import Scan, VolumeFrames
 
     seg = ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, support_slices="labelled")
@@ -201,7 +202,7 @@ def test_self_check_prefers_interpolation_over_a_random_model(data, tmp_path):
     for c in checked:
         assert c.dice["model"] is not None and c.dice["interpolation"] > c.dice["model"]
     # the model's held-out Dice is the one of its own fill of the held-out slices, computed here directly
-    from icl.api import PreparedFrames
+    from icl.infer.segmenter import PreparedFrames
     from icl.data.frames import Scan
 
     label = np.asarray(Scan.open(sparse).canonical).astype(np.int64)

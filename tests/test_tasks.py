@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from icl.data.lookalike import make_task
-from icl.engine.tasks import (CLIPS, ClipTasks, LookalikeSet, TaskMix, parse_schedule, task_from_clip,
-                              task_from_lookalike)
+from icl.engine.train.schedule import CLIPS, parse_schedule
+from icl.engine.train.tasks import ClipTasks, LookalikeSet, TaskMix, task_from_clip, task_from_lookalike
 from icl.errors import InputError
 
 
@@ -85,7 +85,7 @@ def test_validation_set_is_fixed_and_disjoint_from_training_seeds():
 
 def test_training_never_draws_a_validation_seed(monkeypatch):
     """The seeds make_task is called with: training's (over epochs, indices, run seeds) and validation's."""
-    import icl.engine.tasks as tasks
+    import icl.engine.train.tasks as tasks
 
     seen: list[int] = []
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-import icl.engine.train  # noqa: F401  (imported here so the forked ranks inherit it instead of re-importing)
+import icl.engine.train.loop  # noqa: F401  (imported here so the forked ranks inherit it instead of re-importing)
 from conftest_train import train_argv, train_data  # noqa: F401  (fixture)
-from icl.engine.checkpoint import load_checkpoint
+from icl.model.weights import load_checkpoint
 
 WORLD = 2
 
@@ -27,8 +27,8 @@ def _worker(rank: int, port: int, argv: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import icl.engine.train as T
-    from icl.config import parse_train_args
+    import icl.engine.train.loop as T
+    from icl.options.train import parse_train_args
 
     out_dir = Path(out)
     real_save, real_fit = T.save_checkpoint, T.fit

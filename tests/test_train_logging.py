@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from icl.engine.logging import NullLogger, has_wandb_credentials, make_logger, overlay, wandb_mode
+from icl.engine.train.logging import NullLogger, has_wandb_credentials, make_logger, overlay, wandb_mode
 
 
 def test_mode_is_offline_without_credentials_and_env_wins(monkeypatch, tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
-from icl.config import parse_train_args
-from icl.engine.checkpoint import load_checkpoint
-from icl.engine.train import main, train
+from icl.options.train import parse_train_args
+from icl.model.weights import load_checkpoint
+from icl.engine.train.loop import main, train
 from sam2_ext.build import build_icl_predictor, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]

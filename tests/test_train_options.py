@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
-from icl.config import parse_train_args
+from icl.options.train import parse_train_args
 from icl.engine import distributed as dd
 from icl.engine.clips import TrainClipDataset, build_loaders, context_window
-from icl.engine.model import ICLStep
-from icl.engine.train import train
+from icl.engine.train.step import ICLStep
+from icl.engine.train.loop import train
 from icl.errors import InputError
 
 
@@ -47,7 +47,7 @@ def test_classes_and_context_mode_shape_the_training_samples(train_data, tmp_pat
     cfg = parse_train_args(train_argv(train_data, tmp_path, "x", "-classes", "2", "-query_mode", "context",
                                       "-video_length", "6"))
     train_loader, val_loader = build_loaders(cfg, dd.DistInfo())
-    clips = train_loader.dataset.clips  # served to the loop as tasks (icl.engine.tasks.ClipTasks)
+    clips = train_loader.dataset.clips  # served to the loop as tasks (icl.engine.train.tasks.ClipTasks)
     assert isinstance(clips, TrainClipDataset)
     empty = 0
     for i in range(len(clips)):

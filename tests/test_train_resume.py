@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest_train import one_thread, train_argv, train_data  # noqa: F401  (fixtures)
-from icl.config import parse_train_args
-from icl.engine.checkpoint import load_checkpoint
-from icl.engine import train as T
-from icl.engine.train import train
+from icl.options.train import parse_train_args
+from icl.model.weights import load_checkpoint
+from icl.engine.train import loop as T
+from icl.engine.train.loop import train
 
 
 class Crash(Exception):

@@ -18,9 +18,7 @@ from scipy import ndimage
 from icl.data.anatomy import smooth_fields
 from icl.data.frames import MR_PERCENTILES
 
-
 #: what :func:`render` can leave out, one at a time (the generator's ablation, ``-anatomy_drop``)
-RENDER_PARTS = ("weak_contrast", "rim", "texture", "clutter", "blur", "lowres", "bias", "noise", "gamma")
 
 
 def structure_means(rng: np.random.Generator, kinds: list[str], drop: frozenset = frozenset()) -> np.ndarray:

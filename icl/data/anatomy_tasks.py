@@ -13,7 +13,7 @@ following edges alone leaks. Levels (names in the ``-tasks`` vocabulary):
 * ``anat_cross``    support slices from the other patient of a cross-case pair (same anatomy, its own deformation
   and contrast, optionally mirrored), then the whole query scan, forward.
 
-A task is a plain dict in the propagation rule's terms (``icl.engine.tasks.task_from_anatomy`` makes it a Task):
+A task is a plain dict in the propagation rule's terms (``icl.engine.train.tasks.task_from_anatomy`` makes it a Task):
 ``frames`` float32 [N, H, W], ``prompts`` {object: {frame: uint8 mask}}, ``direction``, ``targets`` uint8
 [K, N, H, W], ``scored`` frames, ``distractors`` uint8 [J, N, H, W] (the targets' most similar touching neighbours,
 what "others" is scored against), ``structures`` (the targets' ids), ``style``, ``every``, ``level``.
@@ -23,12 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from icl.data.anatomy import make_template, patient
-from icl.data.anatomy_image import RENDER_PARTS, render
+from icl.data.anatomy_image import render
+from icl.data.vocabulary import ANATOMY_LEVELS, GENERATOR_PARTS
 
-ANATOMY_LEVELS: tuple[str, ...] = ("anat_sparse", "anat_adjacent", "anat_far", "anat_cross")
-#: generator parts an ablation can leave out (``-anatomy_drop``): the image's (``icl.data.anatomy_image``), the
-#: painted structures beside the partition (``extras``) and the patients' deformation (``deformation``)
-GENERATOR_PARTS: tuple[str, ...] = (*RENDER_PARTS, "extras", "deformation")
 STYLES = ("per_structure", "complete")
 MIN_VOXELS = 4  # a target has at least this many voxels on a slice where it counts as present
 LOOKALIKE_PROB = 0.6  # chance that the first target is drawn among structures with a weak-contrast neighbour

@@ -286,7 +286,7 @@ def window01(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def resize_slices(x: "torch.Tensor | np.ndarray", size: Sequence[int], mode: str) -> "torch.Tensor | np.ndarray":
     """[N, H, W] → [N, *size] (always a new array): "image" bilinear + antialiasing (closest to SAM2's own
     PIL-resized frames), "label" nearest-exact (dtype kept), "logits" bilinear (float32)."""
-    import torch
+    import torch  # torch only where tensors are resized: the data layer and the generators run without it
     import torch.nn.functional as F
 
     if mode not in RESIZE_MODES:

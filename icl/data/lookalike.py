@@ -27,7 +27,7 @@ Curriculum levels (name or number), from easiest:
 5 ``cross``        support slices from ANOTHER case whose marked object has the target's shape class; the query
                    scan's other objects have other classes, so shape is the only cue.
 
-Shape classes mirror the phantom's (``icl.data.phantom.SHAPES``) as 2D cross-sections evolving along z; ``shapes``
+Shape classes mirror the phantom's (``icl.data.vocabulary.SHAPES``) as 2D cross-sections evolving along z; ``shapes``
 restricts the classes a task may use and ``held_out`` removes some by name (train without them, test on them).
 """
 from __future__ import annotations
@@ -36,18 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from icl.data.phantom import SHAPES  # the same shape classes as the phantom volumes
-
-LEVELS: tuple[str, ...] = ("discs_fixed", "discs_random", "adjacent", "far", "sparse", "cross")
-
-
-def level_name(level: int | str) -> str:
-    """Curriculum level by number or name -> its name (raises ValueError on an unknown one)."""
-    if isinstance(level, (int, np.integer)) or (isinstance(level, str) and level.isdigit()):
-        return LEVELS[int(level)]
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose from {', '.join(LEVELS)} or 0..{len(LEVELS) - 1}")
-    return level
+from icl.data.vocabulary import LEVELS, SHAPES, level_name  # the phantom's shape classes, as 2D cross-sections
 
 
 # ------------------------------------------------------------------------------------------------ rendering

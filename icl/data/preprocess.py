@@ -9,13 +9,12 @@ Layout: ``<cache>/index.json`` (dataset, label map, case ids) and ``<cache>/<cas
 ``meta.json`` is written last (atomically), so an entry is valid iff its meta exists and its ``key`` (source sizes +
 mtimes + preprocessing parameters) matches; re-running skips valid entries and rebuilds changed ones.
 
-    python -m icl.data.preprocess --dataset kits --data_path datasets/kits --cache cache/kits --image_size 128
+    python -m icl.cli.preprocess --dataset kits --data_path datasets/kits --cache cache/kits --image_size 128
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,12 +22,24 @@ import nibabel as nib
 import numpy as np
 
 from icl.data import frames
-from icl.data.frames import (MR_PERCENTILES, RAS, WINDOWS, Scan, VolumeFrames, canonical_ornt,  # noqa: F401
-                             check_window, inverse_ornt, label_slices, parse_window, reorient, reoriented_shape,
-                             resize_slices)
-from icl.data.readers import LAYOUTS, Case, read_dataset
+from icl.data.frames import (  # noqa: F401
+    MR_PERCENTILES,
+    RAS,
+    WINDOWS,
+    Scan,
+    VolumeFrames,
+    canonical_ornt,
+    check_window,
+    inverse_ornt,
+    label_slices,
+    parse_window,
+    reorient,
+    reoriented_shape,
+    resize_slices,
+)
+from icl.data.readers import Case, read_dataset
 from icl.data.validate import check_grid, check_label
-from icl.errors import InputError, report
+from icl.errors import InputError
 from icl.io import atomic_path, write_json
 from icl.progress import progress as progress_bar
 
@@ -274,39 +285,3 @@ def open_cache(cache: str | Path, remap: dict[int, int] | None = None) -> tuple[
     info = json.loads(index.read_text())
     cases = [CachedCase(Path(cache) / cid, remap) for cid in info["cases"]]
     return cases, {int(k): v for k, v in info["label_map"].items()}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from icl.options import OneLineParser, parse_one_line
-
-    p = OneLineParser(prog="python -m icl.data.preprocess", description=__doc__.split("\n\n")[0],
-                      exit_on_error=False)
-    p.add_argument("--dataset", required=True, choices=LAYOUTS,
-                   help="dataset layout (phantom: generated phantoms, in whichever layout the folder holds)")
-    p.add_argument("--data_path", required=True, help="dataset root folder")
-    p.add_argument("--cache", required=True, help="cache folder (index.json and one folder per case)")
-    p.add_argument("--image_size", type=int, default=128, help="in-plane size in pixels (default: 128)")
-    p.add_argument("--label_mode", default=None, help="KiTS: per_class | seed (default: the reader's)")
-    p.add_argument("--modality", type=int, default=None, help="MSD/nnU-Net: input channel (default: the reader's)")
-    p.add_argument("--window", default=None,
-                   help=f"{' | '.join(frames.WINDOW_CHOICES)} | 'lo,hi' in HU (default: the dataset's CT window, "
-                        "or MR percentiles)")
-    try:
-        a = parse_one_line(p, argv)
-        opts: dict[str, Any] = {}
-        if a.label_mode is not None:
-            opts["label_mode"] = a.label_mode
-        if a.modality is not None:
-            opts["modality"] = a.modality
-        if a.image_size < 8:
-            raise InputError("--image_size", f"must be >= 8, got {a.image_size}")
-        window = parse_window(a.window) if a.window else None
-        cases = preprocess_dataset(a.dataset, a.data_path, a.cache, a.image_size, window, **opts)
-    except InputError as e:
-        return report(e)
-    print(f"cached {len(cases)} cases in {a.cache}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

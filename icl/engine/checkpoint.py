@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from icl.config import DEFAULT_CHECKPOINT_PATH, no_weights
 from icl.errors import InputError
 from icl.io import atomic_path
-from icl.model.weights import FORMAT, load_checkpoint  # noqa: F401  (re-exported: training reads its own files)
+from icl.model.weights import FORMAT, load_checkpoint, no_weights, weights_path
+from icl.options.common import DEFAULT_CHECKPOINT_PATH
 
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 
@@ -208,27 +207,15 @@ def export_weights(src: str | Path, dst: str | Path) -> Path:
 
 
 def resolve_weights(cfg: Any) -> list[tuple[int | None, Path | None]]:
-    """THE weights rule of ``eval_3d.py``: ``[(epoch or None, file or None = random init)]`` to evaluate.
-
-    ``-all_checkpoints RUN``: every epoch_N.pth of the run. Else ``-checkpoint_path`` when it is not left at its
-    default: a file, or a run folder (its best.pth, else last.pth); else ``-pretrain``. ``none`` = random init.
-    """
+    """``eval_3d.py``'s use of the weights rule (``icl.model.weights.weights_path``): ``[(epoch or None, file or
+    None = random init)]`` to evaluate. ``-all_checkpoints RUN``: every epoch_N.pth of the run; else
+    ``-checkpoint_path`` when it is not left at its default, else ``-pretrain``."""
     if cfg.all_checkpoints:
         return list(epoch_checkpoints(cfg.all_checkpoints))
     given = cfg.checkpoint_path != DEFAULT_CHECKPOINT_PATH
     flag, weights = ("-checkpoint_path", cfg.checkpoint_path) if given else ("-pretrain", cfg.pretrain)
-    if weights is None or no_weights(weights):
-        print(f"note: {flag} none: evaluating a randomly initialised model", file=sys.stderr)
-        return [(None, None)]
-    path = Path(weights)
-    if path.is_file():
-        return [(_epoch_of(path), path)]
-    if not given:
+    if not given and weights is not None and not no_weights(weights) and not Path(weights).is_file():
         raise InputError(flag, f"weights file {weights} not found; give -checkpoint_path FILE, -pretrain FILE or "
                                "-pretrain none (random init)")
-    if path.is_dir():
-        for name in ("best.pth", "last.pth"):
-            if (path / name).is_file():
-                return [(None, path / name)]
-        raise InputError(path, "run folder has no best.pth or last.pth (use -all_checkpoints for epoch_N.pth)")
-    raise InputError(path, "checkpoint not found (-checkpoint_path)")
+    path = weights_path(weights, flag)
+    return [(None if path is None else _epoch_of(path), path)]

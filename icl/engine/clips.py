@@ -6,10 +6,9 @@ and the sample recipe of training (``-classes``, ``-query_mode context``, ``-sam
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import contextlib
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,19 +16,21 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Subset
 
-from icl.config import CommonConfig, TrainConfig
 from icl.data.frames import DEFAULT_SLICE_AXIS
 from icl.data.loaders import ICLDataset, make_loader, open_caches
-from icl.data.phantom import DEFAULT_CLASSES, SHAPES, make_phantom_dataset
+from icl.data.phantom import DEFAULT_CLASSES, make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
 from icl.data.readers import detect_layout
 from icl.data.sampling import make_splits, spread
+from icl.data.vocabulary import SHAPES
 from icl.engine import distributed as dd
-from icl.engine.tasks import (CLIPS, TASK_LEVELS, ClipTasks, LookalikeSet, TaskMix, first, level_depths,
-                              parse_schedule)
+from icl.engine.train.prior_tasks import PriorTasks
+from icl.engine.train.schedule import CLIPS, TASK_LEVELS, parse_schedule
+from icl.engine.train.tasks import ClipTasks, LookalikeSet, TaskMix, first, level_depths
 from icl.errors import InputError, spell_flag
 from icl.io import write_json
-
+from icl.options.common import CommonConfig
+from icl.options.train import TrainConfig
 
 PHANTOM_CASES = 8  # cases generated when -dataset phantom points at a folder that does not exist yet
 TASKS_PER_EPOCH = 100  # steps per epoch of a schedule without clips, unless -steps_per_epoch says otherwise
@@ -194,7 +195,7 @@ def frames_record(cfg: TrainConfig, info: dd.DistInfo) -> dict[str, Any]:
 
 
 def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = None) -> tuple[Any, Any]:
-    """Train and validation loaders of :class:`~icl.engine.tasks.Task` s, as ``-tasks`` schedules them.
+    """Train and validation loaders of :class:`~icl.engine.train.tasks.Task` s, as ``-tasks`` schedules them.
 
     Clips (``clips`` in the schedule) come from the dataset's caches, split by ``-fold``/``-folds`` (deterministic
     k-fold on case ids, written to ``splits.json``), support slices from ``-support_instance`` (``none``: another
@@ -216,8 +217,6 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
                             anatomy_drop=frozenset(p for p in cfg.anatomy_drop.split(",") if p))
         shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
     if cfg.mask_prior > 0:  # both-ways tasks as the sparse fill runs them: cropped, the interpolation as a prior
-        from icl.engine.prior_tasks import PriorTasks
-
         train_set = PriorTasks(train_set, cfg.mask_prior, cfg.image_size, cfg.seed)
     val_parts = [ClipTasks(clip_val)] if clip_val is not None else []
     if levels:

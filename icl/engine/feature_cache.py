@@ -28,9 +28,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from icl.model.lora import weights_hash
+from icl.engine.clips import open_training_caches
+from icl.engine.train.schedule import CLIPS, parse_schedule
 from icl.errors import InputError
 from icl.io import write_json
+from icl.model.lora import weights_hash
+from sam2_ext.predictor import prepare_frames
 
 FORMAT = "icl-features-v1"
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -138,8 +141,6 @@ class FeatureCache:
         return [torch.from_numpy(np.array(level[z])).float()[None] for level in store.levels]
 
     def _encode(self, case: Any, z: int) -> list[torch.Tensor]:
-        from sam2_ext.predictor import prepare_frames
-
         p = self.predictor
         image = torch.from_numpy(np.array(case.image[z:z + 1], dtype=np.float32)).to(p.device)  # a copy: writable
         with torch.no_grad():
@@ -193,9 +194,6 @@ def make_feature_cache(cfg: Any, info: Any, predictor: Any) -> FeatureCache | No
     if info.world_size > 1:
         raise InputError("-feature_cache", "auto runs in a single process only (ranks would write the same "
                                            "files); use -feature_cache off with -distributed True")
-    from icl.engine.clips import open_training_caches
-    from icl.engine.tasks import CLIPS, parse_schedule
-
     if not any(CLIPS in mix for _, mix in parse_schedule(cfg.tasks)):
         print("note: -feature_cache auto: -tasks has no dataset clips, nothing to cache", file=sys.stderr)
         return None

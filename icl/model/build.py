@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from icl.errors import InputError
+from icl.model.weights import load_any_weights
+from sam2_ext.build import build_icl_predictor
+from sam2_ext.selector import MemorySelector, parse_selector_config
 
 
 def make_memory_selector(value: str | None):
@@ -21,8 +24,6 @@ def make_memory_selector(value: str | None):
     None, an empty value and ``recency`` (SAM2's official rule) install no selector; anything else is parsed by
     ``sam2_ext.selector`` (whose OptionError names the option, spelled by the caller's ``library_errors``).
     """
-    from sam2_ext.selector import MemorySelector, parse_selector_config
-
     if value is None or not str(value).strip() or parse_selector_config(value).policy == "recency":
         return None
     return MemorySelector.from_name(value)
@@ -33,10 +34,6 @@ def build_predictor(config: str | Path, device: str | torch.device, weights: str
                     freeze: Iterable[str] = ()) -> nn.Module:
     """The ICL predictor of ``config`` on ``device``: ``weights`` loaded (None = random init), the memory selector
     installed and the ``freeze`` parts frozen. Train/eval mode is left to the caller."""
-    from sam2_ext.build import build_icl_predictor
-
-    from icl.model.weights import load_any_weights
-
     predictor = build_icl_predictor(config, device="cpu", checkpoint=None, image_size=image_size)
     if weights is not None:  # official, MedSAM2, ours, or a -peft lora adapter checkpoint (merged on load)
         load_any_weights(predictor, weights)

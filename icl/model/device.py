@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 import sys
 
+import torch
+
 from icl.errors import InputError
 
 
@@ -13,8 +15,6 @@ def resolve_device(spec: int | str, flag: str = "--device") -> str:
     -1 or ``cpu`` = CPU; CUDA asked for on a machine without it falls back to the CPU with a note (so one command
     line works on both); a GPU index beyond the visible ones, or anything else, is an InputError naming ``flag``.
     """
-    import torch
-
     text = str(spec).strip().lower()
     if text.lstrip("-").isdigit():
         index = int(text)

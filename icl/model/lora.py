@@ -70,7 +70,7 @@ def has_lora(model: nn.Module) -> bool:
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter checkpoint stores: the adapters (peft's own state dict) plus any fully trained base weight."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # peft pulls in transformers: only with -peft lora
 
     state = {f"lora::{k}": v for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
     for name, param in model.named_parameters():
@@ -81,7 +81,7 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trained_state(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Inverse of :func:`trained_state` on a model built with the same base weights and adapters (exact)."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # peft pulls in transformers: only with -peft lora
 
     adapters = {k[len("lora::"):]: v for k, v in state.items() if k.startswith("lora::")}
     base = {k: v for k, v in state.items() if not k.startswith("lora::")}
@@ -99,7 +99,7 @@ def load_trained_state(model: nn.Module, state: Mapping[str, torch.Tensor], wher
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer and put the plain layer back: the model is plain SAM2 again."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft pulls in transformers: only with -peft lora
 
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):

@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from icl.errors import InputError
+from sam2_ext.build import load_model_config
 
 #: Peak activation bytes per input pixel and unit of the image encoder's width, measured on one slice's tracking
 #: (tiny_cpu, width 24: 278 B/px at 1024 px; sam2.1_hiera_t, width 96: 760 B/px), rounded up.
@@ -83,10 +85,6 @@ def settle_model(config: str | None, image_size: int | None, weights: str | Path
 
 def check_image_memory(config: str, image_size: int | None, flag: str, available: int | None = None) -> None:
     """Refuse an image size whose activations for one slice would not fit in the free memory (an estimate)."""
-    import psutil
-
-    from sam2_ext.build import load_model_config
-
     cfg = load_model_config(config, image_size)
     size, width = int(cfg.model.image_size), int(cfg.model.image_encoder.trunk.embed_dim)
     need = BYTES_PER_PIXEL_AND_WIDTH * width * size * size

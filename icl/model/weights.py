@@ -17,11 +17,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from icl.config import no_weights
 from icl.errors import InputError
 from icl.model import lora
+from sam2_ext.build import load_weights
 
 FORMAT = "icl-train-v1"
+#: Values of a weights option (``-pretrain``, ``--checkpoint``) that mean "no weights file: random init".
+NO_WEIGHTS = ("", "none", "null", "random")
+DEFAULT_SEGMENT_CONFIG = "tiny_cpu"  # icl.segment / the API when neither --config nor the weights say
+
+
+def no_weights(value: Any) -> bool:
+    """THE random-init rule of every weights option: ``none``, ``null``, ``random`` (or empty) name no file."""
+    return value is not None and str(value).strip().lower() in NO_WEIGHTS
 REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "step", "rng")
 
 
@@ -48,14 +56,32 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoint"
 DEFAULT_WEIGHTS = {"tiny_cpu": CHECKPOINT_DIR / "icl_tiny_cpu.pth"}
 
 
-def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: str = "--checkpoint") -> Path | None:
-    """THE weights rule of the CLI and the API: which file to load for ``config`` (None = random init).
+def weights_path(value: str | Path | None, flag: str) -> Path | None:
+    """THE weights rule of every command (``-pretrain``, ``-checkpoint_path``, ``--checkpoint``, the API):
 
-    * no checkpoint: the default model shipped for the config, said in one line on stderr; a config without a
-      shipped model is an InputError (random weights would give a meaningless mask, never silently);
-    * ``none``: random init, with a warning;
-    * a path: that file (checked when it is loaded).
+    * a none word (:func:`no_weights`): random init (None), with a warning;
+    * a file: that file (read by the loader, which checks it);
+    * a run folder of ``train_3d.py``: its ``best.pth``, else ``last.pth``;
+    * anything else: an InputError naming the path and ``flag``.
     """
+    if value is None or no_weights(value):
+        print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("best.pth", "last.pth"):
+            if (path / name).is_file():
+                return path / name
+        raise InputError(path, "run folder has no best.pth or last.pth (use -all_checkpoints for epoch_N.pth)")
+    raise InputError(path, f"checkpoint not found ({flag})")
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: str = "--checkpoint") -> Path | None:
+    """The CLI's and the API's use of the weights rule (:func:`weights_path`): without a checkpoint, the default
+    model shipped for ``config``, said in one line on stderr; a config without a shipped model is an InputError
+    (random weights would give a meaningless mask, never silently)."""
     name = Path(str(config)).name.removesuffix(".yaml")
     if checkpoint is None or not str(checkpoint).strip():
         default = DEFAULT_WEIGHTS.get(name)
@@ -68,10 +94,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, config: str | Path, flag: 
         print(f"note: using the default model {default.relative_to(CHECKPOINT_DIR.parent)} (config {name})",
               file=sys.stderr)
         return default
-    if no_weights(checkpoint):
-        print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
-        return None
-    return Path(checkpoint)
+    return weights_path(checkpoint, flag)
 
 
 def adapter_record(payload: Any) -> dict[str, Any] | None:
@@ -85,8 +108,6 @@ def adapter_record(payload: Any) -> dict[str, Any] | None:
 def rebuild_adapted(predictor: nn.Module, payload: Mapping[str, Any], where: str | Path) -> nn.Module:
     """Base weights of ``record['base']`` (hash-checked), the recorded adapters, their trained values: the model
     as trained, adapters still separate."""
-    from sam2_ext.build import load_weights
-
     record = adapter_record(payload)
     base = Path(record["base"])
     if not base.is_file():
@@ -103,8 +124,6 @@ def rebuild_adapted(predictor: nn.Module, payload: Mapping[str, Any], where: str
 def load_any_weights(predictor: nn.Module, path: str | Path) -> nn.Module:
     """THE loader of a weights file into a plain predictor: official / MedSAM2 / exported / training checkpoints
     as they are (``sam2_ext.build.load_weights``), adapter checkpoints rebuilt and merged."""
-    from sam2_ext.build import load_weights
-
     path = Path(path)
     payload = _peek(path)
     if adapter_record(payload) is None:

@@ -1,7 +1,7 @@
 """Result tables: one row per case × class × protocol (× epoch), summaries as mean ± std, CSV + markdown files.
 
 NaN means "not scored" (an empty truth with an empty prediction, or a surface distance to an empty mask, see
-:mod:`icl.engine.metrics`); summaries skip NaN and say how many cases were scored and how many had an empty truth,
+:mod:`icl.engine.eval.metrics`); summaries skip NaN and say how many cases were scored and how many had an empty truth,
 so a reader can always tell what a mean stands on.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ _ORDER: tuple[str, ...] = KEY_COLUMNS + METRICS + ("volume_truth_ml", "volume_pr
 
 
 def results_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Build the per-case table from metric rows (e.g. :class:`icl.engine.metrics.MetricRows`).
+    """Build the per-case table from metric rows (e.g. :class:`icl.engine.eval.metrics.MetricRows`).
 
     Known columns come first in a fixed order, extra columns keep their order after them. Metric columns are float
     (NaN = not scored), flag columns bool. Raises ``ValueError`` naming a missing required column.

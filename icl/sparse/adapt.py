@@ -19,10 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from icl.model.losses import ICLLoss
 from icl.sparse.annotation import PER_STRUCTURE, Annotation
 from icl.sparse.prior import interpolation_priors
+from sam2_ext.track import track
 
 ADAPT_LR = 1e-4
+DICE_BCE = ICLLoss()  # THE Dice + BCE (smooth 1), as training's -loss dice_bce
 
 
 class Window:
@@ -47,19 +50,10 @@ def adaptation_triples(annotation: Annotation, classes: list[int]) -> list[tuple
     return out
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice + BCE of low-resolution logits [h, w] against a soft target [h, w]."""
-    prob = logits.sigmoid()
-    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
-    return dice + F.binary_cross_entropy_with_logits(logits, target)
-
-
 def adapt(predictor: Any, source: Any, annotation: Annotation, prompts: Mapping[int, Mapping[int, torch.Tensor]],
           box: tuple[int, int, int, int], steps: int, priors: bool, lr: float = ADAPT_LR, seed: int = 0) -> int:
     """``steps`` Adam steps on ``(a, h, b)`` tasks of ``annotation`` (module docstring); ``prompts``: the fill's
     masks at the model's size. Returns the steps taken (0 when no structure has three annotated slices)."""
-    from sam2_ext.track import track
-
     triples = adaptation_triples(annotation, sorted(prompts))
     if not triples or steps <= 0:
         return 0
@@ -86,7 +80,7 @@ def adapt(predictor: Any, source: Any, annotation: Annotation, prompts: Mapping[
                 # the decoder's masks before SAM2's object-score gate (a gated mask is a constant: no gradient),
                 # averaged over the two passes as the rule averages its logits
                 raw = torch.stack([t.raw_multimask_logits[0, 0] for t in results[h - a].tracked]).mean(0)
-                loss = _loss(raw.float(), target)
+                loss = DICE_BCE(raw.float()[None], target[None])  # [1, h, w]: one slice, one object
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -28,12 +28,21 @@ from scipy.ndimage import center_of_mass, distance_transform_edt
 from scipy.ndimage import shift as nd_shift
 
 from icl.sparse.annotation import Annotation
+from icl.sparse.methods import CLASSIC_FILLS, INTERPOLATION, NEAREST
 
-NEAREST = "nearest"
-INTERPOLATION = "interpolation"
-CLASSIC_FILLS = (INTERPOLATION, NEAREST)
 BOX_MARGIN = 2  # voxels around the drawn masks (plus the alignment's shift): where a classic fill can reach
 TAPER = 0.5  # beyond the outermost slice: the fraction of its inscribed radius lost at the end of the reach
+
+
+def nearest_annotated(annotated: list[int], z: int) -> int:
+    """THE nearest-slice rule: the annotated slice (sorted list) closest to ``z``; ties go to the lower slice."""
+    i = bisect.bisect_left(annotated, z)
+    if i == len(annotated):
+        return annotated[-1]
+    if i == 0 or annotated[i] == z:
+        return annotated[i]
+    below, above = annotated[i - 1], annotated[i]
+    return below if z - below <= above - z else above
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -84,7 +93,7 @@ class ClassicFill:
                 sdf = sdf - self.taper * abs(z - outer) / (reach + 1) * max(float(sdf.max()), 0.0)
             return self._boxes[c], sdf
         if self.method == NEAREST:
-            return self._boxes[c], self._distance(c, below if z - below <= above - z else above)
+            return self._boxes[c], self._distance(c, nearest_annotated(drawn, z))
         t = (z - below) / (above - below)
         a, b = self._distance(c, below), self._distance(c, above)
         if self.align:

@@ -27,17 +27,17 @@ which applies the engine's one propagation rule.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from icl.model.dice import dice_from_counts
 from icl.sparse.annotation import Annotation
-from icl.sparse.classic import CLASSIC_FILLS, INTERPOLATION, NEAREST, ClassicFill, Score, place
+from icl.sparse.classic import ClassicFill, Score, place
+from icl.sparse.methods import AUTO, CLASSIC_FILLS, FILLS, INTERPOLATION, MODEL, NEAREST
 
-MODEL = "model"
-AUTO = "auto"
-FILLS = (AUTO, MODEL, INTERPOLATION, NEAREST)
 PREFERENCE = (INTERPOLATION, NEAREST, MODEL)
 SHRINK_SLICES = 8  # weight of the scan-wide mean, in held-out slices, when a structure's own estimate is read
 EVIDENCE = 2.0  # standard errors by which the model's per-slice Dice must beat the interpolation's to be chosen
@@ -67,8 +67,9 @@ class StructureCheck:
 
 
 def _dice(inter: float, pred: float, truth: float) -> float | None:
-    """3D Dice from sums; both empty is undefined (None), never 1."""
-    return None if pred + truth == 0 else 2.0 * inter / (pred + truth)
+    """3D Dice from sums (:func:`icl.model.dice.dice_from_counts`); both empty is undefined: None in the table."""
+    value = dice_from_counts(inter, pred, truth)
+    return None if math.isnan(value) else value
 
 
 def self_check(annotation: Annotation, run_model: ModelRunner | None) -> dict[int, tuple]:

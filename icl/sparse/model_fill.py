@@ -24,9 +24,13 @@ import numpy as np
 import torch
 
 from icl.data.frames import VolumeFrames, resize_slices
+from icl.sparse.adapt import adapt
 from icl.sparse.annotation import Annotation
-from icl.sparse.classic import INTERPOLATION, ClassicFill, Score
+from icl.sparse.classic import ClassicFill, Score
+from icl.sparse.methods import INTERPOLATION
 from icl.sparse.prior import interpolation_prior, interpolation_priors
+from sam2_ext.priors import residual_at_output
+from sam2_ext.track import track
 
 CROP_MARGIN = 0.25  # of the box's larger side, on every side
 MIN_CROP_MARGIN = 8  # voxels
@@ -87,8 +91,6 @@ class ModelFill:
         return out
 
     def run(self, annotation: Annotation, classes: list[int]) -> Iterator[tuple[int, dict[int, Score]]]:
-        from sam2_ext.track import track
-
         box = self.box(annotation, classes)
         frames = VolumeFrames(self.scan, self.window, self.predictor.image_size, self.axis, crop=box)
         shape = frames.in_plane_shape
@@ -99,8 +101,6 @@ class ModelFill:
         priors = interpolation_priors(annotation, classes, box, low, interpolation) if self.priors else None
         backup = None
         if self.adapt_steps > 0:
-            from icl.sparse.adapt import adapt
-
             backup = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
             adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
         # the prior at the scan's resolution, slice by slice, for weights that read their residual there
@@ -123,8 +123,6 @@ class ModelFill:
         """``{class: logits [h, w] in the box}`` of one slice's result, the classes found there (some logit > 0);
         with ``fine``, the mask-grid residual swapped for the prior at the scan's resolution
         (``sam2_ext.priors.residual_at_output``), as the weights were trained."""
-        from sam2_ext.priors import residual_at_output
-
         z = result.index
         with_prior = {i for i, c in enumerate(classes) if fine is not None and z in priors.get(c, {})}
         rows = [i for i in range(len(classes)) if i in with_prior or float(result.logits[i].max()) > 0]

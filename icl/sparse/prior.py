@@ -1,6 +1,6 @@
 """The model's mask prior on a sparse annotation: the engine's shape-based interpolation, slice by slice.
 
-Why: a model trained with ``-mask_prior`` (``icl.engine.prior_tasks``) reads, on every slice it tracks between and just
+Why: a model trained with ``-mask_prior`` (``icl.engine.train.loop.prior_tasks``) reads, on every slice it tracks between and just
 beyond a structure's annotated slices, the classic interpolation of that structure as SAM2's dense mask prompt
 (``sam2_ext.priors``) and learns to correct it. Training and inference compute it here, the same way: from the
 annotation's own slices only (:class:`~icl.sparse.classic.ClassicFill`, ``interpolation``), within the annotation's
@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from icl.sparse.annotation import COMPLETE, PER_STRUCTURE, Annotation
-from icl.sparse.classic import INTERPOLATION, ClassicFill, place
+from icl.sparse.classic import ClassicFill, place
+from icl.sparse.methods import INTERPOLATION
+from sam2_ext.priors import prior_input
 
 
 def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[int, int, int, int] | None = None,
@@ -24,8 +26,6 @@ def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[
     mask comes already as the model's mask input (float [size, size], ``sam2_ext.priors.prior_input``), so a long
     scan never holds its full-resolution priors at once. ``fill``: the annotation's interpolation, when the caller
     keeps one (its distance maps are then computed once for both)."""
-    from sam2_ext.priors import prior_input
-
     fill = fill or ClassicFill(annotation, INTERPOLATION)
     out: dict[int, dict[int, np.ndarray]] = {}
     for c in classes:

@@ -1,0 +1,108 @@
+"""The recipe of the default CPU model (``checkpoint/icl_tiny_cpu.pth``): ``train_3d.py`` flags, written once.
+
+Two stages from random init: ``RECIPE`` (look-alikes + phantom clips, -> ``checkpoint/icl_tiny_cpu_stage1.pth``)
+then ``PRIOR`` (``--variant prior``: anatomy-like volumes with the interpolation as a mask prior, from stage 1).
+
+The ablations change one lever per row: ``bench/icl_ablation.py`` of stage 1, ``bench/anatomy_ablation.py`` of
+stage 2 (generator parts, where the prior's residual is read); ``checkpoint/README.md`` shows the commands this
+prints. Stage 1 on 2 CPU processes (``torchrun``, gloo) in about 38 minutes, stage 2 on one in about 21:
+
+    python -m icl.cli.recipe            # prints the command
+    python -m icl.cli.recipe --run      # runs it (resumable: add -resume runs/recipe/<run folder>)
+    python -m icl.cli.recipe --variant anatomy --processes 1    # the anatomy candidate (issue #17), one process
+    python -m icl.cli.recipe --variant prior --processes 1 --run    # stage 2 of the default model, from stage 1
+
+What the levers are and why, with the figures: BENCHMARKS.md (ICL section).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping
+
+ROOT = Path(__file__).resolve().parents[2]
+PROCESSES = 2  # DDP ranks on the 2-core CPU, one thread each
+
+RECIPE: dict[str, str] = {
+    "-exp_name": "icl_tiny_cpu",
+    "-config": "tiny_cpu", "-pretrain": "none", "-image_size": "128", "-out_size": "128", "-gpu_device": "-1",
+    # what the model sees: look-alike tasks along a curriculum, and the phantom dataset's clips (4 shape classes;
+    # torus and twin_blobs are held out everywhere, to measure generalisation to unseen shapes)
+    "-tasks": "0:discs_random=1;200:discs_random=1,adjacent=2;500:adjacent=1,sparse=1,far=0.5;"
+              "900:adjacent=0.5,sparse=1,cross=1,clips=1",
+    "-held_out_shapes": "torus,twin_blobs", "-lookalike_depth": "8",
+    "-dataset": "phantom", "-data_path": "datasets/phantom_recipe", "-support_instance": "none", "-folds": "4",
+    "-video_length": "8", "-num_support": "3",
+    # levers for training from scratch
+    "-qk_init": "2", "-aux": "1", "-loss": "dice_bce",
+    # optimisation: AdamW, warm-up then cosine over the whole run
+    "-lr": "1e-3", "-warmup_epochs": "0.5", "-epochs": "30", "-steps_per_epoch": "100",
+    "-val_freq": "5", "-val_samples": "40", "-count_flops": "False", "-time_limit_min": "60",
+    "-checkpoint_path": "runs/recipe", "-export": "checkpoint/icl_tiny_cpu_stage1.pth",  # stage 1 (PRIOR: stage 2)
+}
+
+
+# The anatomy candidate (issue #17): the same levers; the look-alike curriculum first (it is what teaches reading
+# the support, and keeps the phantom switch), then synthetic anatomy (icl/data/anatomy_tasks.py) mixed with
+# look-alikes. Sized for one process in 50 minutes. No phantom clips: they were not measured to help here.
+ANATOMY: dict[str, str] = {
+    "-exp_name": "icl_anat_cpu",
+    "-tasks": "0:discs_random=1;150:discs_random=1,adjacent=2;"
+              "400:adjacent=1,sparse=1,anat_adjacent=1,anat_sparse=1;"
+              "900:adjacent=0.3,sparse=0.7,anat_sparse=2,anat_adjacent=0.7,anat_far=0.5,anat_cross=0.7",
+    "-anatomy_depth": "12", "-epochs": "25", "-val_samples": "0", "-num_workers": "1", "-time_limit_min": "50",
+    "-checkpoint_path": "runs/anat", "-export": "runs/anat/candidate.pth",
+}
+
+# Stage 2 of the default model (issue #17): from the stage-1 weights (the look-alike/phantom recipe above, kept as
+# checkpoint/icl_tiny_cpu_stage1.pth), synthetic anatomy with look-alikes kept in the mix (the switch must hold), and
+# both-ways tasks cropped like the sparse fill with the classic interpolation as a dense mask prompt to refine
+# (-mask_prior; icl/engine/prior_tasks.py), also a residual of the logits read at the output's resolution
+# (-mask_prior_gain, -mask_prior_res output; sam2_ext/priors.py). One process, 1,200 steps.
+PRIOR: dict[str, str] = {
+    "-exp_name": "icl_tiny_cpu_prior", "-pretrain": "checkpoint/icl_tiny_cpu_stage1.pth", "-qk_init": "0",
+    "-tasks": "0:adjacent=0.3,sparse=0.6,anat_sparse=2,anat_adjacent=0.5,anat_far=0.3,anat_cross=0.5",
+    "-mask_prior": "0.8", "-mask_prior_gain": "10", "-mask_prior_res": "output", "-anatomy_depth": "16",
+    "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "12", "-val_samples": "0", "-num_workers": "1",
+    "-time_limit_min": "45", "-checkpoint_path": "runs/prior", "-export": "runs/prior/candidate.pth",
+}
+VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR}
+
+
+def flags_with(changes: Mapping[str, str] | None = None) -> list[str]:
+    """The recipe's flags with ``changes`` applied (new flags are appended), as an argv list."""
+    merged = {**RECIPE, **(changes or {})}
+    return [item for flag, value in merged.items() for item in (flag, value)]
+
+
+def launch_command(changes: Mapping[str, str] | None = None, python: str = ".venv/bin/python",
+                   processes: int = PROCESSES) -> list[str]:
+    """The training command: torchrun (``torch.distributed.run``) with ``processes`` CPU ranks, or plain
+    ``train_3d.py`` for one process."""
+    if processes == 1:
+        return [python, "train_3d.py", *flags_with(changes)]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "train_3d.py",
+            "-distributed", "True", *flags_with(changes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m icl.cli.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", action="store_true", help="run the command (from the repository root)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="the recipe, or a candidate")
+    p.add_argument("--processes", type=int, default=PROCESSES, help="CPU ranks (1 = no torchrun)")
+    a = p.parse_args(argv)
+    changes = VARIANTS[a.variant]
+    print("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in launch_command(changes, processes=a.processes)))
+    if not a.run:
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = launch_command(changes, python=sys.executable, processes=a.processes)
+    return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

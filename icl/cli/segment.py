@@ -1,0 +1,166 @@
+"""Segment NIfTI scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
+
+    python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
+    python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
+        --support-slices labelled [--fill auto|model|interpolation|nearest] [--complete-slices] [--report R.json]
+    python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query QUERIES/ --out PREDS/ \\
+        --classes 1,2 --checkpoint ckpt.pth --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
+
+Weights: without --checkpoint the default model shipped for --config is used (said on stderr; tiny_cpu only);
+--checkpoint none is a randomly initialised model (a warning says so). --config and --image-size default to what
+the weights were trained with (recorded in our checkpoints; another config is an error, another size a warning).
+
+Support slices: 'auto' (3) or N slices spread across the extent of every label value of the support label, or
+'labelled': the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).
+Each requested class (--classes, default every label value) is one SAM2 object; the output keeps the original
+label values (where classes overlap the highest score wins), in the query's own orientation, affine and header,
+written atomically. Scans are read in their closest canonical (RAS) orientation, so RAS, LPS and oblique files
+meet the model the same way; NaN voxels become the scan's minimum (one warning line); 4D images need --channel.
+
+A scan annotated on a few slices ('labelled', the scan given as --support and --query), two conventions:
+  per structure (default, as in 3D Slicer / ITK-SNAP): structure c is annotated exactly where c is drawn. E.g.
+    3 drawn on slices 10, 16, 22 and 5 on 12, 18: both are filled on every slice; drawn voxels stay as drawn,
+    the rest of a slice drawn for 3 is filled for 5 like any other slice.
+  --complete-slices: every labelled slice is annotated for every structure: on slice 10 structure 5 is absent
+    (the slice is written back whole) and 5's fill ends there.
+Beyond a structure's outermost annotated slices it extends at most half its annotation spacing (every fill).
+--fill: model (SAM2 propagation alone), interpolation (shape-based: signed distance maps blended between
+annotated slices, aligned by centroid), nearest (copy of the nearest annotated slice), or auto (default): a
+self-check holds out every other annotated slice of each structure, fills them with every method from the rest,
+and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
+(your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
+
+Propagation (--direction): auto (default) decides by content: support and query the same scan (same grid, affine
+and voxel values, so a copy of the file counts) -> tracked both ways from the support slices (forward from each
+class's first support slice, backward from its last; slices seen by both passes get the mean logit); support from
+another scan -> its support slices are put in front of the query, which is tracked from its first slice to its last.
+--direction both / forward chooses one (both needs the query on the support's grid). One line per query on stderr,
+kept with --quiet, says which road was taken.
+
+A query folder: every .nii/.nii.gz in it is a query, except what is not a scan, skipped with one line saying why:
+the support label itself, label maps (few non-negative integer values), and where files follow nnU-Net's channel
+names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
+files by name instead (only the support label is still skipped).
+
+No output may be one of the inputs (compared as files: other spellings and links of a path count), and every output
+folder must be creatable; both are checked before any work.
+Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from icl.api import ICLSegmenter
+from icl.data.frames import Scan
+from icl.errors import EXIT_INPUT_ERROR, InputError
+from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs
+from icl.infer.query_folder import list_queries, skipped_line
+from icl.infer.support import LABELLED, check_sparse_options, load_support, parse_classes, parse_support_slices
+from icl.io import write_json
+from icl.options.segment import SegmentOptions
+from icl.options.spec import build_parser as options_parser
+from icl.options.spec import parse_options, run_command
+from icl.report.label_overlays import save_label_overlays
+
+EXIT_BAD_INPUT = EXIT_INPUT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser generated from ``icl.config.SegmentOptions``, with this module's docstring as its --help text."""
+    doc = __doc__.split("\n\n")
+    return options_parser(SegmentOptions, prog="python -m icl.segment", description=doc[0],
+                          epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def save_overlays(result, out_dir: Path, max_slices: int = 8) -> list[Path]:
+    """PNG overlays (``icl.report.label_overlays``) of up to ``max_slices`` slices where something was found; the
+    query's own annotated slices (both ways) are marked."""
+    labels_zhw = np.moveaxis(result.canonical_labels(), result.slice_axis, 0)
+    annotated = result.support_slices if result.mode == "both_ways" else []
+    name = result.query.name.removesuffix(".gz").removesuffix(".nii")
+    return save_label_overlays(result.frames.slice01, labels_zhw, result.classes, annotated, result.slice_axis,
+                               out_dir, name, max_slices)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    classes = parse_classes(args.classes)
+    per_class = parse_support_slices(args.support_slices)
+    check_sparse_options(per_class, args.fill, args.complete_slices)
+    query = Path(args.query)
+    if args.query_glob and not query.is_dir():
+        raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
+    queries, skipped = list_queries(query, args.query_glob, [Path(args.support_label)]) if query.is_dir() else \
+        (None, [])
+    pairs = plan_outputs(query, Path(args.out), queries)
+    inputs = [("--support", Path(args.support)), ("--support-label", Path(args.support_label)),
+              *(("--query", q) for q, _ in pairs)]
+    if args.checkpoint:
+        inputs.append(("--checkpoint", Path(args.checkpoint)))
+    outputs = [("--out", o) for _, o in pairs] + ([("--report", Path(args.report))] if args.report else [])
+    refuse_overwriting_inputs(outputs, inputs)
+    if args.report:
+        if per_class != LABELLED:
+            raise InputError("--report", f"the self-check report needs --support-slices {LABELLED}")
+        if len(pairs) != 1:
+            raise InputError("--report", "one report per run: give a single --query file")
+        check_writable(Path(args.report).parent, "--report")
+    for q, _ in pairs:  # every query must be a readable 3D NIfTI (or a chosen channel) before any work starts
+        Scan.open(q, args.channel)
+    load_support(args.support, args.support_label, classes, args.channel)  # fail fast, before the model is built
+    for folder in sorted({o.parent for _, o in pairs}):
+        check_writable(folder, "--out")
+    if args.overlays:
+        check_writable(Path(args.overlays), "--overlays")
+    if skipped:  # said once the checks have passed, so that bad input stays one line
+        print(skipped_line(query, skipped), file=sys.stderr)
+    seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
+                       image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
+                       slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
+                       amp=args.amp, fill=args.fill, complete_slices=args.complete_slices,
+                       crop=args.crop, direction=args.direction,
+                       adapt_steps=args.adapt_steps)
+    written = []
+    for q, out in pairs:
+        result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
+                             progress=not args.quiet)
+        written.append(seg.save(result, out))
+        for check in result.checks:  # the user's quality estimate: shown even with --quiet
+            print(check.line(), file=sys.stderr)
+        if args.report:
+            write_json(args.report, result.report())
+        if args.overlays:
+            save_overlays(result, Path(args.overlays))
+        print(summary_line(result, q, out), file=sys.stderr)  # shown even with --quiet: it says the road taken
+    return written
+
+
+ROADS = {"both_ways": "both ways: the support slices are this scan's own",
+         "prepended": "forward: support from another scan"}
+
+
+def summary_line(result, query: Path, out: Path) -> str:
+    """The one line per query that stays with --quiet: where it went and how it was tracked."""
+    found = sorted(int(v) for v in np.unique(result.labels) if v > 0)
+    return (f"{query} -> {out} ({ROADS[result.mode]}; support slices {result.support_slices}; "
+            f"classes found {found})")
+
+
+def parse_segment_args(argv: Sequence[str] | None = None):
+    """The command line -> ``icl.config.SegmentOptions`` (files are checked by the run, before any work)."""
+    return parse_options(SegmentOptions, argv, check_files=False, parser=build_parser())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A bad flag or input prints one ``error: ...`` line and exits 2; ``--help`` prints the usage and exits 0."""
+    return run_command(parse_segment_args, run, argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Where the CLI's outputs go, checked before any work: every output can be created, and none is an input.
+
+Why before: inference takes minutes, so an unwritable output found at the end wastes them, and an output that is
+one of the inputs (the scan, the hand-made annotation) would be replaced by a label map without a word.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from icl.errors import InputError
+from icl.infer.query_folder import NIFTI_SUFFIXES, is_nifti
+from icl.io import same_file
+
+
+def nifti_name(path: str | Path) -> Path:
+    """An output file name as a NIfTI name: ``pred`` → ``pred.nii.gz``; ``.nii``/``.nii.gz`` kept; else refused."""
+    path = Path(path)
+    if is_nifti(path):
+        return path
+    if not path.suffix:
+        return path.with_name(path.name + ".nii.gz")
+    raise InputError(path, f"not a NIfTI file name: expected {' or '.join(NIFTI_SUFFIXES)} (or no suffix)")
+
+
+def plan_outputs(query: Path, out: Path, queries: list[Path] | None = None) -> list[tuple[Path, Path]]:
+    """(query file, output file) pairs: one file → ``out`` (a NIfTI name) or ``out/<query name>``; a folder's
+    ``queries`` → one output each, named like the query, in the folder ``out``."""
+    if query.is_dir():
+        if not queries:
+            raise InputError(query, "query folder holds no query scans (.nii/.nii.gz images)")
+        if is_nifti(out):
+            raise InputError(out, "--query is a folder, so --out must be a folder, not a NIfTI file name")
+        return [(q, out / q.name) for q in queries]
+    if not query.exists():
+        raise InputError(query, "file not found")
+    return [(query, out if is_nifti(out) else out / query.name)]
+
+
+def refuse_overwriting_inputs(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple[str, Path]]) -> None:
+    """An InputError when an output ``(flag, path)`` is one of the inputs (as ``cp`` refuses "the same file")."""
+    inputs = list(inputs)
+    for out_flag, out in outputs:
+        for in_flag, given in inputs:
+            if same_file(out, given):
+                raise InputError(out, f"{out_flag} and {in_flag} are the same file: the output would overwrite "
+                                      f"an input")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail before any inference when an output folder cannot be created or written to (leaves nothing behind:
+    a probe file, or a probe folder where the folder does not exist yet, is made and removed at once)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(folder, f"{flag} folder cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(folder, f"{flag} folder is not writable")
+    try:
+        if existing == folder:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".icl_write_test."):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".icl_write_test."))
+    except OSError as e:
+        what = "is not writable" if existing == folder else f"cannot be created in {existing}"
+        raise InputError(folder, f"{flag} folder {what} ({e.strerror or e})") from None

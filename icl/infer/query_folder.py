@@ -1,0 +1,82 @@
+"""Which files of a query folder are scans to segment. A folder often holds more than scans: the support label
+itself, label maps beside their images, nnU-Net's ``_0000`` channel files next to their labels. Segmenting a label
+map as an image gives nonsense without an error, so those are skipped and the skip is said in one line.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from icl.data.frames import Scan
+from icl.data.validate import load_nifti_header
+from icl.io import same_file
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NNUNET_CHANNEL = re.compile(r"_(\d{4})\.nii(\.gz)?$")  # nnU-Net raw: CASE_XXXX.nii.gz, XXXX the channel
+NNUNET_IMAGE = "0000"
+MAX_LABEL_VALUES = 64  # a label map holds few distinct non-negative integers; a scan holds many, or fractions
+LABEL_SAMPLE_STEP = 4  # voxels per axis read to tell a label map (every 4th: 1/64 of the volume)
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def label_map_reason(path: Path) -> str | None:
+    """Why the file looks like a label map (few non-negative integer values), or None for an image."""
+    if len(load_nifti_header(path).shape) != 3:  # label maps are 3D; a 4D file is a multi-channel image
+        return None
+    scan = Scan.open(path)
+    step = LABEL_SAMPLE_STEP
+    sample = scan.values(scan.raw[::step, ::step, ::step])
+    if not np.isfinite(sample).all() or sample.min() < 0 or not np.array_equal(sample, np.round(sample)):
+        return None
+    values = np.unique(sample)
+    if len(values) > MAX_LABEL_VALUES:
+        return None
+    return f"a label map: only {len(values)} integer value(s) {int(values.min())}..{int(values.max())}"
+
+
+def list_queries(folder: Path, pattern: str | None = None,
+                 labels: Iterable[Path] = ()) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(query scans, [(skipped file, why)]) of ``folder``. ``pattern`` (a glob on file names) chooses the files
+    and turns off the guessing; without it every .nii/.nii.gz is a candidate, and label maps (by content) and,
+    where the folder uses nnU-Net's channel names, everything but ``_0000`` are skipped. A file that is one of
+    ``labels`` (the support label) is skipped either way."""
+    labels = list(labels)
+    chosen = sorted(p for p in folder.iterdir() if p.is_file()
+                    and (fnmatch.fnmatch(p.name, pattern) if pattern else is_nifti(p)))
+    nnunet = pattern is None and any(NNUNET_CHANNEL.search(p.name) for p in chosen)
+    queries, skipped = [], []
+    for path in chosen:
+        why = _why_skip(path, labels, nnunet, guess=pattern is None)
+        if why is None:
+            queries.append(path)
+        else:
+            skipped.append((path, why))
+    return queries, skipped
+
+
+def _why_skip(path: Path, labels: list[Path], nnunet: bool, guess: bool) -> str | None:
+    if any(same_file(path, label) for label in labels):
+        return "the support label"
+    if not guess:
+        return None
+    if nnunet:
+        match = NNUNET_CHANNEL.search(path.name)
+        if match is None:
+            return "no nnU-Net channel suffix beside _0000 files (a label)"
+        if match.group(1) != NNUNET_IMAGE:
+            return f"nnU-Net channel {match.group(1)}, not {NNUNET_IMAGE}"
+    return label_map_reason(path)
+
+
+def skipped_line(folder: Path, skipped: list[tuple[Path, str]]) -> str:
+    """The one line that says what was left out of a query folder, and why."""
+    listed = "; ".join(f"{p.name} ({why})" for p, why in skipped)
+    return f"note: {folder}: skipped {len(skipped)} file(s) that are not query scans: {listed} " \
+           f"(--query-glob chooses the files)"

@@ -1,0 +1,62 @@
+"""The options of ``python -m icl.segment`` (:class:`SegmentOptions`; its --help text is that module's docstring)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES, parse_window
+from icl.infer.support import AUTO_SUPPORT_PER_CLASS, LABELLED
+from icl.model.weights import DEFAULT_SEGMENT_CONFIG
+from icl.options.checks import NON_NEGATIVE
+from icl.options.common import AMP, CONFIG, IMAGE_SIZE, MEMORY_SELECTOR
+from icl.options.spec import Options, opt
+from icl.sparse.methods import FILLS
+
+
+@dataclass
+class SegmentOptions(Options):
+    """The options of ``python -m icl.segment`` (its --help text is that module's docstring)."""
+
+    DASHES: ClassVar[str] = "--"
+
+    support: str | None = opt(help="support image (NIfTI)", required=True)
+    support_label: str | None = opt(help="label map of the support image (same grid)", required=True)
+    query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
+    query_glob: str | None = opt(None, "with a query folder: the file names to segment (a glob, e.g. '*_0000.nii.gz'"
+                                       "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
+    out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
+    classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
+    support_slices: str = opt("auto", f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or "
+                                      f"'{LABELLED}' (every slice carrying a label value)")
+    complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
+                                       "requested structure (absent there = absent); default: per structure", bool)
+    fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
+                            "model, interpolation or nearest", choices=FILLS)
+    report: str | None = opt(None, f"with '{LABELLED}': write the self-check table (held-out Dice per structure "
+                                   "and method, the method chosen) to this JSON file")
+    direction: str = opt("auto", "auto: both ways when the query is the support scan (by content), else forward; "
+                                 "both; forward", choices=("auto", "both", "forward"))
+    crop: str = opt("auto", f"with '{LABELLED}': track the model in a square box around the annotated structures "
+                            "(on) or on the whole slice (off); auto: on for weights trained with -mask_prior (they "
+                            "were trained on such boxes)", choices=("auto", "on", "off"))
+    adapt_steps: int = opt(0, f"with '{LABELLED}': test-time adaptation of the model on your own annotation (Adam "
+                              "steps on tasks between your annotated slices, weights restored after); 0 = off",
+                           int, check=NON_NEGATIVE)
+    checkpoint: str | None = opt(None, "weights (ours, official SAM2.1, MedSAM2); default: the model shipped for "
+                                       "--config; none: random init")
+    config: str | None = CONFIG(default=None, help=CONFIG.help + f"; default: the one the weights were trained "
+                                                                  f"with, else {DEFAULT_SEGMENT_CONFIG}")
+    image_size: int | None = IMAGE_SIZE(default=None, help=IMAGE_SIZE.help + "; default: the weights' training "
+                                                                             "size, else the config's own")
+    device: str = opt("cpu", "cpu, cuda or cuda:N (CUDA asked for without a GPU runs on the CPU)")
+    overlays: str | None = opt(None, "folder for overlay PNGs of the prediction (a colour and legend per label "
+                                     "value, annotated slices framed, radiological orientation, named by plane)")
+    memory_selector: str = MEMORY_SELECTOR()
+    window: str = opt("auto", f"intensity window: {', '.join(WINDOW_CHOICES)} (CT presets, mr percentiles, auto: CT "
+                              "if air values present) or lo,hi in HU (e.g. 0,300)", check=parse_window)
+    slice_axis: int = opt(DEFAULT_SLICE_AXIS, "axis to slice along, of the closest canonical (RAS) orientation: "
+                                              "2 = axial", int, choices=(0, 1, 2))
+    channel: int | None = opt(None, "channel of the 4D (multi-channel) images, e.g. MSD; 3D files ignore it", int)
+    amp: str = AMP()
+    quiet: bool = opt(False, "no progress bar (the summary line per query and the self-check table stay)", bool)
+

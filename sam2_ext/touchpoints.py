@@ -41,6 +41,12 @@ TOUCHPOINTS: dict[tuple[str, str | None, str], tuple[str, str]] = {
     ("sam2.modeling.position_encoding", None, "apply_rotary_enc"): (
         "(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor, repeat_freqs_k: bool = False)",
         "called by KeyMaskedRoPEAttention.forward"),
+    ("sam2.modeling.sam.mask_decoder", "MaskDecoder", "predict_masks"): (
+        "(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor, "
+        "dense_prompt_embeddings: torch.Tensor, repeat_image: bool, high_res_features: Optional[List[torch.Tensor]] "
+        "= None) -> Tuple[torch.Tensor, torch.Tensor]",
+        "its run-time read of pred_obj_scores is switched off for one call (litemedsam.sam_decoder: SAM's decoder "
+        "path, no object-score token)"),
     ("sam2.modeling.sam2_utils", None, "select_closest_cond_frames"): (
         "(frame_idx, cond_frame_outputs, max_cond_frame_num)", "called by the memory selector"),
 }

@@ -60,7 +60,8 @@ def _scan_like_slice():
     gen = torch.Generator().manual_seed(1)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
     image = 0.35 * ((xx / 0.85) ** 2 + (yy / 0.7) ** 2 <= 1).float()
-    for cx, cy, rx, ry, value in ((-0.35, 0.0, 0.22, 0.3, 0.3), (0.35, 0.05, 0.2, 0.25, 0.25), (0.0, -0.35, 0.3, 0.12, -0.2)):
+    organs = ((-0.35, 0.0, 0.22, 0.3, 0.3), (0.35, 0.05, 0.2, 0.25, 0.25), (0.0, -0.35, 0.3, 0.12, -0.2))
+    for cx, cy, rx, ry, value in organs:
         image = image + value * (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).float()
     texture = F.avg_pool2d(torch.rand(1, 1, 256, 256, generator=gen), 9, 1, 4)[0, 0]
     image = image + 0.3 * (texture - 0.5) + 0.03 * torch.randn(256, 256, generator=gen)

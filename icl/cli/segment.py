@@ -59,9 +59,10 @@ import numpy as np
 from icl.api import ICLSegmenter
 from icl.data.frames import Scan
 from icl.errors import EXIT_INPUT_ERROR, InputError
-from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs
-from icl.infer.query_folder import list_queries, skipped_line
-from icl.infer.support import LABELLED, check_sparse_options, load_support, parse_classes, parse_support_slices
+from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs, report_file
+from icl.infer.query_folder import UNREADABLE, list_queries, skipped_line, unreadable_line
+from icl.infer.support import (AUTO_SLICES, LABELLED, check_sparse_options, load_support, parse_classes,
+                               parse_support_slices)
 from icl.io import write_json
 from icl.options.segment import SegmentOptions
 from icl.options.spec import build_parser as options_parser
@@ -97,6 +98,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
     queries, skipped = list_queries(query, args.query_glob, [Path(args.support_label)]) if query.is_dir() else \
         (None, [])
+    for q in list(queries or []):  # a file of a folder that cannot be read is left out, with a warning
+        try:
+            Scan.open(q, args.channel)
+        except InputError as err:
+            queries.remove(q)
+            skipped.append((q, f"{UNREADABLE}: {err.problem}"))
     pairs = plan_outputs(query, Path(args.out), queries)
     inputs = [("--support", Path(args.support)), ("--support-label", Path(args.support_label)),
               *(("--query", q) for q, _ in pairs)]
@@ -105,7 +112,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     outputs = [("--out", o) for _, o in pairs] + ([("--report", Path(args.report))] if args.report else [])
     refuse_overwriting_inputs(outputs, inputs)
     if args.report:
-        if per_class != LABELLED:
+        report_file(args.report)
+        if per_class not in (LABELLED, AUTO_SLICES):
             raise InputError("--report", f"the self-check report needs --support-slices {LABELLED}")
         if len(pairs) != 1:
             raise InputError("--report", "one report per run: give a single --query file")
@@ -117,8 +125,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         check_writable(folder, "--out")
     if args.overlays:
         check_writable(Path(args.overlays), "--overlays")
-    if skipped:  # said once the checks have passed, so that bad input stays one line
-        print(skipped_line(query, skipped), file=sys.stderr)
+    for line in (skipped_line(query, skipped) if any(not w.startswith(UNREADABLE) for _, w in skipped) else None,
+                 unreadable_line(query, skipped)):  # said once the checks have passed: bad input stays one line
+        if line:
+            print(line, file=sys.stderr)
     seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
                        image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
                        slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
@@ -129,6 +139,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     for q, out in pairs:
         result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
                              progress=not args.quiet)
+        if args.report and not result.checks:  # auto read the support label as N slices per value: no self-check
+            raise InputError("--report", "no self-check ran: the query is not the support scan with a drawing on "
+                                         f"a few slices (--support-slices {LABELLED}); nothing was written")
         written.append(seg.save(result, out))
         for check in result.checks:  # the user's quality estimate: shown even with --quiet
             print(check.line(), file=sys.stderr)

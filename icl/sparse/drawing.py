@@ -8,7 +8,8 @@ the axis along which the drawn slices of a structure leave gaps.
 A structure is **sparse** along an axis when its drawn slices leave gaps and cover at most about half of its
 extent there (every 2nd slice still counts; a structure split in two, as twin blobs are, does not); **dense** when
 it is drawn on every slice of an extent of at least three slices. An axis fits the drawing when more structures are
-sparse than dense along it; of several, the axial axis (2) first, then the one with most sparse structures.
+sparse or drawn on one slice only than dense along it; of several, the axial axis (2) first, then the one with
+most sparse structures.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ class AxisReading:
     axis: int
     sparse: tuple[int, ...]  # structures whose drawn slices leave gaps (at most about half their extent drawn)
     dense: tuple[int, ...]  # structures drawn on every slice of an extent of three slices or more
+    single: tuple[int, ...] = ()  # structures drawn on one slice only
 
     @property
     def fits(self) -> bool:
-        return len(self.sparse) > len(self.dense)
+        return len(self.sparse) + len(self.single) > len(self.dense)
 
 
 def drawn_slices(presence: np.ndarray) -> np.ndarray:
@@ -72,7 +74,8 @@ def read_axes(label: np.ndarray, classes: Sequence[int]) -> list[AxisReading]:
     for axis, per_class in enumerate(presence(label, classes)):
         slices = {c: drawn_slices(v) for c, v in per_class.items()}
         readings.append(AxisReading(axis, tuple(c for c in classes if is_sparse(slices[c])),
-                                    tuple(c for c in classes if is_dense(slices[c]))))
+                                    tuple(c for c in classes if is_dense(slices[c])),
+                                    tuple(c for c in classes if len(slices[c]) == 1)))
     return readings
 
 

@@ -47,6 +47,6 @@ def progress(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs
     """``tqdm(iterable, **kwargs)`` on a terminal; off one, :class:`LogLines` (no iterable) or a silent tqdm;
     nothing at all when not ``enabled``."""
     if enabled and not on_terminal() and iterable is None:
-        return LogLines(kwargs.get("total"), kwargs.get("desc", ""), kwargs.get("unit", "it"))
+        return LogLines(kwargs.get("total"), kwargs.get("desc", ""), kwargs.get("unit", "it"), LINE_EVERY_S)
     return tqdm(iterable, disable=not (enabled and on_terminal()), file=sys.stderr, dynamic_ncols=True,
                 leave=False, **kwargs)

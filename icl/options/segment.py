@@ -54,7 +54,8 @@ class SegmentOptions(Options):
                                      "value, annotated slices framed, radiological orientation, named by plane)")
     memory_selector: str = MEMORY_SELECTOR()
     window: str = opt("auto", f"intensity window: {', '.join(WINDOW_CHOICES)} (CT presets, mr percentiles, auto: CT "
-                              "if air values present) or lo,hi in HU (e.g. 0,300)", check=parse_window)
+                              "if air values present) or lo,hi in HU (e.g. 0,300; negative values as --window -100,200)",
+                      check=parse_window)
     slice_axis: str | int = opt("auto", "axis to slice along, of the closest canonical (RAS) orientation: 0, 1, "
                                         f"2 (axial), or auto: the axis along which the drawn slices leave gaps "
                                         f"(a label dense along every axis: {DEFAULT_SLICE_AXIS})",

@@ -29,7 +29,9 @@ def nifti_name(path: str | Path) -> Path:
 
 def output_file(path: str | Path, flag: str) -> Path:
     """A label map's file name (:func:`nifti_name`) that is not an existing folder."""
-    target = nifti_name(path)
+    target = Path(path)
+    if not target.is_dir():
+        target = nifti_name(path)
     if target.is_dir():
         raise InputError(target, f"{flag} is a folder: give a file name ending in .nii.gz")
     return target

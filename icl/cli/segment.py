@@ -10,8 +10,10 @@ Weights: without --checkpoint the default model shipped for --config is used (sa
 --checkpoint none is a randomly initialised model (a warning says so). --config and --image-size default to what
 the weights were trained with (recorded in our checkpoints; another config is an error, another size a warning).
 
-Support slices: 'auto' (3) or N slices spread across the extent of every label value of the support label, or
-'labelled': the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).
+Support slices: N slices spread across the extent of every label value of the support label, or 'labelled': the
+slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer), or 'auto' (default):
+'labelled' for a drawing on a few slices of the query's own scan (one line says so), else 3.
+--slice-axis auto (default): the axis along which the drawn slices leave gaps (a full segmentation: axial).
 Each requested class (--classes, default every label value) is one SAM2 object; the output keeps the original
 label values (where classes overlap the highest score wins), in the query's own orientation, affine and header,
 written atomically. Scans are read in their closest canonical (RAS) orientation, so RAS, LPS and oblique files
@@ -30,8 +32,8 @@ self-check holds out every other annotated slice of each structure, fills them w
 and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
 (your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
 
-Propagation (--direction): auto (default) decides by content: support and query the same scan (same grid, affine
-and voxel values, so a copy of the file counts) -> tracked both ways from the support slices (forward from each
+Propagation (--direction): auto (default) decides by content: support and query the same scan (the same grid in
+space and voxel values within storage precision, so a copy, a re-save or an LPS copy counts) -> tracked both ways from the support slices (forward from each
 class's first support slice, backward from its last; slices seen by both passes get the mean logit); support from
 another scan -> its support slices are put in front of the query, which is tracked from its first slice to its last.
 --direction both / forward chooses one (both needs the query on the support's grid). One line per query on stderr,
@@ -42,8 +44,9 @@ the support label itself, label maps (few non-negative integer values), and wher
 names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
 files by name instead (only the support label is still skipped).
 
-No output may be one of the inputs (compared as files: other spellings and links of a path count), and every output
-folder must be creatable; both are checked before any work.
+No output may be one of the inputs (compared as files: other spellings and links of a path count), --out must be
+a NIfTI name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
+before any work. Negative values need no '=': --window -100,200.
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
 from __future__ import annotations

@@ -10,13 +10,15 @@ the engine's NaN rule, window, resize), support masks through ``label_slices`` a
 propagation is ``sam2_ext.track.track``, the rule training and evaluation use. So a checkpoint sees here exactly
 the frames and the tracking it was trained with.
 
-Which slices are support (``support_slices``): ``"auto"`` (3) or N slices spread across the extent of *every* label
-value present in the support label (so the prompts a class gets do not depend on which other classes are asked
-for), or ``"labelled"``: exactly the slices that carry any label value (a scan annotated on a few slices, as in
-3D Slicer or ITK-SNAP); each class is prompted on the chosen slices where it appears.
+Which slices are support (``support_slices``): N slices spread across the extent of *every* label value present
+in the support label (so the prompts a class gets do not depend on which other classes are asked for), or
+``"labelled"``: exactly the slices that carry any label value (a scan annotated on a few slices, as in 3D Slicer or
+ITK-SNAP), or ``"auto"``: ``labelled`` for a drawing on a few slices of the query's own scan, else 3; each class is
+prompted on the chosen slices where it appears. ``slice_axis="auto"``: the axis the drawing was made along
+(``icl.infer.support.read_support``). Whatever it read, ``save`` never writes over it (``icl.infer.outputs``).
 
-Direction (``direction``): ``"auto"`` decides by content: support and query the same scan (same grid, affine and
-voxel values, whatever the file names) → the masks stay on their own slices and the scan is tracked both ways; with
+Direction (``direction``): ``"auto"`` decides by content: support and query the same scan (in world space: the
+same grid and voxel values within storage precision, whatever the file names, orientation or storage type) → the masks stay on their own slices and the scan is tracked both ways; with
 ``"labelled"`` the annotated slices are written back exactly as given (the sparse fill). Support from another scan →
 its support slices are put in front of the query, tracked forward. ``"both"`` / ``"forward"`` choose explicitly
 (``"both"`` needs the query on the support's grid). Scans are NIfTI paths, nibabel images or (array, affine). Memory stays flat in the

@@ -141,7 +141,8 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action="store_true", help=spec.help)
             continue
         choices = ("True", "False") if spec.type is bool else spec.choices
-        parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type, action=StoreOnce,
+        once = {"action": StoreOnce} if cls.DASHES == "--" else {}  # train/eval: seed command lines kept as is
+        parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type, **once,
                             default=spec.default, required=spec.required, help=help_with_default(spec),
                             metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
     return parser

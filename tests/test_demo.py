@@ -62,5 +62,5 @@ def test_failing_step_stops_with_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "commands", broken)
     assert demo.main(["--quick", "--out", str(tmp_path / "d")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "2/5 generate a phantom dataset" in err[0]
+    assert len(err) == 1 and "3/6 generate a phantom dataset" in err[0]
     assert not (tmp_path / "d" / "runs").exists(), "later steps did not run"

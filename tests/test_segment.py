@@ -30,9 +30,22 @@ def segmenter(pair) -> ICLSegmenter:
 
 
 def _args(pair, query, out, *extra) -> list[str]:
-    return ["--support", str(pair["s"]), "--support-label", str(pair["s_lab"]), "--query", str(query),
-            "--out", str(out), "--checkpoint", str(pair["ckpt"]), "--image-size", str(IMAGE_SIZE), "--quiet",
-            *extra]
+    base = ["--support", str(pair["s"]), "--support-label", str(pair["s_lab"]), "--query", str(query),
+            "--out", str(out), "--checkpoint", str(pair["ckpt"]), "--image-size", str(IMAGE_SIZE), "--quiet"]
+    return _override(base, list(extra))
+
+
+def _override(base: list[str], extra: list[str]) -> list[str]:
+    """``base`` with the flags ``extra`` gives replaced by them (a flag given twice is an error, #27)."""
+    given = {t for t in extra if t.startswith("--")}
+    out, i = [], 0
+    while i < len(base):
+        if base[i] in given:
+            i += 1 if base[i] == "--quiet" else 2
+        else:
+            out.append(base[i])
+            i += 1
+    return out + extra
 
 
 def test_cli_end_to_end(pair, tmp_path):
@@ -149,7 +162,7 @@ CASES = {
 def test_bad_input_one_line_exit_2(case, pair, bad, tmp_path, capsys):
     make, where = CASES[case]
     out = tmp_path / "out" / "pred.nii.gz"
-    rc = main(_args(pair, pair["q"], out) + make(pair, bad, out))  # argparse keeps the last value
+    rc = main(_args(pair, pair["q"], out, *make(pair, bad, out)))  # the bad value replaces the good one
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error: ") and where in err[0], err

@@ -200,19 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     try:
         paths = sparse_inputs(out, a.quick)
-        times["segment"] = run_step(f"1/5 fill a phantom scan whose structures are drawn on every {SPARSE_EVERY}th "
+        times["segment"] = run_step(f"1/6 fill a phantom scan whose structures are drawn on every {SPARSE_EVERY}th "
                                     f"slice ({paths['sparse']}): the self-check on the annotation picks the method "
                                     "per structure", cmd["segment"], env)
-        times["segment"] += run_step("1/5 the same with the default model alone", cmd["segment_model"], env)
+        times["segment"] += run_step("2/6 the same with the default model alone", cmd["segment_model"], env)
         print(f"\n{sparse_table(paths)}\n(filled scan: {paths['filled']}; self-check: {paths['report']})")
         if not (out / "data").exists():
-            times["phantom"] = run_step("2/5 generate a phantom dataset (KiTS layout, 3 shape classes)",
+            times["phantom"] = run_step("3/6 generate a phantom dataset (KiTS layout, 3 shape classes)",
                                         cmd["phantom"], env)
-        times["preprocess"] = run_step("3/5 preprocess once into a slices-first cache", cmd["preprocess"], env)
-        times["train"] = run_step(f"4/5 train a tiny model from random init (CPU, <= {minutes:g} min)",
+        times["preprocess"] = run_step("4/6 preprocess once into a slices-first cache", cmd["preprocess"], env)
+        times["train"] = run_step(f"5/6 train a tiny model from random init (CPU, <= {minutes:g} min)",
                                   cmd["train"], env)
         run = newest_run(out / "runs", "demo")
-        times["eval"] = run_step("5/5 evaluate it on the validation fold (both protocols)", [*cmd["eval"], str(run)],
+        times["eval"] = run_step("6/6 evaluate it on the validation fold (both protocols)", [*cmd["eval"], str(run)],
                                  env)
         table = summary_table(out / "eval")
     except StepFailed as err:

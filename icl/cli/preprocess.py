@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--label_mode", default=None, help="KiTS: per_class | seed (default: the reader's)")
     p.add_argument("--modality", type=int, default=None, help="MSD/nnU-Net: input channel (default: the reader's)")
     p.add_argument("--window", default=None,
-                   help=f"{' | '.join(WINDOW_CHOICES)} | 'lo,hi' in HU (default: the dataset's CT window, "
-                        "or MR percentiles)")
+                   help=f"{' | '.join(WINDOW_CHOICES)} | 'lo,hi' in HU, negative values too: "
+                        "--window -100,200 (default: the dataset's CT window, or MR percentiles)")
     try:
         a = parse_one_line(p, argv)
         opts: dict[str, Any] = {}

@@ -10,8 +10,10 @@ Weights: without --checkpoint the default model shipped for --config is used (sa
 --checkpoint none is a randomly initialised model (a warning says so). --config and --image-size default to what
 the weights were trained with (recorded in our checkpoints; another config is an error, another size a warning).
 
-Support slices: 'auto' (3) or N slices spread across the extent of every label value of the support label, or
-'labelled': the slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer).
+Support slices: N slices spread across the extent of every label value of the support label, or 'labelled': the
+slices that carry a label value (a scan annotated on a few slices, as in 3D Slicer), or 'auto' (default):
+'labelled' for a drawing on a few slices of the query's own scan (one line says so), else 3.
+--slice-axis auto (default): the axis along which the drawn slices leave gaps (a full segmentation: axial).
 Each requested class (--classes, default every label value) is one SAM2 object; the output keeps the original
 label values (where classes overlap the highest score wins), in the query's own orientation, affine and header,
 written atomically. Scans are read in their closest canonical (RAS) orientation, so RAS, LPS and oblique files
@@ -30,8 +32,8 @@ self-check holds out every other annotated slice of each structure, fills them w
 and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
 (your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
 
-Propagation (--direction): auto (default) decides by content: support and query the same scan (same grid, affine
-and voxel values, so a copy of the file counts) -> tracked both ways from the support slices (forward from each
+Propagation (--direction): auto (default) decides by content: support and query the same scan (the same grid in
+space and voxel values within storage precision, so a copy, a re-save or an LPS copy counts) -> tracked both ways from the support slices (forward from each
 class's first support slice, backward from its last; slices seen by both passes get the mean logit); support from
 another scan -> its support slices are put in front of the query, which is tracked from its first slice to its last.
 --direction both / forward chooses one (both needs the query on the support's grid). One line per query on stderr,
@@ -42,8 +44,9 @@ the support label itself, label maps (few non-negative integer values), and wher
 names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
 files by name instead (only the support label is still skipped).
 
-No output may be one of the inputs (compared as files: other spellings and links of a path count), and every output
-folder must be creatable; both are checked before any work.
+No output may be one of the inputs (compared as files: other spellings and links of a path count), --out must be
+a NIfTI name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
+before any work. Negative values need no '=': --window -100,200.
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
 from __future__ import annotations
@@ -59,9 +62,10 @@ import numpy as np
 from icl.api import ICLSegmenter
 from icl.data.frames import Scan
 from icl.errors import EXIT_INPUT_ERROR, InputError
-from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs
-from icl.infer.query_folder import list_queries, skipped_line
-from icl.infer.support import LABELLED, check_sparse_options, load_support, parse_classes, parse_support_slices
+from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs, report_file
+from icl.infer.query_folder import UNREADABLE, list_queries, skipped_line, unreadable_line
+from icl.infer.support import (AUTO_SLICES, LABELLED, check_sparse_options, load_support, parse_classes,
+                               parse_support_slices)
 from icl.io import write_json
 from icl.options.segment import SegmentOptions
 from icl.options.spec import build_parser as options_parser
@@ -97,6 +101,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
     queries, skipped = list_queries(query, args.query_glob, [Path(args.support_label)]) if query.is_dir() else \
         (None, [])
+    for q in list(queries or []):  # a file of a folder that cannot be read is left out, with a warning
+        try:
+            Scan.open(q, args.channel)
+        except InputError as err:
+            queries.remove(q)
+            skipped.append((q, f"{UNREADABLE}: {err.problem}"))
     pairs = plan_outputs(query, Path(args.out), queries)
     inputs = [("--support", Path(args.support)), ("--support-label", Path(args.support_label)),
               *(("--query", q) for q, _ in pairs)]
@@ -105,7 +115,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     outputs = [("--out", o) for _, o in pairs] + ([("--report", Path(args.report))] if args.report else [])
     refuse_overwriting_inputs(outputs, inputs)
     if args.report:
-        if per_class != LABELLED:
+        report_file(args.report)
+        if per_class not in (LABELLED, AUTO_SLICES):
             raise InputError("--report", f"the self-check report needs --support-slices {LABELLED}")
         if len(pairs) != 1:
             raise InputError("--report", "one report per run: give a single --query file")
@@ -117,8 +128,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         check_writable(folder, "--out")
     if args.overlays:
         check_writable(Path(args.overlays), "--overlays")
-    if skipped:  # said once the checks have passed, so that bad input stays one line
-        print(skipped_line(query, skipped), file=sys.stderr)
+    for line in (skipped_line(query, skipped) if any(not w.startswith(UNREADABLE) for _, w in skipped) else None,
+                 unreadable_line(query, skipped)):  # said once the checks have passed: bad input stays one line
+        if line:
+            print(line, file=sys.stderr)
     seg = ICLSegmenter(checkpoint=args.checkpoint, config=args.config, device=args.device,
                        image_size=args.image_size, memory_selector=args.memory_selector, window=args.window,
                        slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
@@ -129,6 +142,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     for q, out in pairs:
         result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
                              progress=not args.quiet)
+        if args.report and not result.checks:  # auto read the support label as N slices per value: no self-check
+            raise InputError("--report", "no self-check ran: the query is not the support scan with a drawing on "
+                                         f"a few slices (--support-slices {LABELLED}); nothing was written")
         written.append(seg.save(result, out))
         for check in result.checks:  # the user's quality estimate: shown even with --quiet
             print(check.line(), file=sys.stderr)

@@ -6,6 +6,8 @@ in RAM at once and the resident chunk rotates across epochs (``set_epoch``), so 
 """
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +31,7 @@ def open_caches(
     (``readers.unify_label_maps``); each case's remap becomes source value → unified class id. A case id found in
     more than one cache becomes ``<cache folder name>/<id>`` so ids stay unique."""
     opened = [open_cache(c) for c in caches]
+    check_same_size(caches)
     if len(opened) == 1 and classes is None:
         return opened[0]
     unified, maps = unify_label_maps([lm for _, lm in opened], classes)
@@ -44,6 +47,22 @@ def open_caches(
                 c.id = f"{Path(path).name}/{c.id}"
             out.append(c)
     return out, unified
+
+
+def check_same_size(caches: Sequence[str | Path]) -> None:
+    """Caches of several image sizes cannot be mixed: their slices would meet the model at different sizes."""
+    sizes = {}
+    for cache in caches:
+        try:
+            size = json.loads((Path(cache) / "index.json").read_text()).get("image_size")
+        except (OSError, ValueError):
+            size = None  # open_cache has already said what is wrong with it
+        if size is not None:
+            sizes.setdefault(int(size), []).append(str(cache))
+    if len(sizes) > 1:
+        shown = "; ".join(f"{s} px: {', '.join(names)}" for s, names in sorted(sizes.items()))
+        raise InputError(caches[0], f"caches of different image sizes cannot be mixed ({shown}): preprocess them "
+                                    "at one --image_size")
 
 
 class ICLDataset(Dataset):

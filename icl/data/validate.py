@@ -127,7 +127,9 @@ def check_integer_labels(label: np.ndarray, path: str | Path) -> None:
     if not np.isfinite(label).all():
         raise InputError(path, "NaN/inf voxels in label")
     if not np.array_equal(label, np.round(label)):
-        raise InputError(path, "label has non-integer values")
+        odd = np.unique(label[label != np.round(label)])
+        shown = ", ".join(f"{v:g}" for v in odd[:5]) + (f" (and {odd.size - 5} more)" if odd.size > 5 else "")
+        raise InputError(path, f"label has non-integer values: {shown}")
 
 
 def check_label(label: np.ndarray, path: str | Path, allowed: Iterable[int] | None = None) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""Where the CLI's outputs go, checked before any work: every output can be created, and none is an input.
+"""THE output rule of the CLI and the API (and the viewer): where outputs go, checked before any work — every
+output can be created, is of the right kind (a NIfTI file name for labels, a file and not a folder for a report),
+and none is an input of the run (compared as files: other spellings, symbolic and hard links count).
 
 Why before: inference takes minutes, so an unwritable output found at the end wastes them, and an output that is
 one of the inputs (the scan, the hand-made annotation) would be replaced by a label map without a word.
@@ -25,6 +27,24 @@ def nifti_name(path: str | Path) -> Path:
     raise InputError(path, f"not a NIfTI file name: expected {' or '.join(NIFTI_SUFFIXES)} (or no suffix)")
 
 
+def output_file(path: str | Path, flag: str) -> Path:
+    """A label map's file name (:func:`nifti_name`) that is not an existing folder."""
+    target = Path(path)
+    if not target.is_dir():
+        target = nifti_name(path)
+    if target.is_dir():
+        raise InputError(target, f"{flag} is a folder: give a file name ending in .nii.gz")
+    return target
+
+
+def report_file(path: str | Path, flag: str = "--report") -> Path:
+    """A report's file name: not an existing folder, and not a name ending in a path separator."""
+    target = Path(path)
+    if target.is_dir() or str(path).endswith(("/", os.sep)):
+        raise InputError(path, f"{flag} is a folder: give a file name, e.g. check.json")
+    return target
+
+
 def plan_outputs(query: Path, out: Path, queries: list[Path] | None = None) -> list[tuple[Path, Path]]:
     """(query file, output file) pairs: one file → ``out`` (a NIfTI name) or ``out/<query name>``; a folder's
     ``queries`` → one output each, named like the query, in the folder ``out``."""
@@ -36,7 +56,12 @@ def plan_outputs(query: Path, out: Path, queries: list[Path] | None = None) -> l
         return [(q, out / q.name) for q in queries]
     if not query.exists():
         raise InputError(query, "file not found")
-    return [(query, out if is_nifti(out) else out / query.name)]
+    if is_nifti(out):
+        return [(query, output_file(out, "--out"))]
+    if out.suffix and not out.is_dir():
+        raise InputError(out, f"--out is not a NIfTI file name (expected {' or '.join(NIFTI_SUFFIXES)}), nor an "
+                              "existing folder")
+    return [(query, out / query.name)]
 
 
 def refuse_overwriting_inputs(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple[str, Path]]) -> None:

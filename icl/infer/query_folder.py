@@ -1,6 +1,8 @@
 """Which files of a query folder are scans to segment. A folder often holds more than scans: the support label
 itself, label maps beside their images, nnU-Net's ``_0000`` channel files next to their labels. Segmenting a label
-map as an image gives nonsense without an error, so those are skipped and the skip is said in one line.
+map as an image gives nonsense without an error, so those are skipped and the skip is said in one line. Files that
+are not NIfTI (``notes.txt``) are named in that line too, and a file that cannot be read as a scan (corrupt,
+truncated, 2D) is left out with a warning naming it and why, instead of stopping the whole folder.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from icl.data.frames import Scan
 from icl.data.validate import load_nifti_header
+from icl.errors import InputError
 from icl.io import same_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -48,17 +51,31 @@ def list_queries(folder: Path, pattern: str | None = None,
     where the folder uses nnU-Net's channel names, everything but ``_0000`` are skipped. A file that is one of
     ``labels`` (the support label) is skipped either way."""
     labels = list(labels)
-    chosen = sorted(p for p in folder.iterdir() if p.is_file()
-                    and (fnmatch.fnmatch(p.name, pattern) if pattern else is_nifti(p)))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    chosen = [p for p in files if (fnmatch.fnmatch(p.name, pattern) if pattern else is_nifti(p))]
     nnunet = pattern is None and any(NNUNET_CHANNEL.search(p.name) for p in chosen)
-    queries, skipped = [], []
+    queries: list[Path] = []
+    skipped = [(p, "not a NIfTI file") for p in files if pattern is None and not is_nifti(p)]
     for path in chosen:
-        why = _why_skip(path, labels, nnunet, guess=pattern is None)
+        try:
+            why = _why_skip(path, labels, nnunet, guess=pattern is None)
+        except InputError as err:
+            why = f"{UNREADABLE}: {err.problem}"
         if why is None:
             queries.append(path)
         else:
             skipped.append((path, why))
     return queries, skipped
+
+
+UNREADABLE = "cannot be read as a scan"
+
+
+def unreadable_line(folder: Path, skipped: list[tuple[Path, str]]) -> str | None:
+    """The warning naming the files of a query folder that could not be read (None when all could)."""
+    bad = [f"{p.name} ({why.removeprefix(UNREADABLE + ': ')})" for p, why in skipped if why.startswith(UNREADABLE)]
+    return (f"warning: {folder}: {len(bad)} file(s) cannot be read as a scan and are not segmented: "
+            + "; ".join(bad)) if bad else None
 
 
 def _why_skip(path: Path, labels: list[Path], nnunet: bool, guess: bool) -> str | None:
@@ -77,6 +94,7 @@ def _why_skip(path: Path, labels: list[Path], nnunet: bool, guess: bool) -> str 
 
 def skipped_line(folder: Path, skipped: list[tuple[Path, str]]) -> str:
     """The one line that says what was left out of a query folder, and why."""
+    skipped = [(p, why) for p, why in skipped if not why.startswith(UNREADABLE)]  # those have their warning
     listed = "; ".join(f"{p.name} ({why})" for p, why in skipped)
     return f"note: {folder}: skipped {len(skipped)} file(s) that are not query scans: {listed} " \
            f"(--query-glob chooses the files)"

@@ -1,10 +1,16 @@
 """What the API takes as a scan (a NIfTI path, a nibabel image, an array with its affine), and when two scans are
-the same scan: by content (grid, affine, voxel values), so a copy of a file is the file and a renamed path is not
-a different scan.
+the same scan: by content, in world space, so a copy of a file is the file and a renamed path is not a different
+scan.
+
+"The same scan" (:func:`compare_scans`): after the closest-canonical reorientation (the engine reads every scan
+that way) the same voxel grid in space — canonical shape and affine — and the same voxel values within what storing
+them can change: a re-save as int16 with ``scl_slope`` rounds each value by up to half a step, float64 → float32
+by one part in 2^24. So an LPS copy of a RAS file, a re-save with scaling and a float32 copy of a float64 scan are
+all the scan itself; a value that differs by more than its storage's precision makes another scan.
 """
 from __future__ import annotations
 
-import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,24 +61,68 @@ def describe(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else "<array>"
 
 
-def content_digest(scan: Scan) -> str:
-    """A hash of the scan's voxel values (after scl_slope/inter, in canonical order), read in bounded slabs."""
-    if "digest" not in scan.memo:
-        h = hashlib.blake2b(digest_size=16)
-        for block in scan.blocks():
-            h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-        scan.memo["digest"] = h.hexdigest()
-    return scan.memo["digest"]
+FLOAT32_RELATIVE = 2.0 ** -23  # two float32 roundings of a value (a float64 re-saved as float32, then read)
+
+
+def canonical_affine(scan: Scan) -> np.ndarray:
+    """The affine of the scan's canonical (RAS-ordered) voxel array: the same grid whatever the file's order."""
+    return scan.affine @ nib.orientations.inv_ornt_aff(scan.ornt, scan.shape)
 
 
 def same_grid(a: Scan, b: Scan) -> bool:
-    """Same voxel grid in space: shape and affine (within the label/image tolerance)."""
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=AFFINE_TOL)
+    """The same voxel grid in space, read canonically: canonical shape and affine (within the label/image
+    tolerance), so a RAS file and its LPS copy share their grid."""
+    return (a.canonical_shape == b.canonical_shape
+            and np.allclose(canonical_affine(a), canonical_affine(b), atol=AFFINE_TOL))
+
+
+def storage_step(scan: Scan) -> float:
+    """How far a stored value may sit from the value it stores: integer storage rounds to ``|scl_slope|``; float
+    storage is exact up to its relative precision (counted apart)."""
+    return abs(scan.slope) if scan.raw.dtype.kind in "biu" and scan.scaled else 0.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Whether two scans are the same scan, and what the voxel values say (for the line that explains it)."""
+
+    same: bool
+    grid: bool  # the same canonical grid
+    largest_difference: float | None = None  # over all voxels (None: grids differ)
+    tolerance: float | None = None  # allowed by storage: half a scaling step each, plus float32 rounding
+
+    def why(self) -> str:
+        if not self.grid:
+            return "it is on another grid (shape or affine)"
+        return (f"its voxel values differ by up to {self.largest_difference:.4g}, more than storage precision "
+                f"allows ({self.tolerance:.3g})")
+
+
+def compare_scans(a: Scan, b: Scan) -> Comparison:
+    """:func:`same_scan` with its evidence: one slab-wise pass over both scans' canonical values."""
+    if a is b:
+        return Comparison(True, True, 0.0, 0.0)
+    if not same_grid(a, b):
+        return Comparison(False, False)
+    step = (storage_step(a) + storage_step(b)) / 2
+    largest, worst_tol, same = 0.0, step, True
+    for block_a, block_b in zip(a.blocks(), b.blocks()):
+        da, db = block_a.astype(np.float64), block_b.astype(np.float64)
+        both_nan = np.isnan(da) & np.isnan(db)
+        diff = np.where(both_nan, 0.0, np.abs(da - db))
+        tol = step * (1 + 1e-6) + FLOAT32_RELATIVE * np.maximum(np.abs(da), np.abs(db))
+        over = ~(diff <= np.where(np.isfinite(tol), tol, 0.0)) & ~(da == db)
+        if diff.size:
+            largest = max(largest, float(np.nanmax(diff)) if np.isfinite(diff).any() else np.inf)
+        if over.any():
+            same = False
+            worst_tol = float(np.max(tol[over]))
+    return Comparison(same, True, largest, worst_tol)
 
 
 def same_scan(a: Scan, b: Scan) -> bool:
-    """One scan, whatever the file names: same grid, affine and voxel values."""
-    return a is b or (same_grid(a, b) and content_digest(a) == content_digest(b))
+    """One scan, whatever the file names, orientation or storage (module docstring)."""
+    return compare_scans(a, b).same
 
 
 DIRECTIONS = ("auto", "both", "forward")
@@ -85,15 +135,19 @@ def check_direction(direction: str) -> str:
     return direction
 
 
-def decide_both_ways(direction: str, query: Scan, support: Scan) -> bool:
+def decide_both_ways(direction: str, query: Scan, support: Scan) -> tuple[bool, Comparison | None]:
     """Whether the support's masks stay on their own slices of the query, tracked both ways (else: prepended,
-    forward). ``auto``: exactly when the query is the support scan by content."""
+    forward), and with ``auto`` the comparison it rests on: both ways exactly when the query is the support scan
+    by content (:func:`compare_scans`)."""
     if direction == "forward":
-        return False
+        return False, None
     if direction == "both":
         if not same_grid(query, support):
             raise InputError("--direction", "both keeps the support masks on the query's own slices: the query "
-                                            f"must be on the support's grid (shape {support.shape}, same affine), "
-                                            f"got shape {query.shape}")
-        return True
-    return same_file(query.path, support.path) or same_scan(query, support)
+                                            f"must be on the support's grid (shape {support.canonical_shape} read "
+                                            f"canonically, same affine), got shape {query.canonical_shape}")
+        return True, None
+    if same_file(query.path, support.path):
+        return True, None
+    comparison = compare_scans(query, support)
+    return comparison.same, comparison

@@ -10,13 +10,15 @@ the engine's NaN rule, window, resize), support masks through ``label_slices`` a
 propagation is ``sam2_ext.track.track``, the rule training and evaluation use. So a checkpoint sees here exactly
 the frames and the tracking it was trained with.
 
-Which slices are support (``support_slices``): ``"auto"`` (3) or N slices spread across the extent of *every* label
-value present in the support label (so the prompts a class gets do not depend on which other classes are asked
-for), or ``"labelled"``: exactly the slices that carry any label value (a scan annotated on a few slices, as in
-3D Slicer or ITK-SNAP); each class is prompted on the chosen slices where it appears.
+Which slices are support (``support_slices``): N slices spread across the extent of *every* label value present
+in the support label (so the prompts a class gets do not depend on which other classes are asked for), or
+``"labelled"``: exactly the slices that carry any label value (a scan annotated on a few slices, as in 3D Slicer or
+ITK-SNAP), or ``"auto"``: ``labelled`` for a drawing on a few slices of the query's own scan, else 3; each class is
+prompted on the chosen slices where it appears. ``slice_axis="auto"``: the axis the drawing was made along
+(``icl.infer.support.read_support``). Whatever it read, ``save`` never writes over it (``icl.infer.outputs``).
 
-Direction (``direction``): ``"auto"`` decides by content: support and query the same scan (same grid, affine and
-voxel values, whatever the file names) → the masks stay on their own slices and the scan is tracked both ways; with
+Direction (``direction``): ``"auto"`` decides by content: support and query the same scan (in world space: the
+same grid and voxel values within storage precision, whatever the file names, orientation or storage type) → the masks stay on their own slices and the scan is tracked both ways; with
 ``"labelled"`` the annotated slices are written back exactly as given (the sparse fill). Support from another scan →
 its support slices are put in front of the query, tracked forward. ``"both"`` / ``"forward"`` choose explicitly
 (``"both"`` needs the query on the support's grid). Scans are NIfTI paths, nibabel images or (array, affine). Memory stays flat in the
@@ -35,27 +37,31 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_slice_axis, check_window, label_slices,
-                             resize_slices, resolve_window)
+from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_window, label_slices, resize_slices,
+                             resolve_window)
 from icl.errors import InputError, spell_flag
-from icl.infer.outputs import nifti_name
+from icl.infer.outputs import output_file, refuse_overwriting_inputs
 from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
-from icl.infer.support import (LABELLED, check_crop, check_sparse_options, choose_support_slices, load_support,
-                               parse_classes, parse_support_slices)
+from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
+                               load_support, parse_classes, parse_slice_axis, parse_support_slices, read_support,
+                               warn_annotation)
 from icl.model.boundary import library_errors
 from icl.model.build import build_predictor
 from icl.model.device import resolve_device
 from icl.model.precision import amp_dtype, autocast, check_amp
-from icl.model.settings import check_image_memory, settle_model
+from icl.model.settings import check_image_memory, check_run, settle_model
 from icl.model.weights import DEFAULT_SEGMENT_CONFIG, resolve_checkpoint
 from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
 from icl.sparse.annotation import Annotation
 from icl.sparse.fill import StructureCheck, choose, fill_volume, self_check
-from icl.sparse.methods import AUTO, MODEL
+from icl.sparse.methods import AUTO, CLASSIC_FILLS, MODEL
 from icl.sparse.model_fill import ModelFill
 from sam2_ext.predictor import prepare_frames
 from sam2_ext.track import track
+
+
+FRAME_SIZE_WITHOUT_MODEL = 128  # the overlays' lazy frames when no model runs (they read slices unresized)
 
 
 # ---------------------------------------------------------------------------------------------------- frames
@@ -130,28 +136,42 @@ class ICLSegmenter:
 
     def __init__(self, checkpoint: str | Path | None = None, config: str | Path | None = None,
                  device: str | torch.device = "cpu", image_size: int | None = None,
-                 memory_selector: str | None = None, window: str = "auto", slice_axis: int = DEFAULT_SLICE_AXIS,
+                 memory_selector: str | None = None, window: str = "auto", slice_axis: int | str = AUTO_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
                  fill: str = AUTO, complete_slices: bool = False, crop: bool | str = "auto",
                  direction: str = "auto", adapt_steps: int = 0):
         self.device = torch.device(resolve_device(device))
         self.amp = check_amp(amp, "--amp")
-        self.window, self.slice_axis = check_window(window), check_slice_axis(slice_axis)
+        self.window, self.slice_axis = check_window(window), parse_slice_axis(slice_axis)
         self.channel = channel
         self.per_class = parse_support_slices(support_slices)
         self.fill, self.complete_slices = check_sparse_options(self.per_class, fill, complete_slices), \
             bool(complete_slices)
         self.adapt_steps = int(adapt_steps)  # test-time adaptation before the model fills (icl.sparse.adapt)
         self.direction = check_direction(direction)
+        self.read: list[tuple[str, Path]] = []  # every file this segmenter read: save() never writes over one
+        self.mask_prior, self.ct_window, self.predictor = False, None, None
+        self._model = (checkpoint, config, image_size, memory_selector, crop)
+        self.crop = check_crop(crop, False) if crop != "auto" else False
+        if self.fill in CLASSIC_FILLS:  # interpolation / nearest: no model is used, none is loaded or announced
+            return
+        self._build_model()
+
+    def _build_model(self) -> None:
+        """The weights rule, the settings they were trained with, the memory check, then the predictor."""
+        checkpoint, config, image_size, memory_selector, crop = self._model
         weights = resolve_checkpoint(checkpoint, config or DEFAULT_SEGMENT_CONFIG)
+        if weights is not None:
+            self.read.append(("--checkpoint", Path(weights)))
         with library_errors("--"):
-            config, image_size, record = settle_model(config, image_size, weights, DEFAULT_SEGMENT_CONFIG,
-                                                      lambda name: spell_flag(name, "--"))
+            config, image_size, record = settle_model(
+                config, image_size, weights, DEFAULT_SEGMENT_CONFIG, lambda name: spell_flag(name, "--"),
+                before_warning=lambda cfg, size: check_image_memory(cfg, size, "--image-size"))
             self.ct_window = record.get("ct_window")  # --window auto on CT: the training window
             # trained to refine the classic interpolation, in boxes around the structures (icl.sparse.prior)
             self.mask_prior = float(record.get("mask_prior") or 0) > 0
             self.crop = check_crop(crop, self.mask_prior)
-            check_image_memory(config, image_size, "--image-size")
+            self.config = config
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
             self.predictor.prior_gain = float(record.get("mask_prior_gain") or 0)  # as trained (sam2_ext.priors)
             self.predictor.prior_resolution = str(record.get("mask_prior_res") or "grid")
@@ -163,6 +183,11 @@ class ICLSegmenter:
             return self.ct_window
         return self.window
 
+    def _remember(self, *scans: Scan) -> None:
+        for what, scan in zip(("--query", "--support", "--support-label"), scans):
+            if scan.path.exists():
+                self.read.append((what, scan.path))
+
     def segment(self, query: Any, support: Any, support_label: Any,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:
         """Segment ``query`` with the labelled ``support`` scan; all ``classes`` (default: every label value of
@@ -170,17 +195,30 @@ class ICLSegmenter:
         :class:`Segmentation` on the query's grid."""
         s_scan, label_scan, label, cls = load_support(support, support_label, parse_classes(classes), self.channel)
         q_scan = open_scan(query, self.channel, "query")
+        self._remember(q_scan, s_scan, label_scan)
         query = q_scan.path
-        axis, size = self.slice_axis, self.predictor.image_size
-        picks = choose_support_slices(label, axis, self.per_class, label_scan.path)
-        same = decide_both_ways(self.direction, q_scan, s_scan)
-        if self.per_class == LABELLED and same:
-            return self._fill_sparse(q_scan, label, cls, query, label_scan.path, picks, progress)
-        if self.fill not in (AUTO, MODEL):
-            raise InputError("--fill", f"{self.fill} fills a scan from its own annotated slices: give the same "
-                                       f"scan as --support and --query (and not --direction forward)")
+        same, comparison = decide_both_ways(self.direction, q_scan, s_scan)
+        reading = read_support(label, cls, self.slice_axis, self.per_class, same, label_scan.path)
+        axis = reading.axis
+        picks = choose_support_slices(label, axis, reading.per_class, label_scan.path)
+        if not same and comparison is not None and comparison.grid and reading.drawn_along is not None:
+            print(f"note: {query}: the support label is a drawing on a few slices of a scan on the query's grid, "
+                  f"but the query is not that scan: {comparison.why()}; so the support is read as another scan's, "
+                  "tracked forward (give --direction both if it is the same scan)", file=sys.stderr)
+        if reading.per_class == LABELLED and same:
+            return self._fill_sparse(q_scan, label, cls, query, label_scan.path, picks, axis, progress)
+        if self.fill not in (AUTO, MODEL) or self.complete_slices:
+            what = "--complete-slices" if self.complete_slices else "--fill"
+            raise InputError(what, f"{'complete slices' if self.complete_slices else self.fill} read a scan's own "
+                                   "annotated slices: give the same scan as --support and --query, with a drawing "
+                                   f"on a few slices (--support-slices {LABELLED}), and not --direction forward")
+        if self.predictor is None:
+            self._build_model()
+        size = self.predictor.image_size
         q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
         masks = label_slices(label_scan, axis, picks, size)
+        source_len = len(q_frames) if same else len(q_frames) + len(picks)
+        check_run(self.config, size, q_scan, source_len, self.device, "--image-size")
         labels = _empty_labels(q_scan, cls)
         out = q_scan.to_canonical(labels)
         values = torch.tensor(cls, device=self.device)
@@ -207,22 +245,19 @@ class ICLSegmenter:
                             "both_ways" if same else "prepended", axis, q_frames)
 
     def _fill_sparse(self, scan: Scan, label: np.ndarray, cls: list[int], query: Path, label_path: Path,
-                     picks: list[int], progress: bool) -> Segmentation:
+                     picks: list[int], axis: int, progress: bool) -> Segmentation:
         """A scan annotated on a few slices, filled per structure (``icl.sparse``): the self-check on the user's
         own annotation, then each structure by its chosen method; what was drawn stays as given."""
-        axis = self.slice_axis
         annotation = Annotation.from_label(label, axis, cls, self.complete_slices)
-        for c in cls:
-            if len(annotation.slices[c]) == 1:
-                reach = annotation.reach(c)
-                print(f"warning: {label_path}: structure {c} is annotated on one slice only: no self-check for it; "
-                      + ("nothing to fill between: classic fills keep that slice, the model is not bounded"
-                         if reach is None else f"filled within {reach} slice(s) of it"), file=sys.stderr)
+        warn_annotation(annotation, label_path)
         window = self.window_for(scan)
-        runner = ModelFill(self.predictor, scan, window, axis, self.crop,
-                           lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames,
-                           priors=self.mask_prior, adapt_steps=self.adapt_steps)
-        checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
+        runner = None
+        if self.fill in (AUTO, MODEL):
+            check_run(self.config, self.predictor.image_size, scan, annotation.depth, self.device, "--image-size")
+            runner = ModelFill(self.predictor, scan, window, axis, self.crop,
+                               lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames,
+                               priors=self.mask_prior, adapt_steps=self.adapt_steps)
+        checks = choose(annotation, self_check(annotation, runner), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
@@ -230,14 +265,19 @@ class ICLSegmenter:
             fill_volume(annotation, {c.structure: c.chosen for c in checks}, runner, out_zhw, bar.update)
         finally:
             bar.close()
+        size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
         return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, picks, "both_ways", axis,
-                            VolumeFrames(scan, window, self.predictor.image_size, axis), checks)
+                            VolumeFrames(scan, window, size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
-        """Write the label map with the query's affine and header, atomically; a name without a suffix gets
-        ``.nii.gz``, any other suffix than ``.nii``/``.nii.gz`` is refused."""
+        """Write the label map with the query's affine and header, atomically. THE output rule (the CLI's too,
+        ``icl.infer.outputs``): a name without a suffix gets ``.nii.gz``, another suffix than ``.nii``/``.nii.gz``
+        or an existing folder is refused, and so is any file this segmenter has read (query, support, support
+        label, checkpoint) — the user's scan is never replaced by labels."""
+        target = output_file(path, "save")
+        refuse_overwriting_inputs([("save", target)], self.read)
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
-        return write_mask_nifti(result.labels, (result.affine, result.header), nifti_name(path), dtype=dtype)
+        return write_mask_nifti(result.labels, (result.affine, result.header), target, dtype=dtype)
 
 
 def _empty_labels(scan: Scan, classes: Sequence[int]) -> np.ndarray:

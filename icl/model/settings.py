@@ -10,7 +10,10 @@ SAM2 / MedSAM2 files record nothing, and then the command's default applies.
 The CT window of the training frames is recorded too: inference with ``--window auto`` windows a CT scan the way
 the checkpoint was trained (a KiTS model sees ``ct_kidney`` frames, not the generic ``ct_abdomen``).
 
-An image size whose activations cannot fit in memory is refused before the model is built, with the estimate.
+An image size whose activations cannot fit in memory is refused before the model is built, with the estimate;
+once the query is known, the whole run's memory (activations, the scans, the label maps, the logits kept for the
+reverse pass) is checked the same way, and a run estimated above a few minutes says so before it starts
+(:func:`check_run`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
@@ -29,6 +33,13 @@ from sam2_ext.litemedsam import is_litemedsam
 #: Peak activation bytes per input pixel and unit of the image encoder's width, measured on one slice's tracking
 #: (tiny_cpu, width 24: 278 B/px at 1024 px; sam2.1_hiera_t, width 96: 760 B/px), rounded up.
 BYTES_PER_PIXEL_AND_WIDTH = 12
+#: Seconds per tracked slice on a CPU at 128 px with width 24 (the shipped model: about 3 s for a 128-slice scan),
+#: growing as (size / 128) ** SIZE_EXPONENT (374 s measured at 1024 px) and with the square of the width.
+SECONDS_PER_SLICE_128 = 0.023
+SIZE_EXPONENT = 2.33
+CUDA_SPEEDUP = 50  # a rough factor: the warning is meant for CPU runs of minutes, not for exact figures
+WARN_SECONDS = 180  # a run estimated above this many seconds says so before it starts
+LOGITS_IN_MEMORY = 64 * 2**20  # both ways, the forward pass's logits wait in memory up to this, then on disk
 
 
 def trained_settings(weights: str | Path | None) -> dict[str, Any]:
@@ -67,10 +78,11 @@ def _name(config: Any) -> str:
 
 
 def settle_model(config: str | None, image_size: int | None, weights: str | Path | None, fallback_config: str,
-                 flag: Any) -> tuple[str, int | None, dict[str, Any]]:
+                 flag: Any, before_warning: Any = None) -> tuple[str, int | None, dict[str, Any]]:
     """The (config, image size) to run ``weights`` with: the given ones, else the recorded ones, else
     ``fallback_config`` and the config's own size; and the record itself (:func:`trained_settings`, read once).
-    ``flag(name)`` spells an option as the command does."""
+    ``flag(name)`` spells an option as the command does; ``before_warning(config, size)`` runs the checks that may
+    refuse the settings before any warning about them is printed (an error is then the only line)."""
     record = trained_settings(weights)
     trained = record.get("config")
     if config is None:
@@ -80,7 +92,9 @@ def settle_model(config: str | None, image_size: int | None, weights: str | Path
                                          f"{flag('config')} out to use {trained}")
     if image_size is None:
         image_size = record.get("image_size")
-    elif record.get("image_size") not in (None, image_size):
+    if before_warning is not None:
+        before_warning(str(config), image_size)
+    if record.get("image_size") not in (None, image_size):
         print(f"warning: {weights} was trained at {flag('image_size')} {record['image_size']}; at {image_size} "
               "its masks are usually worse", file=sys.stderr)
     return str(config), image_size, record
@@ -103,3 +117,41 @@ def check_image_memory(config: str, image_size: int | None, flag: str, available
     if need > free:
         raise InputError(flag, f"image size {size} needs about {need / 2**30:.1f} GiB for one slice with {_name(config)}"
                                f" (estimate), {free / 2**30:.1f} GiB is free: choose a smaller size")
+
+
+def _slice_activations(config: str, image_size: int | None) -> tuple[int, int, int]:
+    """(image size, encoder width, peak activation bytes of one slice) of a config at a size."""
+    cfg = load_model_config(config, image_size)
+    size, width = int(cfg.model.image_size), int(cfg.model.image_encoder.trunk.embed_dim)
+    return size, width, BYTES_PER_PIXEL_AND_WIDTH * width * size * size
+
+
+def run_estimate(config: str, image_size: int | None, shape: tuple[int, ...], itemsize: int, slices: int,
+                 device: Any = "cpu") -> tuple[int, float]:
+    """(bytes, seconds) of a whole run on a scan of ``shape`` tracking ``slices`` slices: one slice's
+    activations, the scan's voxels as stored and as float32, the label maps (output and support), the logits kept
+    for the reverse pass; seconds from the measured per-slice time (module constants)."""
+    size, width, activations = _slice_activations(config, image_size)
+    voxels = int(np.prod(shape))
+    need = activations + voxels * (itemsize + 4 + 2) + LOGITS_IN_MEMORY
+    seconds = slices * SECONDS_PER_SLICE_128 * (size / 128) ** SIZE_EXPONENT * (width / 24) ** 2
+    if str(device).startswith("cuda"):
+        seconds /= CUDA_SPEEDUP
+    return need, seconds
+
+
+def check_run(config: str, image_size: int | None, scan: Any, slices: int, device: Any, flag: str,
+              available: int | None = None) -> None:
+    """The whole run on ``scan``: refused when its memory estimate is above what is free (with both figures), one
+    warning when its time estimate is above ``WARN_SECONDS``."""
+    itemsize = int(np.dtype(scan.header.get_data_dtype()).itemsize) if hasattr(scan.header, "get_data_dtype") else 4
+    need, seconds = run_estimate(config, image_size, scan.shape, itemsize, slices, device)
+    free = psutil.virtual_memory().available if available is None else available
+    size = _slice_activations(config, image_size)[0]
+    if need > free:
+        raise InputError(flag, f"image size {size} on {scan.path.name} ({' x '.join(map(str, scan.shape))}) needs "
+                               f"about {need / 2**30:.1f} GiB for the run with {_name(config)} (estimate), "
+                               f"{free / 2**30:.1f} GiB is free: choose a smaller size")
+    if seconds > WARN_SECONDS:
+        print(f"warning: {flag} {size}: about {seconds / 60:.0f} min for {slices} slice(s) of {scan.path.name} on "
+              f"{device} (estimate); a smaller size is much faster", file=sys.stderr)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES, parse_window
-from icl.infer.support import AUTO_SUPPORT_PER_CLASS, LABELLED
+from icl.infer.support import AUTO_SUPPORT_PER_CLASS, LABELLED, parse_slice_axis
 from icl.model.weights import DEFAULT_SEGMENT_CONFIG
 from icl.options.checks import NON_NEGATIVE
 from icl.options.common import AMP, CONFIG, IMAGE_SIZE, MEMORY_SELECTOR
@@ -26,8 +26,9 @@ class SegmentOptions(Options):
                                        "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
     out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
     classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
-    support_slices: str = opt("auto", f"'auto' ({AUTO_SUPPORT_PER_CLASS}) or N support slices per label value, or "
-                                      f"'{LABELLED}' (every slice carrying a label value)")
+    support_slices: str = opt("auto", f"N support slices per label value, or '{LABELLED}' (every slice carrying a "
+                                      f"label value), or 'auto': '{LABELLED}' for a drawing on a few slices of the "
+                                      f"query's own scan (one line says so), else {AUTO_SUPPORT_PER_CLASS}")
     complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
                                        "requested structure (absent there = absent); default: per structure", bool)
     fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
@@ -53,9 +54,12 @@ class SegmentOptions(Options):
                                      "value, annotated slices framed, radiological orientation, named by plane)")
     memory_selector: str = MEMORY_SELECTOR()
     window: str = opt("auto", f"intensity window: {', '.join(WINDOW_CHOICES)} (CT presets, mr percentiles, auto: CT "
-                              "if air values present) or lo,hi in HU (e.g. 0,300)", check=parse_window)
-    slice_axis: int = opt(DEFAULT_SLICE_AXIS, "axis to slice along, of the closest canonical (RAS) orientation: "
-                                              "2 = axial", int, choices=(0, 1, 2))
+                              "if air values present) or lo,hi in HU (e.g. 0,300; negative values as --window -100,200)",
+                      check=parse_window)
+    slice_axis: str | int = opt("auto", "axis to slice along, of the closest canonical (RAS) orientation: 0, 1, "
+                                        f"2 (axial), or auto: the axis along which the drawn slices leave gaps "
+                                        f"(a label dense along every axis: {DEFAULT_SLICE_AXIS})",
+                                check=parse_slice_axis)
     channel: int | None = opt(None, "channel of the 4D (multi-channel) images, e.g. MSD; 3D files ignore it", int)
     amp: str = AMP()
     quiet: bool = opt(False, "no progress bar (the summary line per query and the self-check table stay)", bool)

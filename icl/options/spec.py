@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -79,6 +80,37 @@ class Options:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+class StoreOnce(argparse.Action):
+    """Store a single-value option, refusing it given twice (``--out a --out b`` would keep ``b`` without a word)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, "_given", set())
+        if self.dest in seen:
+            raise argparse.ArgumentError(self, f"given more than once ({option_string} takes one value)")
+        namespace._given = seen | {self.dest}
+        setattr(namespace, self.dest, values)
+
+
+NEGATIVE_VALUE = re.compile(r"^-\.?\d")  # -100,200  -0.5  -.5: a value, never a flag
+
+
+def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--window -100,200`` → ``--window=-100,200``: argparse reads a value starting with '-' as a flag unless it
+    is a plain number, so a negative window (or any value like it) would need '='; here it does not."""
+    out: list[str] = []
+    takes_value = {flag for action in parser._actions if action.nargs is None and not isinstance(
+        action, (argparse._StoreTrueAction, argparse._HelpAction)) for flag in action.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and NEGATIVE_VALUE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 class OneLineParser(argparse.ArgumentParser):
     """ArgumentParser that raises InputError (naming the flag) instead of printing usage and exiting."""
 
@@ -109,7 +141,8 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action="store_true", help=spec.help)
             continue
         choices = ("True", "False") if spec.type is bool else spec.choices
-        parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type,
+        once = {"action": StoreOnce} if cls.DASHES == "--" else {}  # train/eval: seed command lines kept as is
+        parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type, **once,
                             default=spec.default, required=spec.required, help=help_with_default(spec),
                             metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
     return parser
@@ -145,10 +178,13 @@ def validate(cfg: Options, check_files: bool = True) -> None:
 
 def parse_one_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args`` whose every error is an InputError naming the flag (no usage block)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return parser.parse_args(list(argv) if argv is not None else None)
+        namespace = parser.parse_args(join_negative_values(parser, args))
     except argparse.ArgumentError as err:
         raise InputError(err.argument_name or "arguments", err.message) from None
+    vars(namespace).pop("_given", None)
+    return namespace
 
 
 def parse_options(cls: type[Options], argv: Sequence[str] | None, check_files: bool = True,

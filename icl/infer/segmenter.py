@@ -57,7 +57,7 @@ from icl.sparse.annotation import Annotation
 from icl.sparse.fill import StructureCheck, choose, fill_volume, self_check
 from icl.sparse.methods import AUTO, CLASSIC_FILLS, MODEL
 from icl.sparse.model_fill import ModelFill
-from sam2_ext.predictor import prepare_frames
+from sam2_ext.frames import SAM2_INPUT, InputRule, prepare_frames
 from sam2_ext.track import track
 
 
@@ -66,16 +66,17 @@ FRAME_SIZE_WITHOUT_MODEL = 128  # the overlays' lazy frames when no model runs (
 
 # ---------------------------------------------------------------------------------------------------- frames
 class PreparedFrames:
-    """``VolumeFrames`` items ([S, S] in [0, 1]) as SAM2's normalised [3, S, S] tensors, still one at a time."""
+    """``VolumeFrames`` items ([S, S] in [0, 1]) as the model's [3, S, S] input tensors (its input rule: SAM2's
+    ImageNet normalisation, or LiteMedSAM's per-slice min-max), still one at a time."""
 
-    def __init__(self, frames: VolumeFrames):
-        self.frames = frames
+    def __init__(self, frames: VolumeFrames, rule: InputRule = SAM2_INPUT):
+        self.frames, self.rule = frames, rule
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return prepare_frames(torch.from_numpy(self.frames[i])[None], self.frames.image_size)[0]
+        return prepare_frames(torch.from_numpy(self.frames[i])[None], self.frames.image_size, self.rule)[0]
 
 
 class ConcatFrames:
@@ -176,6 +177,10 @@ class ICLSegmenter:
             self.predictor.prior_gain = float(record.get("mask_prior_gain") or 0)  # as trained (sam2_ext.priors)
             self.predictor.prior_resolution = str(record.get("mask_prior_res") or "grid")
 
+    def _prepared(self, frames: VolumeFrames) -> PreparedFrames:
+        """``frames`` as this model's input tensors (its config's input rule, ``sam2_ext.frames``)."""
+        return PreparedFrames(frames, self.predictor.input_rule)
+
     def window_for(self, scan: Scan) -> str | tuple[float, float]:
         """The window of ``scan``'s frames: ``--window`` as given; with ``auto``, a CT scan gets the CT window the
         weights were trained with, when they record one (``icl.model.settings``)."""
@@ -223,12 +228,12 @@ class ICLSegmenter:
         out = q_scan.to_canonical(labels)
         values = torch.tensor(cls, device=self.device)
         if same:
-            source: Any = PreparedFrames(q_frames)
+            source: Any = self._prepared(q_frames)
             prompts = {c: {z: masks[i] == c for i, z in enumerate(picks)} for c in cls}
             direction, offset = "both", 0
         else:
             s_frames = VolumeFrames(s_scan, self.window_for(s_scan), size, axis, indices=picks)
-            source = ConcatFrames(PreparedFrames(s_frames), PreparedFrames(q_frames))
+            source = ConcatFrames(self._prepared(s_frames), self._prepared(q_frames))
             prompts = {c: {i: masks[i] == c for i in range(len(picks))} for c in cls}
             direction, offset = "forward", len(picks)
         bar = progress_bar(total=len(source), desc=f"segment {query.name}", unit="slice", enabled=progress)
@@ -255,7 +260,7 @@ class ICLSegmenter:
         if self.fill in (AUTO, MODEL):
             check_run(self.config, self.predictor.image_size, scan, annotation.depth, self.device, "--image-size")
             runner = ModelFill(self.predictor, scan, window, axis, self.crop,
-                               lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames,
+                               lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared,
                                priors=self.mask_prior, adapt_steps=self.adapt_steps)
         checks = choose(annotation, self_check(annotation, runner), self.fill)
         labels = _empty_labels(scan, cls)

@@ -181,6 +181,8 @@ def register(query: Scan, support: Scan, deformable: bool = True, threads: int =
     ``deformable``) greedy's deformable registration by NMI with its default smoothing."""
     if threads < 1:
         raise InputError("threads", f"must be >= 1, got {threads}")
+    if not deformable_iterations or min(deformable_iterations) < 0:
+        raise InputError("deformable_iterations", f"expected iterations per level, got {deformable_iterations}")
     fixed = to_sitk(image01(query), canonical_affine(query), query.path)
     moving = to_sitk(image01(support), canonical_affine(support), support.path)
     reg = Registration(Greedy3D(), "aff", query.canonical_shape, int(threads), str(support.path))
@@ -205,11 +207,12 @@ def carried_probabilities(reg: Registration, label: np.ndarray, affine: np.ndarr
 
 
 def fused_canonical(query: Scan, pairs: Sequence[tuple[Scan, Scan]], classes: list[int], deformable: bool,
-                    threads: int, probabilities: bool) -> np.ndarray:
+                    threads: int, probabilities: bool,
+                    deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
     """Every support registered to the query, the structures' probabilities summed over supports; the label map
     (or ``[1 + C, ...]`` probabilities, background first) in the query's canonical voxel order."""
     labels = [support_labels(support, label, classes) for support, label in pairs]  # all inputs checked first
-    regs = [register(query, support, deformable, threads) for support, _ in pairs]
+    regs = [register(query, support, deformable, threads, deformable_iterations) for support, _ in pairs]
     summed = {c: np.zeros(query.canonical_shape, np.float32) for c in classes}
     for reg, (support, _), label in zip(regs, pairs, labels):
         for c, p in carried_probabilities(reg, label, canonical_affine(support), classes):
@@ -235,7 +238,8 @@ def on_query_grid(query: Scan, canonical: np.ndarray) -> np.ndarray:
 
 
 def fuse(query: ScanLike, supports: Sequence[tuple[ScanLike, ScanLike]], classes: Sequence[int],
-         deformable: bool = True, threads: int = 1, probabilities: bool = False) -> np.ndarray:
+         deformable: bool = True, threads: int = 1, probabilities: bool = False,
+         deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
     """Several labelled supports ``[(image, label), ...]``, each registered to the query independently, their
     per-structure probabilities summed (a soft majority vote) and the most probable label taken: an int32 label
     map on the query's own voxel grid (``probabilities=True``: float32 ``[1 + C, ...]``, background first)."""
@@ -245,12 +249,16 @@ def fuse(query: ScanLike, supports: Sequence[tuple[ScanLike, ScanLike]], classes
         raise InputError("support", "no support scan given")
     pairs = [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
              for i, (s, lab) in enumerate(supports)]
-    return on_query_grid(query, fused_canonical(query, pairs, classes, deformable, threads, probabilities))
+    return on_query_grid(query, fused_canonical(query, pairs, classes, deformable, threads, probabilities,
+                                                deformable_iterations))
 
 
 def register_labels(query: ScanLike, support: ScanLike, support_label: ScanLike, classes: Sequence[int],
-                    deformable: bool = True, threads: int = 1, probabilities: bool = False) -> np.ndarray:
+                    deformable: bool = True, threads: int = 1, probabilities: bool = False,
+                    deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
     """One support registered to the query (affine, then deformable; mutual information) and its structures
     carried over: an int32 label map on the query's own voxel grid (``probabilities=True``: float32
-    ``[1 + C, ...]``, background first, then ``classes`` in order)."""
-    return fuse(query, [(support, support_label)], classes, deformable, threads, probabilities)
+    ``[1 + C, ...]``, background first, then ``classes`` in order). ``deformable_iterations``: greedy's
+    iterations per level of the deformable stage, coarse to fine (fewer: faster, see bench/cross_scan.py)."""
+    return fuse(query, [(support, support_label)], classes, deformable, threads, probabilities,
+                deformable_iterations)

@@ -1,0 +1,264 @@
+"""Support from another scan: each support scan registered to the query, its labels carried onto the query's grid.
+
+Why registration: a labelled scan of another patient is useless to copy as it is (INIA19 cross-case: 0.34) and the
+model alone does not read it (0.04); registering it gives 0.87-0.91. The library was chosen by measurement
+(``bench/cross_scan.py``): ITK-SNAP's greedy (``picsl-greedy``, Apache-2.0) — affine (12 dof), then deformable,
+both with normalised mutual information, so support and query may differ in contrast.
+
+* Geometry is physical: each scan's canonical (RAS) voxels and affine become a SimpleITK image (LPS world), so an
+  LPS, oblique or differently spaced file registers as its RAS twin; working in the closest-canonical voxel order
+  makes an LPS copy of a scan *exactly* the RAS one to greedy.
+* Intensities are windowed to the scan's 0.5-99.5 percentiles (icl.data.frames), so outliers do not squeeze the
+  mutual information's histogram.
+* Labels are carried per structure: each one-hot map resampled linearly, then the most probable label wins
+  (measured better than nearest neighbour: +0.002 ... +0.014). Background is what the structures leave,
+  ``1 - sum``, so several supports fuse by summing (a soft majority vote).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, TextIO, Union
+
+import numpy as np
+import SimpleITK as sitk
+from nibabel.orientations import inv_ornt_aff
+from picsl_greedy import Greedy3D
+
+from icl.data.frames import Scan, mr_percentiles, window01
+from icl.data.validate import check_grid, check_integer_labels
+from icl.errors import InputError
+
+ScanLike = Union[Scan, str, Path, tuple]  # a Scan, a NIfTI path, or (array, 4x4 affine)
+AFFINE_ITERATIONS = (100, 50, 10)  # greedy's -n per level, coarse to fine (4x, 2x, 1x)
+DEFORMABLE_ITERATIONS = (100, 50, 10)
+SEED = 1  # greedy's random generator (its default, 0, is stochastic: the same inputs gave other labels)
+CARRY_VOXELS = 2**26  # voxels of one-hot maps resliced per greedy call (each call composes the warp anew, ~0.8 s
+# at 168x206x128: all ten INIA19 maps in one call 3.4 s, three one by one 2.7 s), bounding the memory of a call
+MIN_COARSE_VOXELS = 16  # the coarsest pyramid level keeps this many voxels a side (fewer: the affine was seen to fail)
+ORTHONORMAL_TOL = 1e-4  # an affine's axes may deviate this much from orthogonal (rounding in headers)
+LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI world (RAS) -> ITK world (LPS)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def as_scan(x: ScanLike, what: str) -> Scan:
+    """A scan from a Scan, a NIfTI path, or an (array, affine) pair; ``what`` names an array in errors."""
+    if isinstance(x, Scan):
+        return x
+    if isinstance(x, (str, Path)):
+        return Scan.open(x)
+    if isinstance(x, tuple) and len(x) == 2:
+        arr, affine = x
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise InputError(f"<{what}>", f"affine of shape {affine.shape}, expected 4x4")
+        return Scan.from_array(np.asarray(arr), affine, path=f"<{what}>")
+    raise InputError(f"<{what}>", f"expected a Scan, a NIfTI path or (array, affine), got {type(x).__name__}")
+
+
+def check_classes(classes: Sequence[int]) -> list[int]:
+    """Structure label values: distinct positive integers (0 is the background)."""
+    out = [int(c) for c in classes]
+    if not out or min(out) <= 0 or len(set(out)) != len(out) or any(c != o for c, o in zip(out, classes)):
+        raise InputError("classes", f"expected distinct positive integer label values, got {list(classes)}")
+    return out
+
+
+def support_labels(support: Scan, label: Scan, classes: list[int]) -> np.ndarray:
+    """The support's label voxels in canonical order, checked: on the support's grid, integers, some class present."""
+    check_grid(support.shape, support.affine, label.shape, label.affine, label.path)
+    arr = np.asarray(label.canonical)
+    check_integer_labels(arr, label.path)
+    if not np.isin(arr, classes).any():
+        raise InputError(label.path, f"holds none of the structures {classes}: nothing to carry over")
+    return arr
+
+
+def image01(scan: Scan) -> np.ndarray:
+    """The scan's canonical voxels, float32, windowed to its 0.5-99.5 percentiles (non-finite voxels replaced)."""
+    lo, hi = scan.finite_range
+    if lo == hi:
+        raise InputError(scan.path, f"the image is constant ({lo:g}): nothing to register")
+    p_lo, p_hi = mr_percentiles(scan)
+    return window01(scan.fix_nonfinite(np.array(scan.canonical, dtype=np.float32)), p_lo, p_hi)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def canonical_affine(scan: Scan) -> np.ndarray:
+    """The affine of the scan's canonical voxel order (the same world, the axes permuted/flipped)."""
+    return scan.affine @ inv_ornt_aff(scan.ornt, scan.shape)
+
+
+def to_sitk(arr: np.ndarray, affine: np.ndarray, where: str | Path) -> sitk.Image:
+    """A voxel array ``[i, j, k]`` with its NIfTI (RAS) affine as a SimpleITK image in ITK's LPS world."""
+    m = LPS @ np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    if (spacing <= 0).any():
+        raise InputError(where, "the affine has a zero-length voxel axis")
+    direction = m / spacing
+    u, _, vt = np.linalg.svd(direction)
+    if np.abs(direction.T @ direction - np.eye(3)).max() > ORTHONORMAL_TOL:
+        raise InputError(where, "the affine is sheared: registration needs orthogonal voxel axes")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(d) for d in (u @ vt).ravel()])  # the nearest rotation: ITK wants it exact
+    image.SetOrigin([float(o) for o in LPS @ np.asarray(affine, dtype=np.float64)[:3, 3]])
+    return image
+
+
+def from_sitk(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+
+# ------------------------------------------------------------------------------------------------ greedy
+@contextmanager
+def greedy_log() -> Iterator[TextIO]:
+    """A temp text file for greedy's chatter (its optimiser prints progress): given to ``execute`` as ``out`` and
+    ``err`` (whose defaults are the sys.stdout of import time), and file descriptor 1 sent there too for what its
+    C++ prints directly. Process-wide: do not print from other threads meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile("w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            yield log
+        finally:
+            log.flush()
+            ctypes.CDLL(None).fflush(None)  # C stdio's buffer goes to the log, not to the restored stdout
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def last_line(log: TextIO) -> str:
+    log.seek(0)
+    lines = [line.strip() for line in log.read().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def pyramid(iterations: Sequence[int], shape: Sequence[int]) -> str:
+    """Greedy's ``-n`` (iterations per level, coarse to fine, each level half the previous' voxel size): a small
+    image gets fewer levels, so that its coarsest grid keeps MIN_COARSE_VOXELS a side; they keep the counts of the
+    coarse end (at 32 voxels, 4x-2x-1x lost the affine where 2x-1x with 100x50 found it)."""
+    n = len(iterations)
+    while n > 1 and min(shape) / 2 ** (n - 1) < MIN_COARSE_VOXELS:
+        n -= 1
+    return "x".join(str(int(i)) for i in iterations[:n])
+
+
+@dataclass
+class Registration:
+    """One support registered to the query: greedy's transforms (warp, then affine), ready to carry maps."""
+    greedy: Greedy3D
+    chain: str  # greedy's -r argument: "warp aff" or "aff"
+    fixed_shape: tuple[int, int, int]
+    threads: int
+    where: str
+
+    def run(self, command: str, **images) -> None:
+        with greedy_log() as log:
+            try:
+                self.greedy.execute(f"-threads {self.threads} -seed {SEED} -d 3 {command}", out=log, err=log, **images)
+            except RuntimeError as e:
+                raise InputError(self.where, f"registration failed: {e} ({last_line(log)})") from None
+
+    def carry(self, maps: list[np.ndarray], affine: np.ndarray) -> list[np.ndarray]:
+        """Maps on the support's canonical grid (``affine``) → float32 maps on the query's canonical grid (linear)."""
+        names = {f"map{i}": to_sitk(m, affine, self.where) for i, m in enumerate(maps)}
+        outs = {f"out{i}": None for i in range(len(maps))}
+        pairs = " ".join(f"-rm map{i} out{i}" for i in range(len(maps)))
+        self.run(f"-rf fixed -ri LINEAR {pairs} -r {self.chain}", **names, **outs)
+        return [from_sitk(self.greedy[f"out{i}"]) for i in range(len(maps))]
+
+
+def register(query: Scan, support: Scan, deformable: bool = True, threads: int = 1,
+             deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> Registration:
+    """The support (moving) registered to the query (fixed): affine by NMI from the images' centres, then (if
+    ``deformable``) greedy's deformable registration by NMI with its default smoothing."""
+    if threads < 1:
+        raise InputError("threads", f"must be >= 1, got {threads}")
+    if not deformable_iterations or min(deformable_iterations) < 0:
+        raise InputError("deformable_iterations", f"expected iterations per level, got {deformable_iterations}")
+    fixed = to_sitk(image01(query), canonical_affine(query), query.path)
+    moving = to_sitk(image01(support), canonical_affine(support), support.path)
+    reg = Registration(Greedy3D(), "aff", query.canonical_shape, int(threads), str(support.path))
+    levels = pyramid(AFFINE_ITERATIONS, query.canonical_shape)
+    reg.run(f"-i fixed moving -a -dof 12 -ia-image-centers -m NMI -n {levels} -o aff",
+            fixed=fixed, moving=moving, aff=None)
+    if deformable:
+        levels = pyramid(deformable_iterations, query.canonical_shape)
+        reg.run(f"-i fixed moving -it aff -m NMI -n {levels} -o warp", warp=None)
+        reg.chain = "warp aff"
+    return reg
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def carried_probabilities(reg: Registration, label: np.ndarray, affine: np.ndarray,
+                          classes: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(class, probability on the query's canonical grid) for each class, as many maps per greedy call as fit."""
+    per_call = max(1, CARRY_VOXELS // max(label.size, int(np.prod(reg.fixed_shape))))
+    for start in range(0, len(classes), per_call):
+        chunk = classes[start:start + per_call]
+        yield from zip(chunk, reg.carry([(label == c).astype(np.float32) for c in chunk], affine))
+
+
+def fused_canonical(query: Scan, pairs: Sequence[tuple[Scan, Scan]], classes: list[int], deformable: bool,
+                    threads: int, probabilities: bool,
+                    deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
+    """Every support registered to the query, the structures' probabilities summed over supports; the label map
+    (or ``[1 + C, ...]`` probabilities, background first) in the query's canonical voxel order."""
+    labels = [support_labels(support, label, classes) for support, label in pairs]  # all inputs checked first
+    regs = [register(query, support, deformable, threads, deformable_iterations) for support, _ in pairs]
+    summed = {c: np.zeros(query.canonical_shape, np.float32) for c in classes}
+    for reg, (support, _), label in zip(regs, pairs, labels):
+        for c, p in carried_probabilities(reg, label, canonical_affine(support), classes):
+            summed[c] += p
+    n = np.float32(len(pairs))
+    background = n - sum(summed.values())
+    if probabilities:
+        return np.stack([background, *summed.values()]) / n
+    best = np.zeros(query.canonical_shape, np.int64)  # index into (0, *classes); ties keep the earlier one,
+    top = background  # the background first, as argmax would
+    for i, c in enumerate(classes, start=1):
+        win = summed[c] > top
+        best[win], top = i, np.where(win, summed[c], top)
+    values = np.array([0, *classes], dtype=np.int32)
+    return values[best]
+
+
+def on_query_grid(query: Scan, canonical: np.ndarray) -> np.ndarray:
+    """Canonical-order result (label map or ``[K, ...]`` maps) back in the query file's own voxel order."""
+    if canonical.ndim == 4:
+        return np.stack([np.ascontiguousarray(query.from_canonical(m)) for m in canonical])
+    return np.ascontiguousarray(query.from_canonical(canonical))
+
+
+def fuse(query: ScanLike, supports: Sequence[tuple[ScanLike, ScanLike]], classes: Sequence[int],
+         deformable: bool = True, threads: int = 1, probabilities: bool = False,
+         deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
+    """Several labelled supports ``[(image, label), ...]``, each registered to the query independently, their
+    per-structure probabilities summed (a soft majority vote) and the most probable label taken: an int32 label
+    map on the query's own voxel grid (``probabilities=True``: float32 ``[1 + C, ...]``, background first)."""
+    classes = check_classes(classes)
+    query = as_scan(query, "query")
+    if not supports:
+        raise InputError("support", "no support scan given")
+    pairs = [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
+             for i, (s, lab) in enumerate(supports)]
+    return on_query_grid(query, fused_canonical(query, pairs, classes, deformable, threads, probabilities,
+                                                deformable_iterations))
+
+
+def register_labels(query: ScanLike, support: ScanLike, support_label: ScanLike, classes: Sequence[int],
+                    deformable: bool = True, threads: int = 1, probabilities: bool = False,
+                    deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
+    """One support registered to the query (affine, then deformable; mutual information) and its structures
+    carried over: an int32 label map on the query's own voxel grid (``probabilities=True``: float32
+    ``[1 + C, ...]``, background first, then ``classes`` in order). ``deformable_iterations``: greedy's
+    iterations per level of the deformable stage, coarse to fine (fewer: faster, see bench/cross_scan.py)."""
+    return fuse(query, [(support, support_label)], classes, deformable, threads, probabilities,
+                deformable_iterations)

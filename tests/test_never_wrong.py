@@ -99,7 +99,7 @@ def test_2_another_scan_on_the_same_grid_says_why_it_takes_the_other_road(case, 
     seg = ICLSegmenter(checkpoint="none", config="tiny_cpu", image_size=64)
     result = seg.segment(query=other, support=case["scan"], support_label=case["drawn"])
     err = capsys.readouterr().err
-    assert result.mode == "prepended"
+    assert result.mode == "registered"  # another scan's support: registered (#25), said with why
     assert "not that scan: its voxel values differ by up to 5" in err and "--direction both" in err
 
 

@@ -26,12 +26,18 @@ def pair(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def segmenter(pair) -> ICLSegmenter:
-    return ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE)
+    """The model's road (``auto`` registers another scan since #25; these tests are about the model's tracking)."""
+    return ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE,
+                        fill="model")
 
 
 def _args(pair, query, out, *extra) -> list[str]:
+    """The model's road: support from another scan is tracked by the model (``--fill model``; ``auto`` registers
+    another scan since #25)."""
     base = ["--support", str(pair["s"]), "--support-label", str(pair["s_lab"]), "--query", str(query),
             "--out", str(out), "--checkpoint", str(pair["ckpt"]), "--image-size", str(IMAGE_SIZE), "--quiet"]
+    if Path(query) != Path(pair["s"]):
+        base += ["--fill", "model"]
     return _override(base, list(extra))
 
 
@@ -73,7 +79,7 @@ def test_api_five_lines(pair, tmp_path):
     seg.save(labels, tmp_path / "pred.nii.gz")
     saved = np.asarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj)
     np.testing.assert_array_equal(saved, labels.labels)
-    assert labels.mode == "prepended" and labels.classes == [1, 2]
+    assert labels.mode == "registered" and labels.classes == [1, 2]  # another scan: registered (#25)
     assert set(np.unique(saved).tolist()) <= {0, 1, 2}
 
 
@@ -204,7 +210,7 @@ def test_support_slices_spread_over_every_label_value():
 def test_memory_selector_run(pair):
     """The scored selector picks among the kept history (bounded) and still yields a label map of the classes."""
     seg = ICLSegmenter(checkpoint=pair["ckpt"], config="tiny_cpu", device="cpu", image_size=IMAGE_SIZE,
-                       memory_selector="scored:budget=2")
+                       memory_selector="scored:budget=2", fill="model")
     assert seg.predictor.memory_selector.config.budget == 2
     labels = seg.segment(query=pair["q"], support=pair["s"], support_label=pair["s_lab"], classes=[2]).labels
     assert labels.shape == SHAPE and set(np.unique(labels).tolist()) <= {0, 2}

@@ -27,11 +27,13 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def _seg(data, **kw) -> ICLSegmenter:
-    return ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, **kw)
+    """The model's road (``auto`` registers another scan since #25; these tests are about the model's frames)."""
+    return ICLSegmenter(checkpoint=data["ckpt"], config="tiny_cpu", image_size=IMAGE_SIZE, **{"fill": "model", **kw})
 
 
 def _args(data, *extra) -> list[str]:
-    return ["--checkpoint", str(data["ckpt"]), "--image-size", str(IMAGE_SIZE), "--quiet", *extra]
+    fill = [] if "--fill" in extra else ["--fill", "model"]
+    return ["--checkpoint", str(data["ckpt"]), "--image-size", str(IMAGE_SIZE), "--quiet", *fill, *extra]
 
 
 def _save(arr: np.ndarray, like: Path, path: Path) -> Path:
@@ -197,7 +199,7 @@ def test_cli_frames_are_the_cached_frames(data, tmp_path, monkeypatch):
     torch.save({"model": state, "trained": {"config": {"config": "tiny_cpu", "image_size": IMAGE_SIZE,
                                                        "frames": {"ct_window": cached.meta["window"]}}}}, weights)
     assert tuple(cached.meta["window"]) == (-79.0, 304.0)
-    ICLSegmenter(checkpoint=weights).segment(data["q"], data["s"], data["s_lab"])
+    ICLSegmenter(checkpoint=weights, fill="model").segment(data["q"], data["s"], data["s_lab"])
     frames, offset = seen["frames"], seen["offset"]
     expected = prepare_frames(torch.from_numpy(np.array(cached.image)), IMAGE_SIZE)
     fed = torch.stack([frames[offset + z] for z in range(cached.num_slices)])

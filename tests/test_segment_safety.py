@@ -103,7 +103,7 @@ def test_a_copy_of_the_scan_is_the_same_scan(data, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and road in lines[0], lines  # said even with --quiet
     assert main(_args(data, data["s"], data["s_lab"], data["q"], out)) == 0  # another scan
-    assert "forward: support from another scan" in capsys.readouterr().err
+    assert "registered: support from another scan" in capsys.readouterr().err  # auto registers it (#25)
 
 
 def test_direction_through_the_api(data, tmp_path):
@@ -114,7 +114,7 @@ def test_direction_through_the_api(data, tmp_path):
     assert both.mode == "both_ways"
     same_path = seg.segment(data["s"], data["s"], data["s_lab"])
     np.testing.assert_array_equal(both.labels, same_path.labels)  # a copy gives what the file gives
-    forward = ICLSegmenter(checkpoint=data["ckpt"], image_size=IMAGE_SIZE, direction="forward")
+    forward = ICLSegmenter(checkpoint=data["ckpt"], image_size=IMAGE_SIZE, direction="forward", fill="model")
     assert forward.segment(copy, data["s"], data["s_lab"]).mode == "prepended"
     with pytest.raises(InputError, match="--direction: expected one of auto, both, forward"):
         ICLSegmenter(checkpoint=data["ckpt"], image_size=IMAGE_SIZE, direction="sideways")
@@ -201,7 +201,7 @@ def test_query_glob_errors(data, tmp_path, capsys, no_model):
 
 # ---------------------------------------------------------------------------------------------------- item 14
 def test_api_takes_images_and_arrays(data, tmp_path):
-    seg = ICLSegmenter(checkpoint=data["ckpt"], image_size=IMAGE_SIZE)
+    seg = ICLSegmenter(checkpoint=data["ckpt"], image_size=IMAGE_SIZE, fill="model")
     from_paths = seg.segment(data["q"], data["s"], data["s_lab"]).labels
     q, s, lab = (nib.load(str(data[k])) for k in ("q", "s", "s_lab"))
     from_images = seg.segment(q, s, lab)

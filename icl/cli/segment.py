@@ -32,6 +32,12 @@ self-check holds out every other annotated slice of each structure, fills them w
 and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
 (your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
 
+Support from other scans (--support and --support-label once per scan, in pairs): --fill auto (default) and
+registration register each support scan to the query (ITK-SNAP's greedy: affine, then deformable, mutual
+information) and carry its labels; several supports are fused (majority vote) and, with two or more, each is left
+out in turn and scored against its own labels: one line per structure gives that leave-one-out Dice (your
+estimate), --report FILE.json writes it. --fill model (or --direction forward) tracks the model instead.
+
 Propagation (--direction): auto (default) decides by content: support and query the same scan (the same grid in
 space and voxel values within storage precision, so a copy, a re-save or an LPS copy counts) -> tracked both ways from the support slices (forward from each
 class's first support slice, backward from its last; slices seen by both passes get the mean logit); support from
@@ -65,7 +71,7 @@ from icl.errors import EXIT_INPUT_ERROR, InputError
 from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs, report_file
 from icl.infer.query_folder import UNREADABLE, list_queries, skipped_line, unreadable_line
 from icl.infer.support import (AUTO_SLICES, LABELLED, check_sparse_options, load_support, parse_classes,
-                               parse_support_slices)
+                               parse_support_slices, support_pairs)
 from icl.io import write_json
 from icl.options.segment import SegmentOptions
 from icl.options.spec import build_parser as options_parser
@@ -99,8 +105,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     query = Path(args.query)
     if args.query_glob and not query.is_dir():
         raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
-    queries, skipped = list_queries(query, args.query_glob, [Path(args.support_label)]) if query.is_dir() else \
-        (None, [])
+    pairs_given = support_pairs(args.support, args.support_label)
+    queries, skipped = (list_queries(query, args.query_glob, [Path(lab) for _, lab in pairs_given])
+                        if query.is_dir() else (None, []))
     for q in list(queries or []):  # a file of a folder that cannot be read is left out, with a warning
         try:
             Scan.open(q, args.channel)
@@ -108,7 +115,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             queries.remove(q)
             skipped.append((q, f"{UNREADABLE}: {err.problem}"))
     pairs = plan_outputs(query, Path(args.out), queries)
-    inputs = [("--support", Path(args.support)), ("--support-label", Path(args.support_label)),
+    inputs = [*((flag, Path(p)) for s, lab in pairs_given for flag, p in (("--support", s), ("--support-label", lab))),
               *(("--query", q) for q, _ in pairs)]
     if args.checkpoint:
         inputs.append(("--checkpoint", Path(args.checkpoint)))
@@ -123,7 +130,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         check_writable(Path(args.report).parent, "--report")
     for q, _ in pairs:  # every query must be a readable 3D NIfTI (or a chosen channel) before any work starts
         Scan.open(q, args.channel)
-    load_support(args.support, args.support_label, classes, args.channel)  # fail fast, before the model is built
+    for s, lab in pairs_given:  # fail fast, before the model is built
+        load_support(s, lab, classes, args.channel)
     for folder in sorted({o.parent for _, o in pairs}):
         check_writable(folder, "--out")
     if args.overlays:
@@ -140,7 +148,9 @@ def run(args: argparse.Namespace) -> list[Path]:
                        adapt_steps=args.adapt_steps)
     written = []
     for q, out in pairs:
-        result = seg.segment(query=q, support=args.support, support_label=args.support_label, classes=classes,
+        supports, labels = [s for s, _ in pairs_given], [lab for _, lab in pairs_given]
+        result = seg.segment(query=q, support=supports if len(supports) > 1 else supports[0],
+                             support_label=labels if len(labels) > 1 else labels[0], classes=classes,
                              progress=not args.quiet)
         if args.report and not result.checks:  # auto read the support label as N slices per value: no self-check
             raise InputError("--report", "no self-check ran: the query is not the support scan with a drawing on "
@@ -157,14 +167,16 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 ROADS = {"both_ways": "both ways: the support slices are this scan's own",
-         "prepended": "forward: support from another scan"}
+         "prepended": "forward: support from another scan",
+         "registered": "registered: support from another scan, carried by registration"}
 
 
 def summary_line(result, query: Path, out: Path) -> str:
     """The one line per query that stays with --quiet: where it went and how it was tracked."""
     found = sorted(int(v) for v in np.unique(result.labels) if v > 0)
-    return (f"{query} -> {out} ({ROADS[result.mode]}; support slices {result.support_slices}; "
-            f"classes found {found})")
+    where = (f"{result.supports} support scan(s)" if result.mode == "registered"
+             else f"support slices {result.support_slices}")
+    return f"{query} -> {out} ({ROADS[result.mode]}; {where}; classes found {found})"
 
 
 def parse_segment_args(argv: Sequence[str] | None = None):

@@ -44,7 +44,7 @@ from icl.infer.outputs import output_file, refuse_overwriting_inputs
 from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
 from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
                                load_support, parse_classes, parse_slice_axis, parse_support_slices, read_support,
-                               warn_annotation)
+                               support_pairs, warn_annotation)
 from icl.model.boundary import library_errors
 from icl.model.build import build_predictor
 from icl.model.device import resolve_device
@@ -54,9 +54,11 @@ from icl.model.weights import DEFAULT_SEGMENT_CONFIG, resolve_checkpoint
 from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
 from icl.sparse.annotation import Annotation
+from icl.sparse.cross_check import CrossCheck, cross_checks
 from icl.sparse.fill import StructureCheck, choose, fill_volume, self_check
-from icl.sparse.methods import AUTO, CLASSIC_FILLS, MODEL
+from icl.sparse.methods import AUTO, MODEL, NO_MODEL_FILLS, REGISTRATION
 from icl.sparse.model_fill import ModelFill
+from icl.sparse.registration import fuse
 from sam2_ext.frames import SAM2_INPUT, InputRule, prepare_frames
 from sam2_ext.track import track
 
@@ -80,17 +82,20 @@ class PreparedFrames:
 
 
 class ConcatFrames:
-    """Support frames followed by query frames, still lazy."""
+    """Frame sources one after the other (every support scan's slices, then the query's), still lazy."""
 
-    def __init__(self, first: Any, second: Any):
-        self.first, self.second = first, second
+    def __init__(self, *parts: Any):
+        self.parts = parts
 
     def __len__(self) -> int:
-        return len(self.first) + len(self.second)
+        return sum(len(p) for p in self.parts)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        n = len(self.first)
-        return self.first[i] if i < n else self.second[i - n]
+        for part in self.parts:
+            if i < len(part):
+                return part[i]
+            i -= len(part)
+        raise IndexError(i)
 
 
 def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -111,10 +116,11 @@ class Segmentation:
     query: Path
     classes: list[int]
     support_slices: list[int]  # support-scan slices (canonical axis ``slice_axis``) used as prompts
-    mode: str  # "both_ways" (support is the query) or "prepended" (support from another scan)
+    mode: str  # "both_ways" (support is the query), "prepended" (another scan's slices tracked), "registered"
     slice_axis: int = DEFAULT_SLICE_AXIS
     frames: VolumeFrames | None = field(default=None, repr=False)  # the query's lazy frames (overlays)
-    checks: list[StructureCheck] = field(default_factory=list)  # labelled mode: the self-check, per structure
+    checks: list[StructureCheck | CrossCheck] = field(default_factory=list)  # the self-check, per structure
+    supports: int = 1  # support scans given (several: other scans, registered and fused, or all in memory)
 
     def report(self) -> dict:
         """The self-check table as written by ``--report`` (JSON-ready)."""
@@ -154,7 +160,7 @@ class ICLSegmenter:
         self.mask_prior, self.ct_window, self.predictor = False, None, None
         self._model = (checkpoint, config, image_size, memory_selector, crop)
         self.crop = check_crop(crop, False) if crop != "auto" else False
-        if self.fill in CLASSIC_FILLS:  # interpolation / nearest: no model is used, none is loaded or announced
+        if self.fill in NO_MODEL_FILLS:  # interpolation, nearest, registration: no model is loaded or announced
             return
         self._build_model()
 
@@ -188,30 +194,51 @@ class ICLSegmenter:
             return self.ct_window
         return self.window
 
-    def _remember(self, *scans: Scan) -> None:
-        for what, scan in zip(("--query", "--support", "--support-label"), scans):
-            if scan.path.exists():
-                self.read.append((what, scan.path))
+    def _remember(self, what: str, scan: Scan) -> None:
+        if scan.path.exists():
+            self.read.append((what, scan.path))
 
     def segment(self, query: Any, support: Any, support_label: Any,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:
         """Segment ``query`` with the labelled ``support`` scan; all ``classes`` (default: every label value of
-        the support) in one pass. Scans: NIfTI paths, nibabel images or (array, affine) pairs. Returns a
+        the support) in one pass. Scans: NIfTI paths, nibabel images or (array, affine) pairs; ``support`` and
+        ``support_label`` may be lists of several other scans, paired in order (registered and fused). Returns a
         :class:`Segmentation` on the query's grid."""
-        s_scan, label_scan, label, cls = load_support(support, support_label, parse_classes(classes), self.channel)
+        pairs = support_pairs(support, support_label)
+        loaded = [load_support(s, lab, parse_classes(classes), self.channel) for s, lab in pairs[:1]]
+        loaded += [load_support(s, lab, loaded[0][3], self.channel) for s, lab in pairs[1:]]  # every class, each
+        s_scan, label_scan, label, cls = loaded[0]
         q_scan = open_scan(query, self.channel, "query")
-        self._remember(q_scan, s_scan, label_scan)
+        self._remember("--query", q_scan)
+        for s, lab, _, _ in loaded:
+            self._remember("--support", s)
+            self._remember("--support-label", lab)
         query = q_scan.path
-        same, comparison = decide_both_ways(self.direction, q_scan, s_scan)
+        if len(loaded) > 1:  # several supports: other scans, each registered (a drawing on the query takes one)
+            for s, lab, _, _ in loaded:
+                if decide_both_ways("auto", q_scan, s)[0]:
+                    raise InputError(lab.path, "several support scans are other scans, registered to the query; "
+                                               "this one is the query itself: give its drawing alone")
+            same, comparison = False, None
+        else:
+            same, comparison = decide_both_ways(self.direction, q_scan, s_scan)
         reading = read_support(label, cls, self.slice_axis, self.per_class, same, label_scan.path)
         axis = reading.axis
         picks = choose_support_slices(label, axis, reading.per_class, label_scan.path)
         if not same and comparison is not None and comparison.grid and reading.drawn_along is not None:
             print(f"note: {query}: the support label is a drawing on a few slices of a scan on the query's grid, "
-                  f"but the query is not that scan: {comparison.why()}; so the support is read as another scan's, "
-                  "tracked forward (give --direction both if it is the same scan)", file=sys.stderr)
-        if reading.per_class == LABELLED and same:
+                  f"but the query is not that scan: {comparison.why()}; so the support is read as another scan's "
+                  "(give --direction both if it is the same scan)", file=sys.stderr)
+        if reading.per_class == LABELLED and same and self.fill != REGISTRATION:
             return self._fill_sparse(q_scan, label, cls, query, label_scan.path, picks, axis, progress)
+        if same and self.fill == REGISTRATION:
+            raise InputError("--fill", "registration carries the labels of another scan onto the query, but the "
+                                       "query is the support scan itself: fill its drawing with auto, model, "
+                                       "interpolation or nearest")
+        # another scan: registration, unless the model was asked for (--fill model, or its --direction forward)
+        if not same and (self.fill == REGISTRATION or (self.fill == AUTO and self.direction == "auto")) \
+                and not self.complete_slices:
+            return self._registered(q_scan, [(s, lab) for s, lab, _, _ in loaded], cls, query, axis, progress)
         if self.fill not in (AUTO, MODEL) or self.complete_slices:
             what = "--complete-slices" if self.complete_slices else "--fill"
             raise InputError(what, f"{'complete slices' if self.complete_slices else self.fill} read a scan's own "
@@ -221,21 +248,24 @@ class ICLSegmenter:
             self._build_model()
         size = self.predictor.image_size
         q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
-        masks = label_slices(label_scan, axis, picks, size)
-        source_len = len(q_frames) if same else len(q_frames) + len(picks)
+        picked = [(s, lab, picks if i == 0 else choose_support_slices(lab_values, axis, reading.per_class, lab.path))
+                  for i, (s, lab, lab_values, _) in enumerate(loaded)]
+        masks = [label_slices(lab, axis, zs, size) for _, lab, zs in picked]
+        source_len = len(q_frames) + (0 if same else sum(len(zs) for _, _, zs in picked))
         check_run(self.config, size, q_scan, source_len, self.device, "--image-size")
         labels = _empty_labels(q_scan, cls)
         out = q_scan.to_canonical(labels)
         values = torch.tensor(cls, device=self.device)
         if same:
             source: Any = self._prepared(q_frames)
-            prompts = {c: {z: masks[i] == c for i, z in enumerate(picks)} for c in cls}
+            prompts = {c: {z: masks[0][i] == c for i, z in enumerate(picks)} for c in cls}
             direction, offset = "both", 0
-        else:
-            s_frames = VolumeFrames(s_scan, self.window_for(s_scan), size, axis, indices=picks)
-            source = ConcatFrames(self._prepared(s_frames), self._prepared(q_frames))
-            prompts = {c: {i: masks[i] == c for i in range(len(picks))} for c in cls}
-            direction, offset = "forward", len(picks)
+        else:  # every support scan's slices in front of the query, tracked forward: the model's memory holds them all
+            stacked = np.concatenate(masks)
+            source = ConcatFrames(*(self._prepared(VolumeFrames(s, self.window_for(s), size, axis, indices=zs))
+                                    for s, _, zs in picked), self._prepared(q_frames))
+            prompts = {c: {i: stacked[i] == c for i in range(len(stacked))} for c in cls}
+            direction, offset = "forward", len(stacked)
         bar = progress_bar(total=len(source), desc=f"segment {query.name}", unit="slice", enabled=progress)
         try:
             with autocast(self.device, amp_dtype(self.amp, self.device)):
@@ -247,7 +277,28 @@ class ICLSegmenter:
         finally:
             bar.close()
         return Segmentation(labels, q_scan.affine, _header_3d(q_scan), query, cls, picks,
-                            "both_ways" if same else "prepended", axis, q_frames)
+                            "both_ways" if same else "prepended", axis, q_frames, supports=len(loaded))
+
+    def _registered(self, scan: Scan, supports: list[tuple[Scan, Scan]], cls: list[int], query: Path,
+                    axis: int, progress: bool) -> Segmentation:
+        """Support from other scans, by the classic fill of this road: every support scan registered to the query
+        (greedy: affine, then deformable, mutual information), its structures carried and several supports fused
+        (``icl.sparse.registration``); with two or more, each left out in turn tells how well that works here."""
+        if progress:  # what the next minutes are spent on (a progress line, quiet with --quiet)
+            print(f"note: {query}: registering {len(supports)} support scan(s) to it (affine, then deformable; about a "
+                  "minute per support and 10 M voxels on one CPU core)" + (", and each of them to the others to "
+                  "check how well that works" if len(supports) > 1 else ""), file=sys.stderr)
+        checks = cross_checks(supports, cls, self.fill)
+        labels = _empty_labels(scan, cls)
+        labels[...] = fuse(scan, supports, cls)
+        lost = [c for c in cls if not (labels == c).any()]
+        if lost:  # never silently: a structure registration carried nowhere is said, with what it means
+            print(f"warning: {query}: registration carried structure(s) {', '.join(map(str, lost))} nowhere on the "
+                  "query: the support scan does not match it there (another body part or field of view?)",
+                  file=sys.stderr)
+        size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
+        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, [], "registered", axis,
+                            VolumeFrames(scan, self.window_for(scan), size, axis), checks, len(supports))
 
     def _fill_sparse(self, scan: Scan, label: np.ndarray, cls: list[int], query: Path, label_path: Path,
                      picks: list[int], axis: int, progress: bool) -> Segmentation:

@@ -27,7 +27,7 @@ from icl.errors import InputError
 from icl.infer.scan_source import open_scan
 from icl.sparse.annotation import COMPLETE, Annotation
 from icl.sparse.drawing import drawing_axis
-from icl.sparse.methods import AUTO, FILLS, MODEL
+from icl.sparse.methods import AUTO, FILLS, MODEL, REGISTRATION
 
 AUTO_SUPPORT_PER_CLASS = 3  # support slices per label value for --support-slices auto (not a drawing on the query)
 AUTO_SLICES = "auto"  # --support-slices auto: labelled for a sparse drawing on the query's own scan, else 3
@@ -88,7 +88,7 @@ def check_sparse_options(per_class: int | str, fill: str, complete_slices: bool)
     annotated slices, so they need ``labelled``."""
     if fill not in FILLS:
         raise InputError("--fill", f"expected one of {', '.join(FILLS)}, got {fill!r}")
-    if per_class not in (LABELLED, AUTO_SLICES) and (complete_slices or fill not in (AUTO, MODEL)):
+    if per_class not in (LABELLED, AUTO_SLICES) and (complete_slices or fill not in (AUTO, MODEL, REGISTRATION)):
         what = "--complete-slices" if complete_slices else f"--fill {fill}"
         raise InputError(what.split()[0], f"{what} reads a scan's own annotated slices: it needs "
                                           f"--support-slices {LABELLED}")
@@ -173,6 +173,19 @@ def check_crop(crop: bool | str, mask_prior: bool) -> bool:
     if crop in (True, False, "on", "off"):
         return crop in (True, "on")
     raise InputError("--crop", f"expected auto, on or off, got {crop!r}")
+
+
+def support_pairs(support: Any, support_label: Any) -> list[tuple[Any, Any]]:
+    """One support scan or several (lists, paired in order with their labels: the CLI's ``--support`` and
+    ``--support-label`` given once per support scan); mismatched counts are one InputError."""
+    supports = list(support) if isinstance(support, list) else [support]
+    labels = list(support_label) if isinstance(support_label, list) else [support_label]
+    if not supports:
+        raise InputError("--support", "no support scan given")
+    if len(supports) != len(labels):
+        raise InputError("--support-label", f"{len(supports)} support scan(s) but {len(labels)} support label(s): "
+                                            "give --support and --support-label once per support scan, in pairs")
+    return list(zip(supports, labels))
 
 
 def load_support(support: Any, support_label: Any, classes: Sequence[int] | None = None,

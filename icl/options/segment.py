@@ -19,8 +19,11 @@ class SegmentOptions(Options):
 
     DASHES: ClassVar[str] = "--"
 
-    support: str | None = opt(help="support image (NIfTI)", required=True)
-    support_label: str | None = opt(help="label map of the support image (same grid)", required=True)
+    support: list[str] | None = opt(help="support image (NIfTI); several other scans: once per scan, each with its "
+                                         "--support-label in the same order (registered and fused)", required=True,
+                                    repeat=True)
+    support_label: list[str] | None = opt(help="label map of the support image (same grid); once per --support",
+                                          required=True, repeat=True)
     query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
     query_glob: str | None = opt(None, "with a query folder: the file names to segment (a glob, e.g. '*_0000.nii.gz'"
                                        "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
@@ -32,9 +35,12 @@ class SegmentOptions(Options):
     complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
                                        "requested structure (absent there = absent); default: per structure", bool)
     fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
-                            "model, interpolation or nearest", choices=FILLS)
-    report: str | None = opt(None, f"with '{LABELLED}': write the self-check table (held-out Dice per structure "
-                                   "and method, the method chosen) to this JSON file")
+                            "model, interpolation or nearest; with support from other scans: auto (= registration), "
+                            "registration (each support registered to the query, several fused) or model",
+                    choices=FILLS)
+    report: str | None = opt(None, "write the self-check table to this JSON file (a drawing on the scan itself: "
+                                   "held-out Dice per structure and method; several other scans: leave-one-out Dice "
+                                   "of registration; the method chosen)")
     direction: str = opt("auto", "auto: both ways when the query is the support scan (by content), else forward; "
                                  "both; forward", choices=("auto", "both", "forward"))
     crop: str = opt("auto", f"with '{LABELLED}': track the model in a square box around the annotated structures "

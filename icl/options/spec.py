@@ -46,6 +46,7 @@ class Opt:
     choices: tuple = ()
     check: Callable[[Any], Any] | None = None  # value -> normalised value; raises ValueError(problem)
     required: bool = False
+    repeat: bool = False  # given once per item (--support A --support B): a list, in the order given
 
     def __call__(self, **changes: Any) -> Any:
         spec = dataclasses.replace(self, **changes)
@@ -142,6 +143,8 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
             continue
         choices = ("True", "False") if spec.type is bool else spec.choices
         once = {"action": StoreOnce} if cls.DASHES == "--" else {}  # train/eval: seed command lines kept as is
+        if spec.repeat:
+            once = {"action": "append"}
         parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type, **once,
                             default=spec.default, required=spec.required, help=help_with_default(spec),
                             metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
@@ -165,10 +168,13 @@ def validate(cfg: Options, check_files: bool = True) -> None:
         if value is None:  # not given, or none
             continue
         try:
-            if spec.choices and value not in spec.choices:
-                raise ValueError(f"invalid choice: {value!r} (choose from {', '.join(map(str, spec.choices))})")
+            items = value if spec.repeat else [value]
+            for item in items:
+                if spec.choices and item not in spec.choices:
+                    raise ValueError(f"invalid choice: {item!r} (choose from {', '.join(map(str, spec.choices))})")
             if spec.check is not None:
-                setattr(cfg, f.name, spec.check(value))
+                checked = [spec.check(item) for item in items]
+                setattr(cfg, f.name, checked if spec.repeat else checked[0])
         except ValueError as err:
             raise InputError(cfg.flag(f.name), str(err)) from None
     cfg.finish()

@@ -36,7 +36,7 @@ import numpy as np
 from icl.model.dice import dice_from_counts
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, Score, place
-from icl.sparse.methods import AUTO, CLASSIC_FILLS, FILLS, INTERPOLATION, MODEL, NEAREST
+from icl.sparse.methods import AUTO, CLASSIC_FILLS, INTERPOLATION, MODEL, NEAREST, SAME_SCAN_FILLS
 
 PREFERENCE = (INTERPOLATION, NEAREST, MODEL)
 SHRINK_SLICES = 8  # weight of the scan-wide mean, in held-out slices, when a structure's own estimate is read
@@ -129,8 +129,8 @@ def _best(dice: dict[str, float | None]) -> str:
 
 def choose(annotation: Annotation, checks: dict[int, tuple], fill: str) -> list[StructureCheck]:
     """The method per structure: ``fill`` itself, or for ``auto`` the self-check's best (module docstring rules)."""
-    if fill not in FILLS:
-        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    if fill not in SAME_SCAN_FILLS:
+        raise ValueError(f"fill must be one of {SAME_SCAN_FILLS}, got {fill!r}")
     excluded = () if fill != AUTO or model_clearly_better(checks) else (MODEL,)  # the evidence rule
     means = {m: float(np.mean(v)) for m in PREFERENCE if m not in excluded
              if (v := [ch[1][m] for ch in checks.values() if ch[1].get(m) is not None])}

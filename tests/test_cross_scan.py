@@ -1,0 +1,113 @@
+"""Support from other scans (#25): registration is the classic fill of this road and ``auto``'s choice; several
+support scans are fused; with two or more, leaving each out in turn gives the per-structure estimate; the same rules
+through the API and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import icl.infer.segmenter as segmenter
+from icl.api import ICLSegmenter
+from icl.model.dice import binary_dice
+from icl.sparse.cross_check import leave_one_out
+
+ROOT = Path(__file__).resolve().parents[1]
+AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
+
+
+def _scan(shift: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two ellipsoids in a noisy body, moved by ``shift`` voxels along x: (image, labels)."""
+    yy, xx, zz = np.meshgrid(np.arange(48), np.arange(48), np.arange(24), indexing="ij")
+    label = np.zeros((48, 48, 24), np.int16)
+    label[((yy - 20 - shift) ** 2 + (xx - 24) ** 2 + 2 * (zz - 12) ** 2) < 100] = 1
+    label[((yy - 32 - shift) ** 2 + (xx - 28) ** 2 + 2 * (zz - 10) ** 2) < 40] = 2
+    body = ((yy - 24 - shift) ** 2 + (xx - 24) ** 2) < 22 ** 2
+    image = 20 + 80 * body + 50 * (label == 1) + 90 * (label == 2)
+    return (image + np.random.default_rng(seed).normal(0, 4, image.shape)).astype(np.float32), label
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cross")
+    out = {}
+    for name, shift, seed in (("a", 0, 1), ("b", 2, 2), ("q", 1, 3)):
+        image, label = _scan(shift, seed)
+        nib.save(nib.Nifti1Image(image, AFFINE), str(root / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, AFFINE), str(root / f"{name}_lab.nii.gz"))
+        out[name], out[f"{name}_lab"] = root / f"{name}.nii.gz", root / f"{name}_lab.nii.gz"
+    out["root"] = root
+    return out
+
+
+def test_auto_registers_another_scan_and_fuses_several(scans, capsys):
+    truth = np.asarray(nib.load(str(scans["q_lab"])).dataobj)
+    seg = ICLSegmenter(fill="registration")
+    one = seg.segment(scans["q"], scans["a"], scans["a_lab"])
+    assert one.mode == "registered" and one.supports == 1 and seg.predictor is None  # no model for registration
+    assert [c.dice["registration"] for c in one.checks] == [None, None]
+    assert "nothing can be checked" in one.checks[0].line()
+    both = ICLSegmenter().segment(scans["q"], [scans["a"], scans["b"]], [scans["a_lab"], scans["b_lab"]])
+    assert both.mode == "registered" and both.supports == 2 and [c.chosen for c in both.checks] == ["registration"] * 2
+    for c in (1, 2):
+        assert binary_dice(one.labels == c, truth == c) > 0.9 and binary_dice(both.labels == c, truth == c) > 0.9
+
+
+def test_the_leave_one_out_estimate_is_reported_per_structure(scans):
+    pairs = [(scans["a"], scans["a_lab"]), (scans["b"], scans["b_lab"])]
+    result = ICLSegmenter(fill="registration").segment(scans["q"], [p[0] for p in pairs], [p[1] for p in pairs])
+    direct = leave_one_out(pairs, [1, 2])
+    reported = {c.structure: c.dice["registration"] for c in result.checks}
+    assert all(math.isclose(reported[c], direct[c], rel_tol=1e-9) for c in (1, 2)), (reported, direct)
+    assert result.report()["structures"][0]["supports"] == 2
+
+
+def test_registration_refuses_the_query_itself(scans):
+    with pytest.raises(Exception, match="registration carries the labels of another scan"):
+        ICLSegmenter(fill="registration").segment(scans["a"], scans["a"], scans["a_lab"])
+
+
+def test_the_model_keeps_every_support_scans_slices_in_memory(scans, monkeypatch):
+    seen = {}
+    real = segmenter.track
+
+    def spy(predictor, frames, prompts, direction="both", **kw):
+        seen["frames"], seen["prompts"], seen["direction"] = len(frames), prompts, direction
+        return real(predictor, frames, prompts, direction, **kw)
+
+    monkeypatch.setattr(segmenter, "track", spy)  # where the segmenter looks it up
+    torch.set_num_threads(1)
+    result = ICLSegmenter(fill="model", support_slices=2).segment(
+        scans["q"], [scans["a"], scans["b"]], [scans["a_lab"], scans["b_lab"]])
+    prompted = sorted({z for per in seen["prompts"].values() for z in per})
+    assert result.mode == "prepended" and seen["direction"] == "forward"
+    assert seen["frames"] == 24 + len(prompted) and len(prompted) > 2  # both scans' slices, then the query's 24
+
+
+def _cli(scans, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "icl.segment", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_pairs_supports_in_order_and_refuses_mismatched_counts(scans):
+    out, report = scans["root"] / "cli.nii.gz", scans["root"] / "cli.json"
+    bad = _cli(scans, "--support", str(scans["a"]), "--support", str(scans["b"]), "--support-label",
+               str(scans["a_lab"]), "--query", str(scans["q"]), "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --support-label: 2 support scan(s) but 1 support label(s): give --support and --support-label once "
+        "per support scan, in pairs"] and not out.exists()
+    good = _cli(scans, "--support", str(scans["a"]), "--support-label", str(scans["a_lab"]), "--support",
+                str(scans["b"]), "--support-label", str(scans["b_lab"]), "--query", str(scans["q"]), "--out", str(out),
+                "--report", str(report), "--fill", "registration")
+    assert good.returncode == 0, good.stderr
+    lines = [line for line in good.stderr.splitlines() if line.startswith("structure ")]
+    assert len(lines) == 2 and all("leave-one-out Dice registration 0." in line for line in lines)
+    assert "2 support scan(s)" in good.stderr.splitlines()[-1]
+    assert [s["chosen"] for s in json.loads(report.read_text())["structures"]] == ["registration"] * 2

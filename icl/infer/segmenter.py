@@ -222,7 +222,8 @@ class ICLSegmenter:
         runner = ModelFill(self.predictor, scan, window, axis, self.crop,
                            lambda: autocast(self.device, amp_dtype(self.amp, self.device)), PreparedFrames,
                            priors=self.mask_prior, adapt_steps=self.adapt_steps)
-        checks = choose(annotation, self_check(annotation, runner if self.fill in (AUTO, MODEL) else None), self.fill)
+        checks = choose(annotation, self_check(annotation, _counted(runner, progress, f"self-check {query.name}")
+                                               if self.fill in (AUTO, MODEL) else None), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
@@ -238,6 +239,19 @@ class ICLSegmenter:
         ``.nii.gz``, any other suffix than ``.nii``/``.nii.gz`` is refused."""
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
         return write_mask_nifti(result.labels, (result.affine, result.header), nifti_name(path), dtype=dtype)
+
+
+def _counted(runner: ModelFill, progress: bool, desc: str):
+    """The runner with a bar over the slices it tracks: the self-check is the fill's longest silent part."""
+    def run(annotation: Annotation, classes: list[int]):
+        bar = progress_bar(total=annotation.depth, desc=desc, unit="slice", enabled=progress)
+        try:
+            for item in runner(annotation, classes):
+                bar.update()
+                yield item
+        finally:
+            bar.close()
+    return run
 
 
 def _empty_labels(scan: Scan, classes: Sequence[int]) -> np.ndarray:

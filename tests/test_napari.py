@@ -62,6 +62,8 @@ def phantom(tmp_path_factory):
     sparse, drawn = annotate_sparse(canonical, CLASSES, EVERY, axis=2)
     scan = Scan.open(paths["label"])
     nib.save(nib.Nifti1Image(np.ascontiguousarray(scan.from_canonical(sparse)), affine), str(paths["sparse"]))
+    paths["sparse_ras"] = root / "sparse_ras.nii.gz"  # the same drawing on the RAS copy (canonical: as it is)
+    nib.save(nib.Nifti1Image(sparse, ras.affine), str(paths["sparse_ras"]))
     return {**paths, "affine": affine, "sparse_canonical": sparse, "drawn": drawn}
 
 
@@ -165,25 +167,47 @@ def test_widget_fills_like_the_api(make_napari_viewer, qtbot, phantom, api_fills
     for row, check in zip(rows, expected.checks):
         assert row[1:5] == [f"{check.dice['interpolation']:.3f}", f"{check.dice['nearest']:.3f}",
                             f"{check.dice['model']:.3f}", check.chosen]
-        assert row[5] == f"{check.held_out_slices} held out of {check.annotated_slices} drawn"
+        assert row[5] == f"{check.held_out_slices} of {check.annotated_slices}"  # the slices it rests on
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=5_000)
 
 
-@pytest.mark.parametrize("problem", ["other shape", "nothing drawn"])
-def test_bad_input_is_one_line_and_no_layer(make_napari_viewer, qtbot, phantom, problem):
+def test_support_from_another_scan_fills_like_the_api(make_napari_viewer, qtbot, phantom):
+    """Labels drawn on another open scan (here the RAS copy, another grid): its support slices go in front of the
+    image, as ``icl.segment`` does with a support scan that is not the query."""
+    expected = ICLSegmenter().segment(phantom["image"], phantom["ras"], phantom["sparse_ras"])
     viewer = make_napari_viewer()
     image = viewer.open(str(phantom["image"]), plugin="icl-sam2")[0]
-    data = np.zeros((8, 8, 8), np.uint8) if problem == "other shape" else np.zeros(image.data.shape, np.uint8)
-    viewer.add_labels(data, name="drawn")
+    other = viewer.open(str(phantom["ras"]), plugin="icl-sam2")[0]
+    viewer.add_labels(phantom["sparse_canonical"].copy(), name="drawn", scale=other.scale,
+                      translate=other.translate)
     widget = _open_widget(viewer)
     widget.image_box.choose(image.name)
+    widget.support_box.choose(other.name)
     widget.labels_box.choose("drawn")
-    messages = _notifications(qtbot, widget.run_button.click)
-    line = widget.status.text()
-    assert line.startswith("error: ") and "\n" not in line
-    assert ("shape (8, 8, 8)" in line) if problem == "other shape" else ("no annotated slice" in line)
-    assert messages == [line.removeprefix("error: ")]
-    assert widget.worker is None and [lay.name for lay in viewer.layers] == [image.name, "drawn"]
+    widget.axis_box.setCurrentIndex(widget.axis_box.findData(2))
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "drawn filled" in viewer.layers, timeout=FILL_TIMEOUT_MS)
+    assert expected.mode == "prepended" and widget.result.mode == "prepended"
+    np.testing.assert_array_equal(viewer.layers["drawn filled"].data, expected.canonical_labels())
+    assert widget.table.rowCount() == 0 and "no self-check" in widget.status.text()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=5_000)
+
+
+def test_bad_input_is_one_line_and_no_layer(make_napari_viewer, qtbot, phantom):
+    viewer = make_napari_viewer()
+    image = viewer.open(str(phantom["image"]), plugin="icl-sam2")[0]
+    widget = _open_widget(viewer)
+    widget.image_box.choose(image.name)
+    for data, says in ((np.zeros((8, 8, 8), np.uint8), "has shape (8, 8, 8)"),  # another image's labels
+                       (np.zeros(image.data.shape, np.uint8), "no annotated slice")):  # nothing drawn yet
+        viewer.add_labels(data, name="drawn")
+        widget.labels_box.choose("drawn")
+        messages = _notifications(qtbot, widget.run_button.click)
+        line = widget.status.text()
+        assert line.startswith("error: ") and "\n" not in line and says in line
+        assert messages == [line.removeprefix("error: ")]
+        assert widget.worker is None and [lay.name for lay in viewer.layers] == [image.name, "drawn"]
+        viewer.layers.remove("drawn")
 
 
 def test_cancel_adds_no_layer(make_napari_viewer, qtbot, phantom):

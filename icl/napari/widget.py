@@ -23,7 +23,7 @@ from icl.sparse.methods import FILLS, INTERPOLATION, MODEL, NEAREST
 
 AXES = ((0, "0: sagittal (x)"), (1, "1: coronal (y)"), (2, "2: axial (z)"))  # canonical (RAS) axes of the layers
 ITSELF = "(the image itself)"
-TABLE = ("structure", INTERPOLATION, NEAREST, MODEL, "chosen", "rests on")
+TABLE = ("structure", INTERPOLATION, NEAREST, MODEL, "chosen", "held out")  # held-out Dice per method
 
 
 class LayerBox(QComboBox):
@@ -157,7 +157,8 @@ class FillWidget(QWidget):
         self.worker.finished.connect(self._on_finished)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.bar.setRange(0, 0)
+        self.bar.setRange(0, 1)  # never the busy animation: every repaint re-composites napari's GL canvas
+        self.bar.setValue(0)
         self.status.setText("filling …")
         self.worker.start()
 
@@ -169,13 +170,13 @@ class FillWidget(QWidget):
             self.worker.quit()
 
     def _on_step(self, step: tuple[str, int, int | None]) -> None:
+        """The engine's step (``self-check``, ``fill``, slice by slice); Qt repaints only what changed."""
         what, done, total = step
         if total:
             self.bar.setRange(0, int(total))
             self.bar.setValue(int(done))
-            self.status.setText(f"{what}: {done}/{total}")
+            self.status.setText(f"{what.split()[0]}: slice {done} of {total}")
         else:
-            self.bar.setRange(0, 0)
             self.status.setText(what)
 
     def _on_result(self, result: FillResult | None) -> None:
@@ -226,8 +227,8 @@ class FillWidget(QWidget):
         self.table.setRowCount(len(checks))
         for row, check in enumerate(checks):
             dice = [check.dice.get(m) for m in (INTERPOLATION, NEAREST, MODEL)]
-            rests = (f"{check.held_out_slices} held out of {check.annotated_slices} drawn" if check.held_out_slices
-                     else f"{check.annotated_slices} drawn: too few for a hold-out")
+            rests = (f"{check.held_out_slices} of {check.annotated_slices}" if check.held_out_slices
+                     else f"0 of {check.annotated_slices}: too few")  # slices the Dice rests on, of those drawn
             cells = [str(check.structure), *("-" if v is None else f"{v:.3f}" for v in dice), check.chosen, rests]
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)

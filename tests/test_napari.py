@@ -221,7 +221,7 @@ def test_cancel_adds_no_layer(make_napari_viewer, qtbot, phantom):
     widget.run_button.click()
     job = widget.job
     widget.cancel_button.click()
-    qtbot.waitUntil(lambda: job.done and widget.run_button.isEnabled(), timeout=FILL_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not job.running and widget.run_button.isEnabled(), timeout=FILL_TIMEOUT_MS)
     assert widget.status.text().startswith("cancelled")
     assert "drawn filled" not in viewer.layers and job.result is None
 

@@ -25,7 +25,8 @@ from icl.progress import observe
 from icl.sparse.fill import StructureCheck
 from icl.sparse.methods import AUTO, FILLS, MODEL
 
-POLL_S = 0.1  # how often the worker reports the engine's progress to the GUI
+POLL_S = 0.5  # how often the worker reports the engine's progress to the GUI: each repaint of the dock
+# re-composites napari's OpenGL canvas, which on a software renderer (Mesa llvmpipe) costs the fill CPU
 CROSS_SCAN_SUPPORT = "auto"  # support slices from another scan: 3 per structure, spread over its extent (the CLI's)
 
 
@@ -124,7 +125,7 @@ class FillJob:
         self.step: tuple[str, int, int | None] = ("starting", 0, None)
         self.result: FillResult | None = None
         self.error: BaseException | None = None
-        self._cancel, self._done = threading.Event(), threading.Event()
+        self._cancel, self._done, self._started = threading.Event(), threading.Event(), False
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -134,9 +135,9 @@ class FillJob:
         return self._cancel.is_set()
 
     @property
-    def done(self) -> bool:
-        """The engine has stopped (finished, failed or cancelled)."""
-        return self._done.is_set()
+    def running(self) -> bool:
+        """The engine is at work (a worker quit before its first step never starts it)."""
+        return self._started and not self._done.is_set()
 
     def _report(self, desc: str, done: int, total: int | None) -> None:
         if self._cancel.is_set():
@@ -161,10 +162,11 @@ class FillJob:
         """Yield ``(what, done, total)`` until the fill ends; return its result (None when cancelled), or raise
         :class:`FillError` with one line."""
         thread = threading.Thread(target=self.run, name="icl-fill", daemon=True)
+        self._started = True
         thread.start()
         try:
             while not self._done.wait(POLL_S):
-                yield self.step
+                yield self.step  # also where napari's worker checks for quit()
         finally:
             if not self._done.is_set():  # the worker was quit: stop the engine at its next step
                 self._cancel.set()

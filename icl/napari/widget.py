@@ -204,13 +204,15 @@ class FillWidget(QWidget):
         self.status.setText("cancelled: no layer added")
 
     def _on_finished(self) -> None:
+        if self.job is not None and self.job.cancelled and self.job.result is None:
+            self._on_cancelled()  # quit before the first step: neither aborted nor returned was emitted
         self.worker = None
         self.cancel_button.setEnabled(False)
         self._enable_when_idle()
 
     def _enable_when_idle(self) -> None:
         """Fill again once a cancelled engine has stopped (it shares the segmenter)."""
-        if self.job is not None and not self.job.done:
+        if self.job is not None and self.job.running:
             QTimer.singleShot(100, self._enable_when_idle)
             return
         self.run_button.setEnabled(True)

@@ -63,10 +63,18 @@ def _offenders(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[s
     (("icl.sparse",), ("icl.engine", "icl.infer", "icl.cli", "icl.options")),
     (("icl.infer",), ("icl.engine", "icl.cli")),
     (("icl.engine",), ("icl.infer", "icl.cli")),
-], ids=["sam2_ext", "data+report", "errors+io+progress", "model", "sparse", "infer", "engine"])
+    (("icl.napari",), ("icl.engine", "icl.cli", "icl.options")),
+], ids=["sam2_ext", "data+report", "errors+io+progress", "model", "sparse", "infer", "engine", "napari"])
 def test_arrows_run_downwards(importers, forbidden):
     assert GRAPH, "no modules found"
     assert _offenders(importers, forbidden) == []
+
+
+def test_only_the_plugin_imports_napari():
+    """napari and Qt are the viewer plugin's own dependencies: the engine, the CLI and the API never load them."""
+    assert [m for m, imps in GRAPH.items() if not (m == "icl.napari" or m.startswith("icl.napari."))
+            for i in imps if i.split(".")[0] in ("napari", "qtpy", "PyQt6", "npe2", "superqt", "magicgui")] == []
+    assert "icl.napari.widget" in GRAPH
 
 
 def test_the_graph_sees_function_level_imports_too(tmp_path):

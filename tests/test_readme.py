@@ -39,9 +39,11 @@ def tour(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tour")
     image, label = make_volume(0)
     other, _ = make_volume(1)
+    third, third_label = make_volume(2)
     for name, array in [("support.nii.gz", image), ("support_label.nii.gz", label), ("query.nii.gz", other),
                         ("S.nii.gz", image), ("S_lab.nii.gz", label), ("Q.nii.gz", other),
-                        ("S_sparse.nii.gz", draw(label, 2))]:
+                        ("S_sparse.nii.gz", draw(label, 2)), ("A.nii.gz", image), ("A_lab.nii.gz", label),
+                        ("B.nii.gz", third), ("B_lab.nii.gz", third_label)]:
         save(array, root / name)
     return root
 

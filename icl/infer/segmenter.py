@@ -313,7 +313,8 @@ class ICLSegmenter:
             runner = ModelFill(self.predictor, scan, window, axis, self.crop,
                                lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared,
                                priors=self.mask_prior, adapt_steps=self.adapt_steps)
-        checks = choose(annotation, self_check(annotation, runner), self.fill)
+        counted = None if runner is None else _counted(runner, progress, f"self-check {query.name}")
+        checks = choose(annotation, self_check(annotation, counted), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
@@ -334,6 +335,19 @@ class ICLSegmenter:
         refuse_overwriting_inputs([("save", target)], self.read)
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
         return write_mask_nifti(result.labels, (result.affine, result.header), target, dtype=dtype)
+
+
+def _counted(runner: ModelFill, progress: bool, desc: str):
+    """The runner with a bar over the slices it tracks: the self-check is the fill's longest silent part."""
+    def run(annotation: Annotation, classes: list[int]):
+        bar = progress_bar(total=annotation.depth, desc=desc, unit="slice", enabled=progress)
+        try:
+            for item in runner(annotation, classes):
+                bar.update()
+                yield item
+        finally:
+            bar.close()
+    return run
 
 
 def _empty_labels(scan: Scan, classes: Sequence[int]) -> np.ndarray:

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sam2_ext.errors import CheckpointError, ConfigError, OptionError
+from sam2_ext.fit import fit_problems
 from sam2_ext.frames import InputRule
 from sam2_ext.litemedsam import is_litemedsam, load_litemedsam
 
@@ -160,11 +161,6 @@ def _extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _first(keys: list[str], n: int = 5) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def _load_problem(exc: Exception) -> str:
     """One line on why torch.load failed (torch's weights-only messages are long and mostly advice)."""
     text = str(exc)
@@ -191,17 +187,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         load_litemedsam(model, sd, path)
         return
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_first(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_first(shapes, 3)}")
+    problems = fit_problems(own, sd, own)
     if problems:
         raise CheckpointError(path, "weights do not fit the model config; " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sam2_ext.errors import CheckpointError
+from sam2_ext.fit import fit_problems
 
 #: LiteMedSAM's top-level parts -> the SAM2 model's
 PARTS = {"image_encoder.": "image_encoder.", "prompt_encoder.": "sam_prompt_encoder.",
@@ -52,27 +53,14 @@ def to_sam2_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _first(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def load_litemedsam(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Load a LiteMedSAM state dict into a SAM2 model with a TinyViT image encoder; a key that is missing, extra or
     of another shape is a CheckpointError naming it (and nothing is loaded)."""
     mapped = to_sam2_keys(state_dict)
     own = model.state_dict()
     parts = tuple(PARTS.values())
-    unexpected = [k for k in mapped if k not in own]
-    missing = [k for k in own if k.startswith(parts) and not k.startswith(SAM2_ONLY) and k not in mapped]
-    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in mapped.items() if k in own and v.shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} model keys not in the file: {_first(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} file keys not in the model: {_first(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_first(shapes, 3)}")
+    wanted = [k for k in own if k.startswith(parts) and not k.startswith(SAM2_ONLY)]
+    problems = fit_problems(own, mapped, wanted, "model keys not in the file", "file keys not in the model")
     if problems:
         raise CheckpointError(path, "LiteMedSAM weights do not fit the model config (they need a TinyViT config "
                                     "such as medsam_lite); " + "; ".join(problems))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest_train import override
 from icl.options.common import DEFAULT_PRETRAIN
 from icl.options.evaluate import EvalConfig, parse_eval_args
 from icl.options.segment import SegmentOptions
@@ -63,7 +64,7 @@ def test_values_are_typed_and_pretrain_none_means_random_init():
 ])
 def test_bad_values_raise_input_error_naming_the_flag(argv, flag, text):
     with pytest.raises(InputError) as err:
-        parse_train_args(BASE + argv)
+        parse_train_args(override(BASE, argv))  # the test's value in place of BASE's (a flag twice is an error)
     assert err.value.where == flag
     assert text in err.value.problem
 

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest_train import override
 from icl.options.evaluate import parse_eval_args
 from icl.engine.eval import evaluate as ev
 
@@ -59,9 +60,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def args(data: Path, tmp: Path, *more: str) -> list[str]:
-    return ["-dataset", "kits", "-data_path", str(data), "-cache_dir", str(tmp / "cache"), "-config", "tiny_cpu",
-            "-image_size", str(SIZE), "-gpu_device", "-1", "-pretrain", "none", "-num_support", "2",
-            "-split", "all", "-support_instance", "case_00000", "-out_dir", str(tmp / "out"), *more]
+    return override(["-dataset", "kits", "-data_path", str(data), "-cache_dir", str(tmp / "cache"), "-config",
+                     "tiny_cpu", "-image_size", str(SIZE), "-gpu_device", "-1", "-pretrain", "none", "-num_support",
+                     "2", "-split", "all", "-support_instance", "case_00000", "-out_dir", str(tmp / "out")], list(more))
 
 
 def shift(mask: np.ndarray) -> np.ndarray:

@@ -166,7 +166,7 @@ def test_adapter_checkpoint_needs_its_base_weights(train_data, tmp_path, base_we
 ])
 def test_bad_fine_tuning_flags_are_one_line(train_data, tmp_path, base_weights, capsys, flags, where,  # noqa: F811
                                             words, one_thread):
-    argv = train_argv(train_data, tmp_path, "bad", "-epochs", "1") + ["-pretrain", str(base_weights), *flags]
+    argv = train_argv(train_data, tmp_path, "bad", "-epochs", "1", "-pretrain", str(base_weights), *flags)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {where}: ") and words in err[-1], err

@@ -69,3 +69,15 @@ def test_caches_of_two_image_sizes_are_not_mixed(tmp_path):
             {"dataset": "kits", "image_size": size, "cases": [], "label_map": {"1": "kidney"}}))
     with pytest.raises(InputError, match="different image sizes.*128 px.*512 px"):
         open_caches([tmp_path / "small", tmp_path / "large"])
+
+
+def test_train_and_eval_refuse_a_flag_given_twice():
+    """#27 item 8, the seed's spelling too: ``-lr 1e-3 -lr 5e-5`` is an error naming the flag, never the last."""
+    from icl.errors import InputError
+    from icl.options.evaluate import parse_eval_args
+    from icl.options.train import parse_train_args
+
+    with pytest.raises(InputError, match=r"^-lr: given more than once"):
+        parse_train_args(["-lr", "1e-3", "-lr", "5e-5"], check_files=False)
+    with pytest.raises(InputError, match=r"^-protocol: given more than once"):
+        parse_eval_args(["-protocol", "both", "-protocol", "gt_slices"], check_files=False)

@@ -142,9 +142,7 @@ def build_parser(cls: type[Options], **kwargs: Any) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action="store_true", help=spec.help)
             continue
         choices = ("True", "False") if spec.type is bool else spec.choices
-        once = {"action": StoreOnce} if cls.DASHES == "--" else {}  # train/eval: seed command lines kept as is
-        if spec.repeat:
-            once = {"action": "append"}
+        once = {"action": "append" if spec.repeat else StoreOnce}  # a flag given twice: an error, never the last
         parser.add_argument(flag, dest=f.name, type=str2bool if spec.type is bool else spec.type, **once,
                             default=spec.default, required=spec.required, help=help_with_default(spec),
                             metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)

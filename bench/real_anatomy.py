@@ -101,7 +101,7 @@ def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine:
                                                                      seg.mask_prior else [])
             for fill in runs:
                 seg.fill, seg.complete_slices = fill.removesuffix("_without_prior"), style == "complete"
-                seg.mask_prior = prior and fill != "model_without_prior"  # ablation: the same weights, no prior
+                seg.mask_prior = prior and fill != "model_without_prior"  # = prior="none": the same weights, no prior
                 t0 = time.perf_counter()
                 result = seg.segment(query=image_path, support=image_path, support_label=sparse_path,
                                      classes=classes)

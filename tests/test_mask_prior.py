@@ -278,6 +278,34 @@ def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights
     assert not plain.mask_prior and not plain.crop  # weights without the prior: whole slices, no prior
 
 
+def test_prior_none_runs_the_learned_part_alone(data, prior_weights, monkeypatch):
+    """``--prior none`` (API ``prior="none"``): the same weights, in the boxes they were trained in, with no classic
+    prior handed to the model — what the learned part does alone (#24 item 6)."""
+    import icl.sparse.model_fill
+    from icl.api import ICLSegmenter
+    from icl.errors import InputError
+    from segment_fixtures import IMAGE_SIZE
+    from test_sparse import _sparse_file
+
+    seen = []
+    real = icl.sparse.model_fill.track
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("priors"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(icl.sparse.model_fill, "track", spy)  # where the fill looks it up
+    sparse = data["root"] / "prior_none_sparse.nii.gz"
+    _sparse_file(data, sparse, step=3)
+    seg = ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled", fill="model",
+                       prior="none")
+    assert not seg.mask_prior and seg.crop  # no prior, the trained boxes kept
+    seg.segment(data["s"], data["s"], sparse)
+    assert seen and not any(seen)  # every run of the model: no priors
+    with pytest.raises(InputError, match="--prior: expected one of auto, none"):
+        ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, prior="sometimes")
+
+
 def test_the_api_reads_where_the_weights_read_their_residual(data, tmp_path):
     from icl.api import ICLSegmenter
     from segment_fixtures import IMAGE_SIZE

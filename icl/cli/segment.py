@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                        slice_axis=args.slice_axis, support_slices=args.support_slices, channel=args.channel,
                        amp=args.amp, fill=args.fill, complete_slices=args.complete_slices,
                        crop=args.crop, direction=args.direction,
-                       adapt_steps=args.adapt_steps)
+                       adapt_steps=args.adapt_steps, prior=args.prior)
     written = []
     for q, out in pairs:
         supports, labels = [s for s, _ in pairs_given], [lab for _, lab in pairs_given]

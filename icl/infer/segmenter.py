@@ -63,6 +63,7 @@ from sam2_ext.frames import SAM2_INPUT, InputRule, prepare_frames
 from sam2_ext.track import track
 
 
+PRIORS = ("auto", "none")  # the model's classic prior as its weights record it, or none (the model alone)
 FRAME_SIZE_WITHOUT_MODEL = 128  # the overlays' lazy frames when no model runs (they read slices unresized)
 
 
@@ -146,7 +147,7 @@ class ICLSegmenter:
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int | str = AUTO_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
                  fill: str = AUTO, complete_slices: bool = False, crop: bool | str = "auto",
-                 direction: str = "auto", adapt_steps: int = 0):
+                 direction: str = "auto", adapt_steps: int = 0, prior: str = "auto"):
         self.device = torch.device(resolve_device(device))
         self.amp = check_amp(amp, "--amp")
         self.window, self.slice_axis = check_window(window), parse_slice_axis(slice_axis)
@@ -156,6 +157,9 @@ class ICLSegmenter:
             bool(complete_slices)
         self.adapt_steps = int(adapt_steps)  # test-time adaptation before the model fills (icl.sparse.adapt)
         self.direction = check_direction(direction)
+        if prior not in PRIORS:  # none: the learned part alone, without the classic prior it was trained to refine
+            raise InputError("--prior", f"expected one of {', '.join(PRIORS)}, got {prior!r}")
+        self.prior = prior
         self.read: list[tuple[str, Path]] = []  # every file this segmenter read: save() never writes over one
         self.mask_prior, self.ct_window, self.predictor = False, None, None
         self._model = (checkpoint, config, image_size, memory_selector, crop)
@@ -176,8 +180,9 @@ class ICLSegmenter:
                 before_warning=lambda cfg, size: check_image_memory(cfg, size, "--image-size"))
             self.ct_window = record.get("ct_window")  # --window auto on CT: the training window
             # trained to refine the classic interpolation, in boxes around the structures (icl.sparse.prior)
-            self.mask_prior = float(record.get("mask_prior") or 0) > 0
-            self.crop = check_crop(crop, self.mask_prior)
+            trained_with_prior = float(record.get("mask_prior") or 0) > 0
+            self.mask_prior = trained_with_prior and self.prior == "auto"
+            self.crop = check_crop(crop, trained_with_prior)  # the boxes it was trained in, with or without the prior
             self.config = config
             self.predictor = build_predictor(config, self.device, weights, image_size, memory_selector).eval()
             self.predictor.prior_gain = float(record.get("mask_prior_gain") or 0)  # as trained (sam2_ext.priors)

@@ -38,6 +38,9 @@ class SegmentOptions(Options):
                             "model, interpolation or nearest; with support from other scans: auto (= registration), "
                             "registration (each support registered to the query, several fused) or model",
                     choices=FILLS)
+    prior: str = opt("auto", "the model's classic prior: auto (as its weights were trained: the interpolation of a "
+                             "drawing, for weights trained with -mask_prior) or none (the learned part alone, to see "
+                             "what it does)", choices=("auto", "none"))
     report: str | None = opt(None, "write the self-check table to this JSON file (a drawing on the scan itself: "
                                    "held-out Dice per structure and method; several other scans: leave-one-out Dice "
                                    "of registration; the method chosen)")

@@ -247,21 +247,27 @@ def prior_weights(data, tmp_path):
     return path
 
 
-def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights, monkeypatch):
+@pytest.fixture
+def priors_seen(monkeypatch) -> list:
+    """The priors the sparse fill hands the model, one entry per run of the propagation rule."""
     import icl.sparse.model_fill
-    import sam2_ext.track
-    from icl.api import ICLSegmenter
-    from segment_fixtures import IMAGE_SIZE
-    from test_sparse import _sparse_file
 
-    seen = []
-    real = sam2_ext.track.track
+    seen, real = [], icl.sparse.model_fill.track
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("priors"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(icl.sparse.model_fill, "track", spy)  # where the fill looks it up
+    return seen
+
+
+def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights, priors_seen):
+    from icl.api import ICLSegmenter
+    from segment_fixtures import IMAGE_SIZE
+    from test_sparse import _sparse_file
+
+    seen = priors_seen
     sparse = data["root"] / "prior_sparse.nii.gz"
     _sparse_file(data, sparse, step=3)
     seg = ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled", fill="model")
@@ -278,23 +284,15 @@ def test_weights_trained_with_a_prior_fill_with_it_in_a_crop(data, prior_weights
     assert not plain.mask_prior and not plain.crop  # weights without the prior: whole slices, no prior
 
 
-def test_prior_none_runs_the_learned_part_alone(data, prior_weights, monkeypatch):
+def test_prior_none_runs_the_learned_part_alone(data, prior_weights, priors_seen):
     """``--prior none`` (API ``prior="none"``): the same weights, in the boxes they were trained in, with no classic
     prior handed to the model — what the learned part does alone (#24 item 6)."""
-    import icl.sparse.model_fill
     from icl.api import ICLSegmenter
     from icl.errors import InputError
     from segment_fixtures import IMAGE_SIZE
     from test_sparse import _sparse_file
 
-    seen = []
-    real = icl.sparse.model_fill.track
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("priors"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(icl.sparse.model_fill, "track", spy)  # where the fill looks it up
+    seen = priors_seen
     sparse = data["root"] / "prior_none_sparse.nii.gz"
     _sparse_file(data, sparse, step=3)
     seg = ICLSegmenter(checkpoint=prior_weights, image_size=IMAGE_SIZE, support_slices="labelled", fill="model",

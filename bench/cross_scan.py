@@ -16,6 +16,7 @@ over the whole query (mean over structures), wall and CPU seconds of each. The m
 
     .venv/bin/python bench/cross_scan.py --image T1.nii.gz --label LABELS.nii.gz \\
         [--classes 1,1001,147,1147,45,1045,37,1037,7,1007] [--rows A,B,B3] [--threads 1] [--json out.json]
+        [--checkpoint WEIGHTS] [--engine-only]
 """
 from __future__ import annotations
 
@@ -139,18 +140,23 @@ def registration_rows(case: Case, threads: int) -> None:
             score(case, f"{mode} fused", values[summed.argmax(0)], wall, cpu)
 
 
+CHECKPOINT: list[str | None] = [None]  # the model's weights (--checkpoint; None: the default model)
+
+
 def engine_rows(case: Case) -> dict[str, tuple[np.ndarray, float, float]]:
     """What a user gets through the API (``icl.api``, what ``python -m icl.segment`` runs): ``auto`` (registration
-    on this road, fused, with the leave-one-out check when several supports are given: its seconds included) and
-    the default model alone (``fill="model"``: every support's slices in its memory, tracked forward; it has no
-    registered prior yet)."""
+    on this road, fused, with the leave-one-out check when several supports are given: its seconds included), the
+    model with registration's labels as its prior and the registered supports as its memory (``fill="model"``,
+    weights trained with a prior; its seconds include the registration), and the model alone (``prior="none"``:
+    every support's own slices in its memory, tracked forward)."""
     query = (case.query, case.affine)
     supports = [(image, case.affine) for image, _ in case.supports]
     labels = [(label.astype(np.int16), case.affine) for _, label in case.supports]
     several = len(supports) > 1
     out = {}
-    for method, fill in (("engine auto", "auto"), ("model (no prior)", "model")):
-        seg = ICLSegmenter(fill=fill)
+    for method, fill, prior in (("engine auto", "auto", "auto"), ("model + registered prior", "model", "auto"),
+                                ("model (no prior)", "model", "none")):
+        seg = ICLSegmenter(checkpoint=CHECKPOINT[0], fill=fill, prior=prior)
         t0, c0 = time.perf_counter(), time.process_time()
         result = seg.segment(query, supports if several else supports[0], labels if several else labels[0],
                              classes=case.classes)
@@ -158,8 +164,12 @@ def engine_rows(case: Case) -> dict[str, tuple[np.ndarray, float, float]]:
     return out
 
 
+ENGINE_ONLY = [False]
+
+
 def run(case: Case, threads: int) -> Case:
-    registration_rows(case, threads)
+    if not ENGINE_ONLY[0]:
+        registration_rows(case, threads)
     for hook in HOOKS:
         for method, (labels, wall, cpu) in hook(case).items():
             score(case, method, labels, wall, cpu)
@@ -185,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--homologue-offset", type=int, default=1000, help="left/right homologues v and v + offset")
     p.add_argument("--json", default=None)
     p.add_argument("--no-engine", action="store_true", help="registration rows only (no API rows: auto, model)")
+    p.add_argument("--checkpoint", default=None, help="the model's weights (default: the default model)")
+    p.add_argument("--engine-only", action="store_true", help="the API rows only (no registration rows)")
     a = p.parse_args(argv)
+    CHECKPOINT[0], ENGINE_ONLY[0] = a.checkpoint, a.engine_only
     if not a.no_engine:
         HOOKS.append(engine_rows)
     classes = [int(c) for c in a.classes.split(",")]

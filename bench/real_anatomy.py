@@ -8,7 +8,8 @@ The protocol of ``../shared/data/inia19/README.md``, on any labelled scan of you
   ``auto`` (self-check per structure), ``model`` (SAM2 propagation alone), ``interpolation`` and ``nearest`` —
   all through ``icl.api.ICLSegmenter`` on NIfTI files, as ``python -m icl.segment --support-slices labelled``
   runs them — and, when installed, ITK morphological contour interpolation (``mci``, 3D Slicer's "Fill between
-  slices") and scikit-image's ``random_walker`` (``rw``).
+  slices"), scikit-image's ``random_walker`` (``rw``) and MedSAM's own 3D workflow (``litemedsam_box``: LiteMedSAM
+  from the box of the interpolated mask on each slice, ``bench/litemedsam_box.py``).
 * **cross-case**: the query is the scan mirrored left–right and moved (6° about the slice axis, scale 1/1.06,
   shift (5, −4, 3) voxels about the centre); its truth is the moved label with left/right homologues ``v`` and
   ``v + --homologue-offset`` swapped (the mirrored left structure is the new left structure). Support: the scan
@@ -40,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from icl.api import ICLSegmenter  # noqa: E402
+from icl.errors import InputError  # noqa: E402
 from bench.baselines import affine_label_transfer, random_walker_fill  # noqa: E402
 from icl.sparse.itk_contour import itk_interpolation  # noqa: E402
 from icl.sparse.protocol import annotate_sparse, sparse_dice  # noqa: E402
@@ -47,6 +49,7 @@ from icl.sparse.annotation import Annotation  # noqa: E402
 from icl.sparse.methods import INTERPOLATION
 from icl.sparse.classic import ClassicFill  # noqa: E402
 from icl.sparse.fill import compose  # noqa: E402
+from bench.litemedsam_box import litemedsam_box_fill, litemedsam_model  # noqa: E402
 
 ENGINE_FILLS = ("auto", "model", "interpolation", "nearest")
 
@@ -88,7 +91,8 @@ def save(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: list[int],
                 styles: list[str], steps: list[int], tmp: Path, fills: tuple[str, ...] = ENGINE_FILLS,
-                classic: bool = True) -> list[dict]:
+                classic: bool = True, litemedsam=None) -> list[dict]:
+    """The sparse rows; ``litemedsam``: LiteMedSAM's model for MedSAM's own workflow (a box per slice), or None."""
     prior = seg.mask_prior
     image_path = save(image.astype(np.float32), affine, tmp / "image.nii.gz")
     rows = []
@@ -115,7 +119,10 @@ def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine:
             seg.mask_prior = prior
             for name, run in (("sdf", lambda: plain_sdf(sparse, classes, style)),
                               ("mci", lambda: itk_interpolation(sparse)),
-                              ("rw", lambda: random_walker_fill(image, sparse, drawn))) if classic else ():
+                              ("rw", lambda: random_walker_fill(image, sparse, drawn)),
+                              ("litemedsam_box", lambda: None if litemedsam is None else litemedsam_box_fill(
+                                  image, sparse, classes, complete=style == "complete", model=litemedsam))
+                              ) if classic else ():
                 t0 = time.perf_counter()
                 pred = run()
                 if pred is not None:
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-classic", action="store_true", help="skip sdf / mci / rw (a quick check of a model)")
     p.add_argument("--homologue-offset", type=int, default=1000)
     p.add_argument("--no-cross", action="store_true")
+    p.add_argument("--no-litemedsam", action="store_true", help="skip MedSAM's own workflow (LiteMedSAM from a box "
+                                                                 "on each slice: about 4 CPU minutes per row)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -200,12 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         if __import__("importlib").util.find_spec(module) is None:
             print(f"note: {name} baseline skipped ({module} not installed: "
                   f"pip install -r bench/requirements-bench.txt)", file=sys.stderr)
+    lite = None
+    if not a.no_litemedsam and not a.no_classic:
+        try:
+            lite = litemedsam_model()
+        except InputError as err:  # the package is not installed: the row is skipped, and said
+            print(f"note: litemedsam_box baseline skipped ({err})", file=sys.stderr)
     seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled", crop=a.crop,
                        adapt_steps=a.adapt_steps)
     with tempfile.TemporaryDirectory() as tmp:
         rows = sparse_rows(seg, image, label, img_nii.affine, classes, a.styles.split(","),
                            [int(s) for s in a.steps.split(",")], Path(tmp), tuple(a.fills.split(",")),
-                           not a.no_classic)
+                           not a.no_classic, lite)
         if not a.no_cross:
             rows.append(cross_row(seg, image, label, img_nii.affine, classes, a.homologue_offset, Path(tmp)))
     print(markdown(rows))

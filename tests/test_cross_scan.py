@@ -16,6 +16,7 @@ import torch
 
 import icl.infer.segmenter as segmenter
 from icl.api import ICLSegmenter
+from icl.data.frames import resize_slices
 from icl.model.dice import binary_dice
 from icl.sparse.cross_check import leave_one_out
 
@@ -74,21 +75,56 @@ def test_registration_refuses_the_query_itself(scans):
         ICLSegmenter(fill="registration").segment(scans["a"], scans["a"], scans["a_lab"])
 
 
-def test_the_model_keeps_every_support_scans_slices_in_memory(scans, monkeypatch):
-    seen = {}
+@pytest.fixture
+def tracked(monkeypatch) -> dict:
+    """What the model is given on the cross-scan road: frames, prompts, priors (the last run of the rule)."""
+    import icl.infer.cross_memory as cross_memory
+
+    seen: dict = {}
     real = segmenter.track
 
     def spy(predictor, frames, prompts, direction="both", **kw):
-        seen["frames"], seen["prompts"], seen["direction"] = len(frames), prompts, direction
+        seen.update(frames=len(frames), prompts=prompts, direction=direction, priors=kw.get("priors"))
         return real(predictor, frames, prompts, direction, **kw)
 
-    monkeypatch.setattr(segmenter, "track", spy)  # where the segmenter looks it up
+    monkeypatch.setattr(segmenter, "track", spy)  # where each road looks it up
+    monkeypatch.setattr(cross_memory, "track", spy)
     torch.set_num_threads(1)
-    result = ICLSegmenter(fill="model", support_slices=2).segment(
+    return seen
+
+
+@pytest.mark.parametrize("prior", ["auto", "none"])
+def test_the_model_keeps_every_support_scans_slices_in_memory(scans, tracked, prior):
+    result = ICLSegmenter(fill="model", support_slices=2, prior=prior).segment(
         scans["q"], [scans["a"], scans["b"]], [scans["a_lab"], scans["b_lab"]])
-    prompted = sorted({z for per in seen["prompts"].values() for z in per})
-    assert result.mode == "prepended" and seen["direction"] == "forward"
-    assert seen["frames"] == 24 + len(prompted) and len(prompted) > 2  # both scans' slices, then the query's 24
+    prompted = sorted({z for per in tracked["prompts"].values() for z in per})
+    assert result.mode == "prepended" and tracked["direction"] == "forward"
+    assert tracked["frames"] == 24 + len(prompted) and len(prompted) > 2  # both scans' slices, then the query's 24
+
+
+def test_a_model_trained_with_a_prior_gets_registration_as_prior_and_memory(scans, tracked):
+    """#25 item 3: the default model records a mask prior; on another scan it gets the registered labels as the
+    prior of every query slice and the support resampled onto the query's grid as its memory; --prior none: the
+    model alone, the support's own slices and no prior."""
+    registered = ICLSegmenter(fill="registration").segment(scans["q"], scans["a"], scans["a_lab"])
+    result = ICLSegmenter(fill="model", support_slices=2).segment(scans["q"], scans["a"], scans["a_lab"])
+    offset = tracked["frames"] - 24
+    canon = np.moveaxis(registered.canonical_labels(), result.slice_axis, 0)
+    assert sorted(tracked["priors"]) == [1, 2]
+    for c in (1, 2):
+        prior = tracked["priors"][c]
+        assert sorted(prior) == list(range(offset, offset + 24))  # every query slice, no support slice
+        assert [bool((prior[offset + z] > 0.5).any()) for z in range(24)] == [bool((canon[z] == c).any())
+                                                                               for z in range(24)]
+    # the memory: the support's slices on the query's grid, where registration put each structure
+    assert offset == len(result.support_slices) > 0
+    for i, z in enumerate(result.support_slices):
+        for c in (1, 2):
+            assert bool(np.asarray(tracked["prompts"][c][i]).any()) == bool((canon[z] == c).any())
+    truth = np.asarray(nib.load(str(scans["q_lab"])).dataobj)
+    assert all(binary_dice(result.labels == c, truth == c) > 0.8 for c in (1, 2))
+    ICLSegmenter(fill="model", support_slices=2, prior="none").segment(scans["q"], scans["a"], scans["a_lab"])
+    assert tracked["priors"] is None
 
 
 def _cli(scans, *args: str) -> subprocess.CompletedProcess:

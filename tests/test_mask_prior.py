@@ -104,7 +104,7 @@ def test_the_loss_and_the_fill_read_the_prior_at_their_own_resolution(tiny_predi
     tiny_predictor.prior_gain = 10.0
     try:
         fill = ClassicFill(annotation, "interpolation")
-        got = runner.sized(result, [3], priors, fill, box, (40, 40))
+        got = runner.sized(result, [3], priors, lambda c, z: interpolation_prior(fill, c, z, box), box, (40, 40))
         coarse = runner.sized(result, [3], priors, None, box, (40, 40))  # the mask-grid residual, resized
     finally:
         tiny_predictor.prior_gain = 0.0

@@ -40,6 +40,7 @@ import torch
 from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_window, label_slices, resize_slices,
                              resolve_window)
 from icl.errors import InputError, spell_flag
+from icl.infer.cross_memory import ConcatFrames, registered_fill, registered_memory
 from icl.infer.outputs import output_file, refuse_overwriting_inputs
 from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
 from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
@@ -55,7 +56,7 @@ from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
 from icl.sparse.annotation import Annotation
 from icl.sparse.cross_check import CrossCheck, cross_checks
-from icl.sparse.fill import StructureCheck, choose, fill_volume, self_check
+from icl.sparse.fill import StructureCheck, choose, compose, fill_volume, self_check
 from icl.sparse.methods import AUTO, MODEL, NO_MODEL_FILLS, REGISTRATION
 from icl.sparse.model_fill import ModelFill
 from icl.sparse.registration import fuse
@@ -82,23 +83,6 @@ class PreparedFrames:
         return prepare_frames(torch.from_numpy(self.frames[i])[None], self.frames.image_size, self.rule)[0]
 
 
-class ConcatFrames:
-    """Frame sources one after the other (every support scan's slices, then the query's), still lazy."""
-
-    def __init__(self, *parts: Any):
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        for part in self.parts:
-            if i < len(part):
-                return part[i]
-            i -= len(part)
-        raise IndexError(i)
-
-
 def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """One slice of a (canonical-order) volume along ``axis``: a view."""
     sl: list[Any] = [slice(None)] * 3
@@ -116,7 +100,8 @@ class Segmentation:
     header: nib.Nifti1Header
     query: Path
     classes: list[int]
-    support_slices: list[int]  # support-scan slices (canonical axis ``slice_axis``) used as prompts
+    support_slices: list[int]  # support-scan slices (canonical axis ``slice_axis``) used as prompts (the model on
+    # another scan with weights trained with a prior: the first support's registered slices, on the query's grid)
     mode: str  # "both_ways" (support is the query), "prepended" (another scan's slices tracked), "registered"
     slice_axis: int = DEFAULT_SLICE_AXIS
     frames: VolumeFrames | None = field(default=None, repr=False)  # the query's lazy frames (overlays)
@@ -253,6 +238,9 @@ class ICLSegmenter:
             self._build_model()
         size = self.predictor.image_size
         q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
+        if not same and self.mask_prior:  # registration's labels as the prior, its resampled supports as memory
+            return self._model_on_registered(q_scan, [(s, lab) for s, lab, _, _ in loaded], cls, query, axis,
+                                             reading.per_class, progress)
         picked = [(s, lab, picks if i == 0 else choose_support_slices(lab_values, axis, reading.per_class, lab.path))
                   for i, (s, lab, lab_values, _) in enumerate(loaded)]
         masks = [label_slices(lab, axis, zs, size) for _, lab, zs in picked]
@@ -283,6 +271,33 @@ class ICLSegmenter:
             bar.close()
         return Segmentation(labels, q_scan.affine, _header_3d(q_scan), query, cls, picks,
                             "both_ways" if same else "prepended", axis, q_frames, supports=len(loaded))
+
+    def _model_on_registered(self, scan: Scan, supports: list[tuple[Scan, Scan]], cls: list[int], query: Path,
+                             axis: int, per_class: int | str, progress: bool) -> Segmentation:
+        """The model on another scan, with weights trained with a prior: registration's labels as its prior, the
+        supports resampled onto the query's grid as its memory (``icl.infer.cross_memory``), in the sparse fill's
+        box (``--crop``)."""
+        if progress:
+            print(f"note: {query}: registering {len(supports)} support scan(s) to it for the model's memory and "
+                  "prior (about a minute per support on one CPU core)", file=sys.stderr)
+        memory = registered_memory(scan, supports, cls, axis, per_class)
+        window, size = self.window_for(scan), self.predictor.image_size
+        frames = VolumeFrames(scan, window, size, axis)
+        check_run(self.config, size, scan, len(frames) + sum(len(zs) for _, _, zs in memory.supports), self.device,
+                  "--image-size")
+        runner = ModelFill(self.predictor, scan, window, axis, self.crop,
+                           lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared, priors=True)
+        labels = _empty_labels(scan, cls)
+        out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
+        bar = progress_bar(total=len(frames), desc=f"segment {query.name}", unit="slice", enabled=progress)
+        try:
+            for z, scores in registered_fill(runner, memory, cls, self.window_for):
+                out_zhw[z] = compose(out_zhw.shape[1:], list(scores.items()), out_zhw.dtype)
+                bar.update()
+        finally:
+            bar.close()
+        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, memory.supports[0][2], "prepended",
+                            axis, frames, supports=len(supports))
 
     def _registered(self, scan: Scan, supports: list[tuple[Scan, Scan]], cls: list[int], query: Path,
                     axis: int, progress: bool) -> Segmentation:

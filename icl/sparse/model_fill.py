@@ -17,7 +17,7 @@ slices, and an empty mask on every slice that ends it (:meth:`Annotation.stops`)
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -105,7 +105,7 @@ class ModelFill:
             adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
         # the prior at the scan's resolution, slice by slice, for weights that read their residual there
         output_res = priors and self.predictor.prior_gain and self.predictor.prior_resolution == "output"
-        fine = interpolation if output_res else None
+        fine = (lambda c, z: interpolation_prior(interpolation, c, z, box)) if output_res else None
         try:
             with self.autocast():
                 for result in track(self.predictor, source, prompts, "both", priors=priors):
@@ -118,11 +118,12 @@ class ModelFill:
             if backup is not None:
                 self.predictor.load_state_dict(backup)
 
-    def sized(self, result: Any, classes: list[int], priors: dict | None, fine: ClassicFill | None,
-              box: tuple[int, int, int, int], shape: tuple[int, int]) -> dict[int, np.ndarray]:
+    def sized(self, result: Any, classes: list[int], priors: dict | None,
+              fine: Callable[[int, int], np.ndarray] | None, box: tuple[int, int, int, int],
+              shape: tuple[int, int]) -> dict[int, np.ndarray]:
         """``{class: logits [h, w] in the box}`` of one slice's result, the classes found there (some logit > 0);
-        with ``fine``, the mask-grid residual swapped for the prior at the scan's resolution
-        (``sam2_ext.priors.residual_at_output``), as the weights were trained."""
+        with ``fine`` (``(class, frame) -> the prior in the box at the scan's resolution``), the mask-grid residual
+        swapped for that prior (``sam2_ext.priors.residual_at_output``), as the weights were trained."""
         z = result.index
         with_prior = {i for i, c in enumerate(classes) if fine is not None and z in priors.get(c, {})}
         rows = [i for i in range(len(classes)) if i in with_prior or float(result.logits[i].max()) > 0]
@@ -135,8 +136,7 @@ class ModelFill:
             out.update({classes[i]: sized[n] for n, i in enumerate(plain)})
         for i in sorted(with_prior):
             c = classes[i]
-            m = residual_at_output(result.logits[i], priors[c][z], interpolation_prior(fine, c, z, box),
-                                   self.predictor.prior_gain)
+            m = residual_at_output(result.logits[i], priors[c][z], fine(c, z), self.predictor.prior_gain)
             out[c] = m.cpu().numpy()
         return {c: out[c] for c in classes if c in out and float(out[c].max()) > 0}
 

@@ -206,28 +206,51 @@ def carried_probabilities(reg: Registration, label: np.ndarray, affine: np.ndarr
         yield from zip(chunk, reg.carry([(label == c).astype(np.float32) for c in chunk], affine))
 
 
-def fused_canonical(query: Scan, pairs: Sequence[tuple[Scan, Scan]], classes: list[int], deformable: bool,
-                    threads: int, probabilities: bool,
-                    deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS) -> np.ndarray:
-    """Every support registered to the query, the structures' probabilities summed over supports; the label map
-    (or ``[1 + C, ...]`` probabilities, background first) in the query's canonical voxel order."""
-    labels = [support_labels(support, label, classes) for support, label in pairs]  # all inputs checked first
-    regs = [register(query, support, deformable, threads, deformable_iterations) for support, _ in pairs]
-    summed = {c: np.zeros(query.canonical_shape, np.float32) for c in classes}
-    for reg, (support, _), label in zip(regs, pairs, labels):
-        for c, p in carried_probabilities(reg, label, canonical_affine(support), classes):
-            summed[c] += p
-    n = np.float32(len(pairs))
-    background = n - sum(summed.values())
+def most_probable(summed: dict[int, np.ndarray], n: float, probabilities: bool = False) -> np.ndarray:
+    """Per-structure probabilities summed over ``n`` supports -> the label map (background what they leave; ties
+    keep the earlier label), or ``[1 + C, ...]`` probabilities, background first."""
+    background = np.float32(n) - sum(summed.values())
     if probabilities:
-        return np.stack([background, *summed.values()]) / n
-    best = np.zeros(query.canonical_shape, np.int64)  # index into (0, *classes); ties keep the earlier one,
+        return np.stack([background, *summed.values()]) / np.float32(n)
+    classes = list(summed)
+    best = np.zeros(background.shape, np.int64)  # index into (0, *classes)
     top = background  # the background first, as argmax would
     for i, c in enumerate(classes, start=1):
         win = summed[c] > top
         best[win], top = i, np.where(win, summed[c], top)
-    values = np.array([0, *classes], dtype=np.int32)
-    return values[best]
+    return np.array([0, *classes], dtype=np.int32)[best]
+
+
+@dataclass
+class CarriedSupport:
+    """One support scan registered to the query: its image (its own intensities, so the frames' window rule applies
+    as to the support itself) and its labels, both on the query's canonical grid — the support as the query's own
+    slices would show it (the model's memory on this road)."""
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def fused_canonical(query: Scan, pairs: Sequence[tuple[Scan, Scan]], classes: list[int], deformable: bool,
+                    threads: int, probabilities: bool,
+                    deformable_iterations: Sequence[int] = DEFORMABLE_ITERATIONS,
+                    carried: list[CarriedSupport] | None = None) -> np.ndarray:
+    """Every support registered to the query, the structures' probabilities summed over supports; the label map
+    (or ``[1 + C, ...]`` probabilities, background first) in the query's canonical voxel order. ``carried``: a
+    list that receives each support's image and labels on the query's grid (:class:`CarriedSupport`)."""
+    labels = [support_labels(support, label, classes) for support, label in pairs]  # all inputs checked first
+    regs = [register(query, support, deformable, threads, deformable_iterations) for support, _ in pairs]
+    summed = {c: np.zeros(query.canonical_shape, np.float32) for c in classes}
+    for reg, (support, _), label in zip(regs, pairs, labels):
+        mine = {}
+        for c, p in carried_probabilities(reg, label, canonical_affine(support), classes):
+            summed[c] += p
+            mine[c] = p
+        if carried is not None:
+            raw = support.fix_nonfinite(np.array(support.canonical, dtype=np.float32))
+            image = reg.carry([raw], canonical_affine(support))[0]
+            carried.append(CarriedSupport(image, most_probable(mine, 1.0)))
+    n = np.float32(len(pairs))
+    return most_probable(summed, n, probabilities)
 
 
 def on_query_grid(query: Scan, canonical: np.ndarray) -> np.ndarray:
@@ -251,6 +274,17 @@ def fuse(query: ScanLike, supports: Sequence[tuple[ScanLike, ScanLike]], classes
              for i, (s, lab) in enumerate(supports)]
     return on_query_grid(query, fused_canonical(query, pairs, classes, deformable, threads, probabilities,
                                                 deformable_iterations))
+
+
+def carry_supports(query: Scan, supports: Sequence[tuple[Scan, Scan]], classes: Sequence[int],
+                   deformable: bool = True, threads: int = 1) -> tuple[np.ndarray, list[CarriedSupport]]:
+    """:func:`fuse` (the label map on the query's own grid) and, from the same registrations, every support's image
+    and labels on the query's canonical grid: the model's prior and memory on the cross-scan road."""
+    carried: list[CarriedSupport] = []
+    pairs = [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
+             for i, (s, lab) in enumerate(supports)]
+    fused = fused_canonical(query, pairs, check_classes(classes), deformable, threads, False, carried=carried)
+    return on_query_grid(query, fused), carried
 
 
 def register_labels(query: ScanLike, support: ScanLike, support_label: ScanLike, classes: Sequence[int],

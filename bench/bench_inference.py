@@ -66,7 +66,7 @@ def measure(config: str, size: int, classes: int, a: argparse.Namespace, pair) -
     ours, official = pair
     image, label = grid_volume(a.support + a.query, size, classes, seed=classes)
     frames = torch.from_numpy(image)
-    prepared = prepare_frames(frames, size)
+    prepared = prepare_frames(frames, size, ours.input_rule)  # the config's input rule, as track() prepares them
     prompts = {c: {z: torch.from_numpy(label[z] == c) for z in range(a.support)} for c in range(1, classes + 1)}
     methods = {"ours": lambda: run_ours(ours, frames, prompts),
                "official_one_state": lambda: run_official(official, prepared, (size, size), prompts)}

@@ -8,7 +8,7 @@ import torch
 
 from icl.api import ICLSegmenter
 from icl.errors import InputError, spell_flag
-from icl.model.settings import check_image_memory, settle_model, trained_settings
+from icl.model.settings import check_image_memory, run_estimate, settle_model, trained_settings
 from icl.cli.segment import main
 from sam2_ext.build import build_icl_predictor
 
@@ -70,3 +70,12 @@ def test_an_image_size_that_cannot_fit_is_refused_up_front(tmp_path, capsys):
                  "--checkpoint", "none", "--image-size", "131072", "--quiet"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--image-size" in errors[0] and "GiB" in errors[0] and not out.exists()
+
+
+def test_the_run_estimate_reads_a_tinyvit_encoder_as_well_as_hiera():
+    """The whole-run estimate (memory and time, said before a long run) for LiteMedSAM's config: TinyViT has no
+    Hiera trunk; its widest full-resolution map is what the activations scale with."""
+    tiny = run_estimate("tiny_cpu", 128, (64, 64, 32), 4, 32)
+    lite = run_estimate("medsam_lite", 128, (64, 64, 32), 4, 32)
+    assert lite[0] > tiny[0] and lite[1] > tiny[1] > 0
+    assert run_estimate("medsam_lite", 64, (64, 64, 32), 4, 32)[1] < lite[1]

@@ -122,7 +122,7 @@ def check_image_memory(config: str, image_size: int | None, flag: str, available
 def _slice_activations(config: str, image_size: int | None) -> tuple[int, int, int]:
     """(image size, encoder width, peak activation bytes of one slice) of a config at a size."""
     cfg = load_model_config(config, image_size)
-    size, width = int(cfg.model.image_size), int(cfg.model.image_encoder.trunk.embed_dim)
+    size, width = int(cfg.model.image_size), _encoder_width(cfg.model.image_encoder)
     return size, width, BYTES_PER_PIXEL_AND_WIDTH * width * size * size
 
 

@@ -16,7 +16,6 @@ import torch
 
 import icl.infer.segmenter as segmenter
 from icl.api import ICLSegmenter
-from icl.data.frames import resize_slices
 from icl.model.dice import binary_dice
 from icl.sparse.cross_check import leave_one_out
 

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -140,15 +141,13 @@ def registration_rows(case: Case, threads: int) -> None:
             score(case, f"{mode} fused", values[summed.argmax(0)], wall, cpu)
 
 
-CHECKPOINT: list[str | None] = [None]  # the model's weights (--checkpoint; None: the default model)
-
-
-def engine_rows(case: Case) -> dict[str, tuple[np.ndarray, float, float]]:
+def engine_rows(case: Case, checkpoint: str | None = None) -> dict[str, tuple[np.ndarray, float, float]]:
     """What a user gets through the API (``icl.api``, what ``python -m icl.segment`` runs): ``auto`` (registration
     on this road, fused, with the leave-one-out check when several supports are given: its seconds included), the
     model with registration's labels as its prior and the registered supports as its memory (``fill="model"``,
     weights trained with a prior; its seconds include the registration), and the model alone (``prior="none"``:
-    every support's own slices in its memory, tracked forward)."""
+    every support's own slices in its memory, tracked forward). ``checkpoint``: the model's weights (None: the
+    default model)."""
     query = (case.query, case.affine)
     supports = [(image, case.affine) for image, _ in case.supports]
     labels = [(label.astype(np.int16), case.affine) for _, label in case.supports]
@@ -156,7 +155,7 @@ def engine_rows(case: Case) -> dict[str, tuple[np.ndarray, float, float]]:
     out = {}
     for method, fill, prior in (("engine auto", "auto", "auto"), ("model + registered prior", "model", "auto"),
                                 ("model (no prior)", "model", "none")):
-        seg = ICLSegmenter(checkpoint=CHECKPOINT[0], fill=fill, prior=prior)
+        seg = ICLSegmenter(checkpoint=checkpoint, fill=fill, prior=prior)
         t0, c0 = time.perf_counter(), time.process_time()
         result = seg.segment(query, supports if several else supports[0], labels if several else labels[0],
                              classes=case.classes)
@@ -164,11 +163,8 @@ def engine_rows(case: Case) -> dict[str, tuple[np.ndarray, float, float]]:
     return out
 
 
-ENGINE_ONLY = [False]
-
-
-def run(case: Case, threads: int) -> Case:
-    if not ENGINE_ONLY[0]:
+def run(case: Case, threads: int, registration: bool = True) -> Case:
+    if registration:
         registration_rows(case, threads)
     for hook in HOOKS:
         for method, (labels, wall, cpu) in hook(case).items():
@@ -198,16 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="the model's weights (default: the default model)")
     p.add_argument("--engine-only", action="store_true", help="the API rows only (no registration rows)")
     a = p.parse_args(argv)
-    CHECKPOINT[0], ENGINE_ONLY[0] = a.checkpoint, a.engine_only
     if not a.no_engine:
-        HOOKS.append(engine_rows)
+        HOOKS.append(partial(engine_rows, checkpoint=a.checkpoint))
     classes = [int(c) for c in a.classes.split(",")]
     img = nib.load(a.image)
     image = np.asarray(img.dataobj, dtype=np.float32)
     label = np.asarray(nib.load(a.label).dataobj).astype(np.int32)
     label = np.where(np.isin(label, classes), label, 0)
-    done = [run(case, a.threads) for case in cases(image, label, img.affine, classes, a.rows.split(","),
-                                                    a.homologue_offset)]
+    done = [run(case, a.threads, not a.engine_only)
+            for case in cases(image, label, img.affine, classes, a.rows.split(","), a.homologue_offset)]
     print(markdown(done))
     if a.json:
         out = [{"row": c.name, "results": c.results} for c in done]

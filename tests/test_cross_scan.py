@@ -126,6 +126,43 @@ def test_a_model_trained_with_a_prior_gets_registration_as_prior_and_memory(scan
     assert tracked["priors"] is None
 
 
+def test_a_structure_registration_carries_nowhere_is_said_on_both_roads(scans, monkeypatch, capsys):
+    import icl.infer.cross_memory as cross_memory
+
+    cross_memory.warn_carried_nowhere(Path("q.nii.gz"), np.array([[[0, 1], [1, 0]]]), [1, 2])
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("warning: q.nii.gz: registration carried structure(s) 2 nowhere") and "\n" not in line
+    cross_memory.warn_carried_nowhere(Path("q.nii.gz"), np.array([[[2, 1]]]), [1, 2])
+    assert capsys.readouterr().err == ""
+    seen = []
+    real = cross_memory.warn_carried_nowhere
+    spy = lambda query, labels, classes: seen.append((query, sorted(np.unique(labels)))) or real(  # noqa: E731
+        query, labels, classes)
+    monkeypatch.setattr(cross_memory, "warn_carried_nowhere", spy)  # where registered_memory looks it up
+    monkeypatch.setattr(segmenter, "warn_carried_nowhere", spy)  # where the registration road looks it up
+    torch.set_num_threads(1)
+    for fill in ("registration", "model"):
+        ICLSegmenter(fill=fill, support_slices=2).segment(scans["q"], scans["a"], scans["a_lab"])
+    assert [query.name for query, _ in seen] == ["q.nii.gz", "q.nii.gz"]
+    assert all(values == [0, 1, 2] for _, values in seen)  # the fused labels each road gives
+
+
+def test_the_model_road_gives_absent_not_an_error_where_registration_carries_nothing(scans, monkeypatch, capsys):
+    """As the registration road: a warning naming the structures, and they are absent (never a guess)."""
+    import icl.infer.cross_memory as cross_memory
+    from icl.sparse.registration import CarriedSupport
+
+    def nothing(query, supports, classes):
+        empty = np.zeros(query.canonical_shape, np.int32)
+        return empty, [CarriedSupport(np.zeros(query.canonical_shape, np.float32), empty) for _ in supports]
+
+    monkeypatch.setattr(cross_memory, "carry_supports", nothing)
+    torch.set_num_threads(1)
+    result = ICLSegmenter(fill="model", support_slices=2).segment(scans["q"], scans["a"], scans["a_lab"])
+    assert not result.labels.any() and result.support_slices == []
+    assert "registration carried structure(s) 1, 2 nowhere" in capsys.readouterr().err
+
+
 def _cli(scans, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "icl.segment", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)

@@ -10,6 +10,7 @@ trained to correct, ``icl.engine.train.prior_tasks.with_registered_prior``).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 
 from icl.data.frames import Scan, VolumeFrames, resize_slices
-from icl.errors import InputError
 from icl.infer.support import choose_support_slices
 from icl.sparse.classic import Score
 from icl.sparse.model_fill import ModelFill, square_box
@@ -71,6 +71,9 @@ def registered_fill(runner: ModelFill, memory: RegisteredMemory, classes: list[i
     prior of every query slice — at the mask grid, and at the output's resolution for weights trained so (the
     sparse fill's own rule, ``ModelFill.sized``). ``window_of``: the window of a support's frames (as for the
     support scan itself: its intensities are carried as they are)."""
+    if not memory.supports:  # registration carried no structure: absent on every slice, as on its own road
+        yield from ((z, {}) for z in range(memory.labels.shape[runner.axis]))
+        return
     predictor, axis = runner.predictor, runner.axis
     size, low = predictor.image_size, predictor.sam_prompt_encoder.mask_input_size[0]
     box = memory.box(classes, axis, runner.crop)
@@ -98,20 +101,28 @@ def registered_fill(runner: ModelFill, memory: RegisteredMemory, classes: list[i
                 yield result.index - offset, {c: (box, m) for c, m in logits.items()}
 
 
+def warn_carried_nowhere(query: Path, labels: np.ndarray, classes: Sequence[int]) -> None:
+    """Never silently: a structure registration carried nowhere on the query is said, with what it means (the
+    registration road's result and the model's prior on this road alike)."""
+    lost = [c for c in classes if not (labels == c).any()]
+    if lost:
+        print(f"warning: {query}: registration carried structure(s) {', '.join(map(str, lost))} nowhere on the "
+              "query: the support scan does not match it there (another body part or field of view?)",
+              file=sys.stderr)
+
+
 def registered_memory(query: Scan, supports: Sequence[tuple[Scan, Scan]], classes: Sequence[int], axis: int,
                       per_class: int | str) -> RegisteredMemory:
     """Register every support to ``query`` (``icl.sparse.registration``), and choose each registered support's
     slices as the support slices of its own labels are chosen (``per_class`` per structure, across its extent)."""
     fused, carried = carry_supports(query, supports, classes)
+    warn_carried_nowhere(query.path, fused, classes)
     memory = []
-    for i, (one, (_, label)) in enumerate(zip(carried, supports)):
-        if not np.isin(one.labels, classes).any():  # carried nowhere (said by the caller's warning on the result)
+    for one, (_, label) in zip(carried, supports):
+        if not np.isin(one.labels, classes).any():  # this support carried nothing: it has no slice to remember
             continue
         where = Path(f"<{label.path} registered to {query.path.name}>")
         zs = choose_support_slices(one.labels, axis, per_class, where)
         memory.append((Scan.from_array(one.image.astype(np.float32), path=where),
                        Scan.from_array(one.labels, path=where), zs))
-    if not memory:
-        raise InputError(query.path, "registration carried none of the structures onto this scan: the support "
-                                     "scans do not match it (another body part or field of view?)")
-    return RegisteredMemory(memory, query.to_canonical(fused))
+    return RegisteredMemory(memory, fused)  # no support carried anything: nothing to track (the warning said so)

@@ -40,7 +40,7 @@ import torch
 from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_window, label_slices, resize_slices,
                              resolve_window)
 from icl.errors import InputError, spell_flag
-from icl.infer.cross_memory import ConcatFrames, registered_fill, registered_memory
+from icl.infer.cross_memory import ConcatFrames, registered_fill, registered_memory, warn_carried_nowhere
 from icl.infer.outputs import output_file, refuse_overwriting_inputs
 from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
 from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
@@ -236,11 +236,11 @@ class ICLSegmenter:
                                    f"on a few slices (--support-slices {LABELLED}), and not --direction forward")
         if self.predictor is None:
             self._build_model()
-        size = self.predictor.image_size
-        q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
         if not same and self.mask_prior:  # registration's labels as the prior, its resampled supports as memory
             return self._model_on_registered(q_scan, [(s, lab) for s, lab, _, _ in loaded], cls, query, axis,
                                              reading.per_class, progress)
+        size = self.predictor.image_size
+        q_frames = VolumeFrames(q_scan, self.window_for(q_scan), size, axis)
         picked = [(s, lab, picks if i == 0 else choose_support_slices(lab_values, axis, reading.per_class, lab.path))
                   for i, (s, lab, lab_values, _) in enumerate(loaded)]
         masks = [label_slices(lab, axis, zs, size) for _, lab, zs in picked]
@@ -296,8 +296,9 @@ class ICLSegmenter:
                 bar.update()
         finally:
             bar.close()
-        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, memory.supports[0][2], "prepended",
-                            axis, frames, supports=len(supports))
+        used = memory.supports[0][2] if memory.supports else []  # the first support's registered slices
+        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, used, "prepended", axis, frames,
+                            supports=len(supports))
 
     def _registered(self, scan: Scan, supports: list[tuple[Scan, Scan]], cls: list[int], query: Path,
                     axis: int, progress: bool) -> Segmentation:
@@ -311,11 +312,7 @@ class ICLSegmenter:
         checks = cross_checks(supports, cls, self.fill)
         labels = _empty_labels(scan, cls)
         labels[...] = fuse(scan, supports, cls)
-        lost = [c for c in cls if not (labels == c).any()]
-        if lost:  # never silently: a structure registration carried nowhere is said, with what it means
-            print(f"warning: {query}: registration carried structure(s) {', '.join(map(str, lost))} nowhere on the "
-                  "query: the support scan does not match it there (another body part or field of view?)",
-                  file=sys.stderr)
+        warn_carried_nowhere(query, labels, cls)
         size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
         return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, [], "registered", axis,
                             VolumeFrames(scan, self.window_for(scan), size, axis), checks, len(supports))

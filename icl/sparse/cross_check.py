@@ -16,7 +16,7 @@ import numpy as np
 from icl.errors import InputError
 from icl.model.dice import binary_dice
 from icl.sparse.methods import AUTO, REGISTRATION
-from icl.sparse.registration import ScanLike, as_scan, check_classes, fused_canonical, support_labels
+from icl.sparse.registration import ScanLike, check_classes, fused_canonical, support_labels, support_scans
 
 
 def leave_one_out(supports: Sequence[tuple[ScanLike, ScanLike]], classes: Sequence[int], deformable: bool = True,
@@ -27,8 +27,7 @@ def leave_one_out(supports: Sequence[tuple[ScanLike, ScanLike]], classes: Sequen
     classes = check_classes(classes)
     if len(supports) < 2:
         raise InputError("support", f"leave-one-out needs at least 2 labelled supports, got {len(supports)}")
-    pairs = [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
-             for i, (s, lab) in enumerate(supports)]
+    pairs = support_scans(supports)
     truths = [support_labels(s, lab, classes) for s, lab in pairs]
     folds = []
     for i, (query, _) in enumerate(pairs):

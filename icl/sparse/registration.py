@@ -268,23 +268,26 @@ def fuse(query: ScanLike, supports: Sequence[tuple[ScanLike, ScanLike]], classes
     map on the query's own voxel grid (``probabilities=True``: float32 ``[1 + C, ...]``, background first)."""
     classes = check_classes(classes)
     query = as_scan(query, "query")
+    return on_query_grid(query, fused_canonical(query, support_scans(supports), classes, deformable, threads,
+                                                probabilities, deformable_iterations))
+
+
+def support_scans(supports: Sequence[tuple[ScanLike, ScanLike]]) -> list[tuple[Scan, Scan]]:
+    """``[(image, label), ...]`` as scans, named by their place; none at all is an InputError."""
     if not supports:
         raise InputError("support", "no support scan given")
-    pairs = [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
-             for i, (s, lab) in enumerate(supports)]
-    return on_query_grid(query, fused_canonical(query, pairs, classes, deformable, threads, probabilities,
-                                                deformable_iterations))
+    return [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
+            for i, (s, lab) in enumerate(supports)]
 
 
-def carry_supports(query: Scan, supports: Sequence[tuple[Scan, Scan]], classes: Sequence[int],
+def carry_supports(query: Scan, supports: Sequence[tuple[ScanLike, ScanLike]], classes: Sequence[int],
                    deformable: bool = True, threads: int = 1) -> tuple[np.ndarray, list[CarriedSupport]]:
-    """:func:`fuse` (the label map on the query's own grid) and, from the same registrations, every support's image
-    and labels on the query's canonical grid: the model's prior and memory on the cross-scan road."""
+    """:func:`fuse`'s label map in the query's canonical voxel order and, from the same registrations, every
+    support's image and labels on that grid: the model's prior and memory on the cross-scan road."""
     carried: list[CarriedSupport] = []
-    pairs = [(as_scan(s, f"support {i + 1}"), as_scan(lab, f"support label {i + 1}"))
-             for i, (s, lab) in enumerate(supports)]
-    fused = fused_canonical(query, pairs, check_classes(classes), deformable, threads, False, carried=carried)
-    return on_query_grid(query, fused), carried
+    fused = fused_canonical(query, support_scans(supports), check_classes(classes), deformable, threads, False,
+                            carried=carried)
+    return fused, carried
 
 
 def register_labels(query: ScanLike, support: ScanLike, support_label: ScanLike, classes: Sequence[int],

@@ -83,7 +83,7 @@ def misregistered(masks: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
 def with_registered_prior(task: Task, rng: np.random.Generator) -> Task:
     """A cross-scan task given what the cross-scan road gives the model (``--fill model``, support from another
     scan): the query's true labels, misregistered (:func:`misregistered`), as the prior of every query slice."""
-    query = [z for z in task.scored]
+    query = list(task.scored)
     moved = misregistered(task.targets[:, query], rng)
     priors = {k: {z: moved[k, i] for i, z in enumerate(query)} for k in range(len(task.targets))}
     return Task(task.frames, task.prompts, task.direction, task.targets, task.scored, task.kind, task.name,

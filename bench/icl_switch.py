@@ -14,6 +14,7 @@ runs), on fixed seeds that training never draws:
   then of class B, on the same query, scored against both truths.
 
     .venv/bin/python bench/icl_switch.py [--checkpoint FILE] [--config tiny_cpu] [--cases 6] [--held-out torus,twin_blobs]
+        [--prior auto|none]
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--crop", default="auto", choices=("auto", "on", "off"),
                    help="labelled mode: track in a box (icl.segment --crop; auto: as the weights were trained)")
+    p.add_argument("--prior", default="auto", choices=("auto", "none"),
+                   help="cross-case: the model with registration as its prior and memory, or alone (icl.segment --prior)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from icl.api import ICLSegmenter
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| every {every}th slice | {name} | {v:.3f} |")
             print()
         if "cross" in parts:
-            seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="auto")
+            # the model (auto registers another scan: registration's figure, not the model's); weights trained with
+            # a prior get registration's labels and resampled supports (--prior none: the model alone)
+            seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="auto", fill="model",
+                               prior=a.prior)
             r = cross_case(seg, work, a.cases, held_out)
             print(f"## Cross-case (support: 3 slices per class of another scan; held out: {', '.join(held_out)})\n")
             print("| what | Dice |\n|---|---|")

@@ -16,7 +16,8 @@ following edges alone leaks. Levels (names in the ``-tasks`` vocabulary):
 A task is a plain dict in the propagation rule's terms (``icl.engine.train.tasks.task_from_anatomy`` makes it a Task):
 ``frames`` float32 [N, H, W], ``prompts`` {object: {frame: uint8 mask}}, ``direction``, ``targets`` uint8
 [K, N, H, W], ``scored`` frames, ``distractors`` uint8 [J, N, H, W] (the targets' most similar touching neighbours,
-what "others" is scored against), ``structures`` (the targets' ids), ``style``, ``every``, ``level``.
+what "others" is scored against), ``structures`` (the targets' ids), ``style``, ``every``, ``level``, ``slices``
+((scan, slice) of every frame: scan 0 the query, 1 the cross-case support).
 """
 from __future__ import annotations
 
@@ -140,8 +141,19 @@ def make_anatomy_task(seed: int, level: str = "anat_sparse", size: int = 128, de
 
 def _attempt(rng, level, size, depth, k, style, every, num_support, structures, drop) -> dict | None:
     template, scans = _scan(rng, size, depth, structures, level == "anat_cross", drop)
+    return task_from_scans(rng, level, scans, template.num, k, style, every, num_support)
+
+
+def task_from_scans(rng: np.random.Generator, level: str, scans: list[tuple[np.ndarray, np.ndarray]], num: int,
+                    k: int, style: str | None = None, every: int | None = None,
+                    num_support: int | None = None) -> dict | None:
+    """One task of ``level`` (an ``anat_*`` name) on given slabs: ``scans`` = [(labels [Z, H, W] ids 0..``num``,
+    image [Z, H, W])], a second (support) slab for ``anat_cross``. None when the slab has no usable target.
+
+    Why public: real labelled volumes (``icl.data.real_tasks``) cut slabs of their own and make their tasks here,
+    so generated and real anatomy are the same kinds of task."""
     labels, image = scans[0]
-    num = template.num
+    depth = labels.shape[0]
     areas = slice_areas(labels, num)
     present = areas >= MIN_VOXELS  # [Z, num + 1]
     pairs = touching_pairs(labels)
@@ -151,6 +163,11 @@ def _attempt(rng, level, size, depth, k, style, every, num_support, structures, 
         return _cross(rng, scans, num, present, pairs, means, k, num_support, base)
     if level == "anat_sparse":
         return _sparse(rng, labels, image, present, contiguous_in_z(areas), pairs, means, k, style, every, base)
+    return _forward(rng, level, labels, image, depth, present, pairs, means, k, base)
+
+
+def _forward(rng, level, labels, image, depth, present, pairs, means, k, base) -> dict | None:
+    """``anat_adjacent`` / ``anat_far``: support on one slice, later slices tracked forward."""
     candidates = np.flatnonzero(present.sum(0) >= 3)
     candidates = candidates[candidates > 0]
     if not len(candidates):
@@ -173,7 +190,7 @@ def _attempt(rng, level, size, depth, k, style, every, num_support, structures, 
     return {**base, "frames": image[order], "prompts": prompts, "direction": "forward", "targets": masks,
             "scored": list(range(1, len(order))), "distractors": _masks(labels[order],
                                                                         _distractors(pairs, means, targets)),
-            "structures": targets}
+            "structures": targets, "slices": [(0, z) for z in order]}
 
 
 def _sparse(rng, labels, image, present, one_run, pairs, means, k, style, every, base) -> dict | None:
@@ -211,7 +228,7 @@ def _sparse(rng, labels, image, present, one_run, pairs, means, k, style, every,
         return None
     return {**base, "style": style, "every": step, "frames": image, "prompts": prompts, "direction": "both",
             "targets": masks, "scored": scored, "distractors": _masks(labels, _distractors(pairs, means, targets)),
-            "structures": targets}
+            "structures": targets, "slices": [(0, z) for z in range(depth)]}
 
 
 def _cross(rng, scans, num, present, pairs, means, k, num_support, base) -> dict | None:
@@ -236,4 +253,4 @@ def _cross(rng, scans, num, present, pairs, means, k, num_support, base) -> dict
     prompts = {j: {i: s_masks[j, i] for i in range(s)} for j in range(len(targets))}
     return {**base, "frames": np.concatenate([s_image[pick], image]), "prompts": prompts, "direction": "forward",
             "targets": targets_all, "scored": list(range(s, s + len(image))), "distractors": distractors,
-            "structures": targets}
+            "structures": targets, "slices": [(1, int(z)) for z in pick] + [(0, z) for z in range(len(image))]}

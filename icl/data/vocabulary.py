@@ -14,6 +14,8 @@ SHAPES: tuple[str, ...] = ("ellipsoid", "torus", "tube", "box", "cone", "twin_bl
 LEVELS: tuple[str, ...] = ("discs_fixed", "discs_random", "adjacent", "far", "sparse", "cross")
 #: Anatomy-like task levels (icl.data.anatomy_tasks).
 ANATOMY_LEVELS: tuple[str, ...] = ("anat_sparse", "anat_adjacent", "anat_far", "anat_cross")
+#: The same task kinds on real labelled volumes (icl.data.real_tasks, ``-real_volumes``), in the same order.
+REAL_LEVELS: tuple[str, ...] = ("real_sparse", "real_adjacent", "real_far", "real_cross")
 #: Parts of the anatomy image renderer an ablation may leave out (icl.data.anatomy_image).
 RENDER_PARTS: tuple[str, ...] = ("weak_contrast", "rim", "texture", "clutter", "blur", "lowres", "bias", "noise",
                                  "gamma")

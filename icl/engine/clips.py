@@ -22,9 +22,11 @@ from icl.data.phantom import DEFAULT_CLASSES, make_phantom_dataset
 from icl.data.preprocess import CachedCase, preprocess_dataset
 from icl.data.readers import detect_layout
 from icl.data.sampling import make_splits, spread
-from icl.data.vocabulary import SHAPES
+from icl.data.real_volumes import load_real_volumes
+from icl.data.vocabulary import REAL_LEVELS, SHAPES
 from icl.engine import distributed as dd
 from icl.engine.train.prior_tasks import PriorTasks
+from icl.engine.train.real_tasks import RealTaskSource
 from icl.engine.train.schedule import CLIPS, TASK_LEVELS, parse_schedule
 from icl.engine.train.tasks import ClipTasks, LookalikeSet, TaskMix, first, level_depths
 from icl.errors import InputError, spell_flag
@@ -207,6 +209,7 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
     levels = [lv for lv in TASK_LEVELS if lv in sources]
     depths = level_depths(cfg.lookalike_depth, cfg.anatomy_depth)
     clip_train, clip_val = _clip_sets(cfg, info, run_dir) if CLIPS in sources else (None, None)
+    real = real_source(cfg, info) if sources & set(REAL_LEVELS) else None
     held_out = [s for s in cfg.held_out_shapes.split(",") if s]
     if sources == {CLIPS}:  # the seed's training: every clip once per epoch, shuffled
         train_set, shuffle = ClipTasks(clip_train), True
@@ -214,14 +217,14 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
         length = cfg.steps_per_epoch or (len(clip_train) if clip_train is not None else TASKS_PER_EPOCH)
         train_set = TaskMix(schedule, length, cfg.image_size, cfg.lookalike_depth, cfg.lookalike_k, held_out,
                             cfg.seed, clip_train, info.world_size, depths=depths, objects=cfg.lookalike_objects,
-                            anatomy_drop=frozenset(p for p in cfg.anatomy_drop.split(",") if p))
+                            anatomy_drop=frozenset(p for p in cfg.anatomy_drop.split(",") if p), real=real)
         shuffle = False  # the schedule follows the steps (TaskMix); each task is random anyway
     if cfg.mask_prior > 0:  # both-ways tasks as the sparse fill runs them: cropped, the interpolation as a prior
         train_set = PriorTasks(train_set, cfg.mask_prior, cfg.image_size, cfg.seed)
     val_parts = [ClipTasks(clip_val)] if clip_val is not None else []
     if levels:
         val_parts.append(LookalikeSet(levels, VAL_TASKS_PER_LEVEL, cfg.image_size, cfg.lookalike_depth,
-                                      cfg.lookalike_k, held_out, depths=depths))
+                                      cfg.lookalike_k, held_out, depths=depths, real=real))
     val_set = ConcatDataset(val_parts)
     # DistributedSampler even on one process: its order is a function of (seed, epoch), which makes resume exact.
     train_loader = make_loader(train_set, shuffle=shuffle, num_workers=cfg.num_workers, distributed=True,
@@ -229,6 +232,21 @@ def build_loaders(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None = No
     val_loader = make_loader(Subset(val_set, dd.shard_indices(len(val_set), info)), shuffle=False,
                              num_workers=cfg.num_workers, collate_fn=first)
     return train_loader, val_loader
+
+
+def real_source(cfg: TrainConfig, info: dd.DistInfo) -> RealTaskSource:
+    """The ``real_*`` levels' tasks: ``-real_volumes`` read once (``-real_held_out`` never sampled), each with its
+    bank of ``-real_variants`` versions (icl.data.real_volumes)."""
+    if cfg.real_volumes is None:
+        raise InputError("-tasks", "real_* levels need real labelled volumes: give -real_volumes IMAGE:LABEL")
+    with seed_spelling():
+        volumes = load_real_volumes(cfg.real_volumes, cfg.real_held_out, cfg.real_min_voxels, cfg.real_variants,
+                                    cfg.seed)
+    if info.is_main:
+        for v in volumes:
+            print(f"note: real volume {v.name}: {v.structures} structures of >= {cfg.real_min_voxels} voxels "
+                  f"(held out: {cfg.real_held_out or 'none'}), {len(v.variants)} variants", file=sys.stderr)
+    return RealTaskSource(volumes, cfg.image_size, cfg.real_depth)
 
 
 def _clip_sets(cfg: TrainConfig, info: dd.DistInfo, run_dir: Path | None) -> tuple[Any, Any]:

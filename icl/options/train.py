@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
-from icl.data.vocabulary import GENERATOR_PARTS, SHAPES
+from icl.data.real_volumes import parse_pairs, parse_values
+from icl.data.vocabulary import GENERATOR_PARTS, REAL_LEVELS, SHAPES
 from icl.engine.train.schedule import parse_schedule
 from icl.errors import InputError
 from icl.model.lora import check_parts as _lora_parts
@@ -58,6 +59,20 @@ def _class_list(value: str) -> str:
     return text
 
 
+def _label_values(value: str) -> str:
+    """``-real_held_out``: comma-separated label values (icl.data.real_volumes.parse_values)."""
+    try:
+        return ",".join(str(v) for v in parse_values(value))
+    except InputError as err:
+        raise ValueError(err.problem) from None
+
+
+def _even(value: int) -> int:
+    if value < 2 or value % 2:
+        raise ValueError(f"must be an even count >= 2 (contrast groups of two: as is, warped), got {value}")
+    return value
+
+
 def _parts(value: str) -> str:
     parts = [] if value == "none" else [p for p in value.split(",") if p]
     unknown = [p for p in parts if p not in FREEZABLE]
@@ -106,7 +121,9 @@ class TrainConfig(CommonConfig):
     tasks: str = opt("0:clips=1", "what training shows the model, along the steps: 'STEP:source=weight,...;STEP:...' "
                                   "with sources clips (the dataset's clips), the look-alike levels discs_fixed, "
                                   "discs_random, adjacent, far, sparse, cross (icl/data/lookalike.py) and the anatomy "
-                                  "levels anat_sparse, anat_adjacent, anat_far, anat_cross (icl/data/anatomy_tasks.py)",
+                                  "levels anat_sparse, anat_adjacent, anat_far, anat_cross "
+                                  "(icl/data/anatomy_tasks.py), and on -real_volumes real_sparse, real_adjacent, "
+                                  "real_far, real_cross (icl/data/real_tasks.py)",
                  check=_schedule)
     loss: str = opt("sam2", "sam2 (SAM2's loss: best candidate mask, IoU head, object score) or dice_bce (Dice + BCE "
                             "of the returned mask + object-score BCE)", choices=("sam2", "dice_bce"))
@@ -150,6 +167,16 @@ class TrainConfig(CommonConfig):
     lora_targets: str = opt("image_encoder,memory_attention", "comma list of parts whose attention projections get "
                             "adapters: image_encoder, memory_attention, sam_mask_decoder",
                             check=_lora_parts)
+    # real labelled volumes as a task source (icl/data/real_volumes.py, real_tasks.py; levels real_* of -tasks)
+    real_volumes: str | None = opt(None, "real labelled scans to train on: IMAGE:LABEL[,IMAGE:LABEL...] (NIfTI, "
+                                         "label values = structures); -tasks names their levels real_sparse, "
+                                         "real_adjacent, real_far, real_cross", check=none_word)
+    real_held_out: str = opt("", "label values of -real_volumes never sampled (background for training), e.g. "
+                                 "1,1001,147: structures a benchmark measures", check=_label_values)
+    real_min_voxels: int = opt(500, "smallest structure of -real_volumes kept (voxels)", int, check=POSITIVE)
+    real_depth: int = opt(12, "slices per slab of the real_* levels", int, check=at_least(4))
+    real_variants: int = opt(8, "versions of each real volume made once (contrast groups of two: as is, warped; "
+                                "the first is the scan itself)", int, check=_even)
     feature_cache: str = opt("off", "auto: store the frozen image encoder's outputs of every dataset slice once, "
                                     "beside the preprocessing cache (fp16; 2 x 256 x 21 x (S/16)^2 bytes per slice: "
                                     "2.75 MB at 256 px, 11 MB at 512 px) and read them instead of running it; "
@@ -176,6 +203,12 @@ class TrainConfig(CommonConfig):
             raise InputError(self.flag("pretrain"), f"weights file {self.pretrain} not found; download MedSAM2 or "
                              "SAM2.1 weights (e.g. sam2.1_hiera_tiny.pt) into ./checkpoint/ (see checkpoint/README.md"
                              "), or pass -pretrain none to train from random init")
+        if self.real_volumes is not None:
+            parse_pairs(self.real_volumes, self.flag("real_volumes"))
+        named = [lv for _, mix in parse_schedule(self.tasks) for lv in mix if lv in REAL_LEVELS]
+        if named and self.real_volumes is None:
+            raise InputError(self.flag("tasks"), f"{', '.join(sorted(set(named)))} need real labelled volumes: "
+                                                 f"give {self.flag('real_volumes')} IMAGE:LABEL")
         if self.resume is not None and not Path(self.resume).exists():
             raise InputError(self.flag("resume"), f"{self.resume} does not exist (give a checkpoint .pth or a run "
                                                   "folder)")

@@ -11,6 +11,8 @@ slices. The loss and everything else are the task's own.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -27,11 +29,17 @@ def _as_annotation(prompts: dict, depth: int, shape: tuple[int, int], complete: 
 
 
 def with_mask_prior(task: Task, size: int) -> Task:
-    """``task`` (both ways) cropped like the sparse fill and given the interpolation prior of its prompts."""
+    """``task`` (both ways) cropped like the sparse fill and given the interpolation prior of its prompts (a task
+    already cut to the fill's box, ``task.cropped``, only gets the prior)."""
     if task.direction != "both":
         return task
     shape = tuple(task.frames.shape[1:])
     complete = any(not bool(m.any()) for per in task.prompts.values() for m in per.values())
+    if task.cropped:
+        priors = interpolation_priors(_as_annotation(task.prompts, len(task.frames), shape, complete),
+                                      list(range(1, len(task.prompts) + 1)))
+        return replace(task, priors={c - 1: {z: torch.from_numpy(m) for z, m in per.items()}
+                                     for c, per in priors.items()})
     drawn = _as_annotation(task.prompts, len(task.frames), shape, complete)
     boxes = [b for c in drawn.classes if (b := drawn.box(c, 0)) is not None]  # the fill's box rule (ModelFill.box)
     if not boxes:
@@ -54,6 +62,7 @@ def with_mask_prior(task: Task, size: int) -> Task:
 
 
 CROSS = "anat_cross"  # the anatomy level whose support slices come from another scan (icl.data.anatomy_tasks)
+CROSS_LEVELS = (CROSS, "real_cross")  # every level whose support comes from another scan (real: icl.data.real_tasks)
 #: Simulated residual misregistration of a registered prior, as fractions of the slice size (the task's pixels
 #: vary with -image_size): a global in-plane shift of up to SHIFT and a smooth random displacement of about SMOOTH
 #: at the scale SMOOTH_SCALE: the boundary errors of a deformable registration of another patient (a voxel or two
@@ -86,8 +95,7 @@ def with_registered_prior(task: Task, rng: np.random.Generator) -> Task:
     query = list(task.scored)
     moved = misregistered(task.targets[:, query], rng)
     priors = {k: {z: moved[k, i] for i, z in enumerate(query)} for k in range(len(task.targets))}
-    return Task(task.frames, task.prompts, task.direction, task.targets, task.scored, task.kind, task.name,
-                task.class_ids, task.distractors, task.sources, priors)
+    return replace(task, priors=priors)
 
 
 class PriorTasks(torch.utils.data.Dataset):
@@ -112,4 +120,4 @@ class PriorTasks(torch.utils.data.Dataset):
             return task
         if task.direction == "both":
             return with_mask_prior(task, self.size)
-        return with_registered_prior(task, rng) if task.kind == CROSS else task
+        return with_registered_prior(task, rng) if task.kind in CROSS_LEVELS else task

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from icl.data.vocabulary import ANATOMY_LEVELS, LEVELS, level_name
+from icl.data.vocabulary import ANATOMY_LEVELS, LEVELS, REAL_LEVELS, level_name
 from icl.errors import InputError
 
 CLIPS = "clips"  # the schedule's name for samples of the preprocessed datasets
-TASK_LEVELS = (*LEVELS, *ANATOMY_LEVELS)  # every generated level: look-alike, then anatomy
+TASK_LEVELS = (*LEVELS, *ANATOMY_LEVELS, *REAL_LEVELS)  # every task level: look-alike, anatomy, real volumes
 SOURCES = (*TASK_LEVELS, CLIPS)
 
 
 def source_name(name: str) -> str:
     """A schedule source by name (look-alike levels also by number) -> its name; ValueError if unknown."""
     name = name.strip()
-    return name if name == CLIPS or name in ANATOMY_LEVELS else level_name(name)
+    return name if name == CLIPS or name in ANATOMY_LEVELS or name in REAL_LEVELS else level_name(name)
 
 
 def parse_schedule(text: str, flag: str = "-tasks") -> list[tuple[int, dict[str, float]]]:

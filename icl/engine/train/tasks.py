@@ -13,7 +13,9 @@ shape that rule takes. Two sources feed it:
   support slices in front of the query.
 * anatomy tasks generated on the fly (``icl.data.anatomy_tasks``, levels ``anat_*``): 1-3 marked structures among
   10-60 touching ones of a synthetic anatomy; the generator already writes them in the rule's terms
-  (:func:`task_from_anatomy`).
+  (:func:`task_from_anatomy`);
+* the same task kinds on real labelled volumes (levels ``real_*``, ``-real_volumes``; ``icl.engine.train.real_tasks``,
+  handed in as a callable so this module stays free of the volumes).
 
 ``-tasks`` mixes the sources along a schedule (:func:`parse_schedule`), e.g.
 ``0:adjacent=1;300:sparse=0.4,cross=0.3,clips=0.3``: from step 0 only ``adjacent``, from step 300 that mix.
@@ -21,7 +23,7 @@ shape that rule takes. Two sources feed it:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from torch.utils.data import Dataset
 
 from icl.data.anatomy_tasks import make_anatomy_task
 from icl.data.lookalike import as_video, make_task
-from icl.data.vocabulary import ANATOMY_LEVELS, LEVELS
+from icl.data.vocabulary import ANATOMY_LEVELS, LEVELS, REAL_LEVELS
 from icl.engine.train.schedule import CLIPS, source_at, source_name
 from icl.errors import InputError
 
@@ -50,7 +52,8 @@ class Task:
     class_ids: list[int] = field(default_factory=list)  # clips: the dataset's class id of each object
     distractors: torch.Tensor | None = None  # look-alikes: [J, N, H, W] masks of the objects nobody marked
     sources: list[tuple[str, int]] | None = None  # clips: (case id, slice) of each frame, for the feature cache
-    priors: dict[int, dict[int, torch.Tensor]] | None = None  # object -> {frame: mask prior} (icl.engine.train.loop.prior_tasks)
+    priors: dict[int, dict[int, torch.Tensor]] | None = None  # object -> {frame: mask prior} (icl.engine.train.prior_tasks)
+    cropped: bool = False  # cut to the fill's box already (real volumes): a prior is added without a new cut
 
     def to(self, device: str | torch.device) -> "Task":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -58,7 +61,7 @@ class Task:
                     self.direction, move(self.targets), self.scored, self.kind, self.name, self.class_ids,
                     move(self.distractors), self.sources,
                     None if self.priors is None else {k: {z: move(m) for z, m in p.items()}
-                                                      for k, p in self.priors.items()})
+                                                      for k, p in self.priors.items()}, self.cropped)
 
 
 # ------------------------------------------------------------------------------------------------ conversions
@@ -148,9 +151,11 @@ class TaskMix(Dataset):
     def __init__(self, schedule: list[tuple[int, dict[str, float]]], length: int, image_size: int, depth: int,
                  k: int, held_out: Sequence[str] = (), seed: int = 0, clips: Dataset | None = None,
                  world_size: int = 1, depths: Mapping[str, int] | None = None, objects: str = "all",
-                 anatomy_drop: frozenset = frozenset()):
+                 anatomy_drop: frozenset = frozenset(), real: Callable[[str, int], Task] | None = None):
         if any(CLIPS in mix for _, mix in schedule) and clips is None:
             raise InputError("-tasks", "the schedule asks for clips but no dataset is given")
+        check_real(schedule, real)
+        self.real = real  # real_* levels: icl.engine.train.real_tasks.RealTaskSource
         self.schedule, self.length, self.image_size = schedule, int(length), int(image_size)
         self.depth, self.k, self.held_out, self.seed = int(depth), int(k), tuple(held_out), int(seed)
         self.clips, self.world_size, self.epoch = clips, int(world_size), 1
@@ -171,6 +176,8 @@ class TaskMix(Dataset):
         if source == CLIPS:
             return task_from_clip(self.clips[int(rng.integers(len(self.clips)))])
         task_seed = int(rng.integers(2**31))
+        if source in REAL_LEVELS:
+            return self.real(source, task_seed)
         depth = self.depths.get(source, ANATOMY_DEPTH if source in ANATOMY_LEVELS else self.depth)
         return level_task(source, task_seed, self.image_size, depth, self.k, self.held_out, self.objects,
                           self.anatomy_drop)
@@ -200,18 +207,28 @@ class LookalikeSet(Dataset):
     SEED0 = 2**31  # training draws task seeds below 2**31
 
     def __init__(self, levels: Sequence[str], per_level: int, image_size: int, depth: int, k: int,
-                 held_out: Sequence[str] = (), depths: Mapping[str, int] | None = None):
+                 held_out: Sequence[str] = (), depths: Mapping[str, int] | None = None,
+                 real: Callable[[str, int], Task] | None = None):
         self.items = [(source_name(lv), self.SEED0 + i) for lv in levels for i in range(per_level)]
         self.image_size, self.depth, self.k, self.held_out = image_size, depth, k, tuple(held_out)
-        self.depths = dict(depths or {})
+        self.depths, self.real = dict(depths or {}), real
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Task:
         level, seed = self.items[index]
+        if level in REAL_LEVELS:
+            return self.real(level, seed)
         depth = self.depths.get(level, ANATOMY_DEPTH if level in ANATOMY_LEVELS else self.depth)
         return level_task(level, seed, self.image_size, depth, self.k, self.held_out)
+
+
+def check_real(schedule: list[tuple[int, dict[str, float]]], real: Callable | None) -> None:
+    """A schedule naming ``real_*`` levels needs real volumes (``-real_volumes``)."""
+    named = sorted({name for _, mix in schedule for name in mix if name in REAL_LEVELS})
+    if named and real is None:
+        raise InputError("-tasks", f"{', '.join(named)} need real labelled volumes: give -real_volumes IMG:LAB")
 
 
 def first(batch: list[Task]) -> Task:

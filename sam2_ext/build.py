@@ -71,6 +71,21 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return cfg
 
 
+def config_lineage(config: str | Path) -> list[str]:
+    """The names (file stems) of ``config`` and of the configs its ``base`` chain stands on, nearest first: a
+    config that only overrides another (e.g. ``medsam_lite_pool2`` on ``medsam_lite``) fits that one's weights."""
+    path, names = resolve_config_path(config), []
+    while path is not None and path.stem not in names:
+        names.append(path.stem)
+        try:
+            base = OmegaConf.load(path).get("base")
+        except Exception:  # a broken file is load_model_config's error to name
+            break
+        path = next((c for c in (path.parent / str(base), _sam2_package_dir() / str(base), CFG_DIR / str(base))
+                     if base is not None and c.is_file()), None)
+    return names
+
+
 def _sync_image_size(node: Any, image_size: int, stride: int = BACKBONE_STRIDE) -> None:
     """Set every image-size-dependent key: the RoPE attentions' feat_sizes grid (image_size / backbone stride)."""
     grid = image_size // stride

@@ -37,14 +37,20 @@ class StoredFeatures:
             out["backbone_fpn"][1] = self.sam_mask_decoder.conv_s1(fpn[1])
         return out
 
+    def stored_entry(self, inference_state: dict, frame_idx: int) -> tuple[torch.Tensor, dict] | None:
+        """``(image, backbone output)`` of a frame from the state's feature source, as SAM2's feature cache holds
+        them (the image is unused downstream: a 1-pixel stand-in takes its place), or None where it has none."""
+        source = inference_state.get("image_features")
+        levels = source(frame_idx) if source is not None else None
+        if levels is None:
+            return None
+        return torch.zeros(1, 3, 1, 1, device=self.device), self.backbone_from_levels(levels)
+
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
         """SAM2's features of a frame; where the state's feature source has the frame's stored encoder outputs,
-        they go into SAM2's own one-frame feature cache, so the encoder does not run (the image itself is unused
-        downstream: a 1-pixel stand-in takes its place)."""
-        source = inference_state.get("image_features")
-        if source is not None and frame_idx not in inference_state["cached_features"]:
-            levels = source(frame_idx)
-            if levels is not None:
-                stand_in = torch.zeros(1, 3, 1, 1, device=self.device)
-                inference_state["cached_features"] = {frame_idx: (stand_in, self.backbone_from_levels(levels))}
+        they go into SAM2's own one-frame feature cache, so the encoder does not run."""
+        if frame_idx not in inference_state["cached_features"]:
+            entry = self.stored_entry(inference_state, frame_idx)
+            if entry is not None:
+                inference_state["cached_features"] = {frame_idx: entry}
         return super()._get_image_feature(inference_state, frame_idx, batch_size)

@@ -253,11 +253,15 @@ class ICLPredictor(StoredFeatures, MaskPriors, SAM2VideoPredictor):
         """SAM2's, but under grad mode every frame's backbone output is kept for the whole state, not only the
         last frame's. Why: training holds each encoded frame in the autograd graph until backward anyway, and a
         ``both``-ways task (or a conditioning frame tracked for other objects) would encode a frame again, forward
-        and backward. No-grad inference keeps SAM2's one-frame cache (bounded memory on long scans)."""
+        and backward. No-grad inference keeps SAM2's one-frame cache (bounded memory on long scans). Stored encoder
+        outputs (a feature source) stand in for the encoder either way."""
         cache = inference_state["cached_features"]
         if torch.is_grad_enabled() and frame_idx not in cache:
-            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
-            cache[frame_idx] = (image, self.forward_image(image))  # SAM2's lookup below then hits, keeping all
+            entry = self.stored_entry(inference_state, frame_idx)
+            if entry is None:
+                image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
+                entry = (image, self.forward_image(image))
+            cache[frame_idx] = entry  # SAM2's lookup below then hits, keeping all
         return super()._get_image_feature(inference_state, frame_idx, batch_size)
 
     def _run_single_frame_inference(self, inference_state, output_dict, frame_idx, batch_size,

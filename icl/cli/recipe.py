@@ -12,6 +12,7 @@ prints. Stage 1 on 2 CPU processes (``torchrun``, gloo) in about 38 minutes, sta
     python -m icl.cli.recipe --variant anatomy --processes 1    # the anatomy candidate (issue #17), one process
     python -m icl.cli.recipe --variant prior --processes 1 --run    # stage 2 of the default model, from stage 1
     python -m icl.cli.recipe --variant lite --processes 1 --run     # the candidate on LiteMedSAM (issue #24)
+    python -m icl.cli.recipe --variant real --run   # learns from real anatomy (issue #32; --real-volumes IMG:LAB)
 
 What the levers are and why, with the figures: BENCHMARKS.md (ICL section).
 """
@@ -85,7 +86,24 @@ LITE: dict[str, str] = {
     "-lr": "1e-3", "-warmup_epochs": "0.5", "-epochs": "10", "-steps_per_epoch": "50", "-val_samples": "0",
     "-num_workers": "1", "-time_limit_min": "65", "-checkpoint_path": "runs/lite", "-export": "runs/lite/candidate.pth",
 }
-VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR, "lite": LITE}
+# The candidate that learns from real anatomy (issue #32): LiteMedSAM's frozen encoder with its outputs of real-volume
+# crops stored once (-feature_cache auto) and the memory pooled 2 x 2 (cfg/medsam_lite_pool2.yaml), at 64 px (the
+# structures' own size in the fill's box). Real labelled volumes (-real_volumes, given to the recipe as a path: never
+# copied here) with the ten INIA19 benchmark structures and their homologues held out, along all three axes, in
+# contrast / acquisition / warp variants; look-alikes kept so the phantom switch holds. One process, time-limited.
+REAL_HELD_OUT = "1,1001,147,1147,45,1045,37,1037,7,1007"  # bench/real_anatomy.py's ten structures (INIA19 README)
+REAL_VOLUMES = "../shared/data/inia19/inia19-t1-brain.nii.gz:../shared/data/inia19/inia19-NeuroMaps.nii.gz"
+REAL: dict[str, str] = {
+    "-exp_name": "icl_real_cpu", "-config": "medsam_lite_pool2", "-pretrain": "litemedsam",
+    "-freeze": "image_encoder", "-feature_cache": "auto", "-image_size": "64", "-out_size": "64", "-qk_init": "0",
+    "-tasks": "0:adjacent=0.3,sparse=0.5,real_sparse=2,real_adjacent=0.5,real_far=0.3,real_cross=0.8",
+    "-real_volumes": REAL_VOLUMES, "-real_held_out": REAL_HELD_OUT, "-real_depth": "10", "-real_variants": "8",
+    "-mask_prior": "0.6", "-mask_prior_gain": "10", "-mask_prior_res": "output",
+    "-lr": "1e-3", "-warmup_epochs": "0.5", "-epochs": "14", "-steps_per_epoch": "50", "-val_freq": "7",
+    "-val_samples": "12", "-keep_epochs": "2", "-num_workers": "1", "-time_limit_min": "115",
+    "-checkpoint_path": "runs/real", "-export": "runs/real/candidate.pth",
+}
+VARIANTS: dict[str, dict[str, str]] = {"default": {}, "anatomy": ANATOMY, "prior": PRIOR, "lite": LITE, "real": REAL}
 
 
 def flags_with(changes: Mapping[str, str] | None = None) -> list[str]:
@@ -108,14 +126,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icl.cli.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", action="store_true", help="run the command (from the repository root)")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="the recipe, or a candidate")
-    p.add_argument("--processes", type=int, default=PROCESSES, help="CPU ranks (1 = no torchrun)")
+    p.add_argument("--processes", type=int, default=None,
+                   help=f"CPU ranks (1 = no torchrun); default {PROCESSES} for the default recipe, 1 for a variant")
+    p.add_argument("--real-volumes", default=None, metavar="IMG:LAB[,IMG:LAB]",
+                   help=f"--variant real: the labelled scans to learn from (default {REAL_VOLUMES}, relative to the "
+                        "repository root)")
+    p.add_argument("--resume", default=None, metavar="RUN_FOLDER", help="continue an interrupted run (-resume)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE",
+                   help="change flags of the recipe (train_3d.py's names without the dash), e.g. time_limit_min=8 "
+                        "image_size=256 (bench/gpu_train.sh)")
     a = p.parse_args(argv)
-    changes = VARIANTS[a.variant]
-    print("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in launch_command(changes, processes=a.processes)))
+    processes = a.processes or (PROCESSES if a.variant == "default" else 1)
+    changes = dict(VARIANTS[a.variant])
+    if a.real_volumes:
+        changes["-real_volumes"] = a.real_volumes
+    if a.resume:
+        changes["-resume"] = a.resume
+    for item in a.set:
+        flag, sep, value = item.partition("=")
+        if not sep or not flag or flag.startswith("-"):
+            p.error(f"--set takes FLAG=VALUE items (no dash), got {item!r}")
+        changes["-" + flag] = value
+    print("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in launch_command(changes, processes=processes)))
     if not a.run:
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = launch_command(changes, python=sys.executable, processes=a.processes)
+    command = launch_command(changes, python=sys.executable, processes=processes)
     return subprocess.run(command, cwd=ROOT, env=env).returncode
 
 

@@ -14,9 +14,18 @@ recomputed; a stored slice whose bytes no longer match its checksum is recompute
 unreadable file rebuilds the entry. The folder is made under a temp name and renamed, and ``meta.json`` is written
 atomically. Memory stays bounded: slices are read from the memory maps one at a time and at most ``open_cases``
 entries are open.
+
+Real-volume crops (``real_*`` levels, :class:`CropFeatures`): frozen LiteMedSAM's encoder is most of a step's forward
+pass, and real-volume tasks come back to the same crops (a finite bank of variants, boxes snapped to a grid:
+``icl.engine.train.real_tasks``). Layout ``<cache_dir>/real_features/<encoder key>_<size>_<dtype>/<hash of the crop
+id>/``: one entry of the format above (``slices`` = :data:`MAX_SLICES`, sparse on disk) plus ``inputs.npy``, the
+crc32 of the frame each slice was computed from. A stored slice is used only when the frame in hand has that
+checksum, so a changed augmentation, crop rule or volume never hands back features of other pixels (recomputed, said
+once). Other encoder keys under ``real_features`` are deleted at start.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -28,7 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from icl.data.vocabulary import REAL_LEVELS
 from icl.engine.clips import open_training_caches
+from icl.engine.train.real_tasks import CROP_PREFIX
 from icl.engine.train.schedule import CLIPS, parse_schedule
 from icl.errors import InputError
 from icl.io import write_json
@@ -109,8 +120,10 @@ class CaseFeatures:
 class FeatureCache:
     """Encoder outputs of the slices of preprocessed cases, for one predictor (its image encoder stays frozen)."""
 
-    def __init__(self, predictor: Any, cases: Sequence[Any], dtype: str = DEFAULT_DTYPE, open_cases: int = 8):
+    def __init__(self, predictor: Any, cases: Sequence[Any], dtype: str = DEFAULT_DTYPE, open_cases: int = 8,
+                 crops: Any = None):
         check_frozen(predictor)
+        self.crops = crops  # icl.engine.crop_features.CropFeatures: real-volume crops (frames carried by the task)
         self.predictor, self.dtype = predictor, DTYPES[dtype]
         self.cases = {case.id: case for case in cases}
         self.model_key = weights_hash(predictor.image_encoder)
@@ -118,8 +131,14 @@ class FeatureCache:
         self._open: OrderedDict[str, CaseFeatures] = OrderedDict()
         self.computed = self.read = 0  # slices encoded / read from disk (what the tests and the bench count)
 
-    def source(self, sources: Sequence[tuple[str, int]] | None) -> Callable[[int], list[torch.Tensor] | None] | None:
-        """A feature source over a task's frames (``sources[f]`` = (case id, slice) of frame f), or None."""
+    def source(self, sources: Sequence[tuple[str, int]] | None, frames: torch.Tensor | None = None
+               ) -> Callable[[int], list[torch.Tensor] | None] | None:
+        """A feature source over a task's frames (``sources[f]`` = (case id, slice) of frame f), or None; real-volume
+        crops go to :attr:`crops` with the task's ``frames``."""
+        if self.crops is not None and sources and frames is not None:
+            crop_source = self.crops.source(sources, frames)
+            if crop_source is not None:
+                return crop_source
         if not sources or any(case_id not in self.cases for case_id, _ in sources):
             return None
         return lambda f: self.levels(*sources[f])
@@ -186,15 +205,118 @@ class FeatureCache:
         return store
 
 
+# ------------------------------------------------------------------------------------------------ real crops
+MAX_SLICES = 1024  # slices addressable per crop (a scan's extent along any axis); files are sparse on disk
+
+
+def frame_sum(frame: torch.Tensor) -> int:
+    """crc32 of a frame's float32 bytes (what a stored slice was computed from)."""
+    return zlib.crc32(np.ascontiguousarray(frame.detach().cpu().numpy(), dtype=np.float32).tobytes())
+
+
+class CropFeatures:
+    """Encoder outputs of real-volume crops for one predictor (its image encoder frozen)."""
+
+    def __init__(self, predictor: Any, root: str | Path, dtype: str = "fp16", open_crops: int = 16):
+        check_frozen(predictor)
+        self.predictor, self.dtype = predictor, DTYPES[dtype]
+        key = f"{weights_hash(predictor.image_encoder)[:12]}_{int(predictor.image_size)}_{np.dtype(self.dtype).name}"
+        self.root = Path(root) / key
+        if Path(root).is_dir():
+            for stale in Path(root).iterdir():  # other encoders or sizes: invalidated, never reused
+                if stale.is_dir() and stale != self.root:
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.open_crops = open_crops
+        self._open: OrderedDict[str, tuple[CaseFeatures, np.memmap]] = OrderedDict()
+        self.computed = self.read = self.mismatched = 0  # slices encoded / read / found with other pixels
+
+    def source(self, sources: Sequence[tuple[str, int]] | None, frames: torch.Tensor | None
+               ) -> Callable[[int], list[torch.Tensor]] | None:
+        """A feature source over a task's frames (``sources[f]`` = (crop id, slice)), or None."""
+        if not sources or frames is None or not all(str(s).startswith(CROP_PREFIX) for s, _ in sources):
+            return None
+        return lambda f: self.levels(sources[f][0], int(sources[f][1]), frames[f])
+
+    def levels(self, crop: str, z: int, frame: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's levels of ``frame`` (slice ``z`` of ``crop``), [1, C, h, w] float32: stored or computed."""
+        if not 0 <= z < MAX_SLICES:
+            raise ValueError(f"slice {z} outside 0..{MAX_SLICES - 1}")
+        total = frame_sum(frame)
+        entry = self._entry(crop)
+        if entry is not None:
+            store, inputs = entry
+            if int(inputs[z]) == total:
+                stored = store.read(z)
+                if stored is not None:
+                    self.read += 1
+                    return [torch.from_numpy(a).float()[None] for a in stored]
+            elif int(inputs[z]) >= 0:
+                self.mismatched += 1
+                if self.mismatched == 1:
+                    print(f"note: feature cache {store.folder}: slice {z} was stored from other pixels; "
+                          "recomputing (said once)", file=sys.stderr)
+        p = self.predictor
+        with torch.no_grad():
+            fresh = [x.float() for x in p.encode_levels(prepare_frames(frame[None].to(p.device), p.image_size,
+                                                                       p.input_rule))]
+        if entry is None:
+            entry = self._entry(crop, [list(x.shape[1:]) for x in fresh])
+        store, inputs = entry
+        inputs[z] = -1  # the slice does not count while it is rewritten
+        inputs.flush()
+        store.write(z, [x[0].cpu().numpy().astype(self.dtype) for x in fresh])
+        inputs[z] = total
+        inputs.flush()
+        self.computed += 1
+        return [torch.from_numpy(np.array(level[z])).float()[None] for level in store.levels]
+
+    def _entry(self, crop: str, shapes: list[list[int]] | None = None) -> tuple[CaseFeatures, np.memmap] | None:
+        if crop in self._open:
+            self._open.move_to_end(crop)
+            return self._open[crop]
+        folder = self.root / hashlib.sha1(crop.encode()).hexdigest()[:20]
+        meta = {"format": "icl-crop-features-v1", "crop": crop, "slices": MAX_SLICES,
+                "dtype": np.dtype(self.dtype).name}
+        entry = None
+        if (folder / "inputs.npy").is_file():
+            try:
+                saved = CaseFeatures(folder, {**meta, "shapes": _shapes(folder)})
+                entry = saved, np.load(folder / "inputs.npy", mmap_mode="r+")
+            except (ValueError, OSError):
+                print(f"note: feature cache {folder} is unreadable; rebuilding it", file=sys.stderr)
+        if entry is None:
+            if shapes is None:
+                return None
+            store = CaseFeatures.create(folder, {**meta, "shapes": shapes})
+            np.save(folder / "inputs.npy", np.full(MAX_SLICES, -1, dtype=np.int64))
+            entry = store, np.load(folder / "inputs.npy", mmap_mode="r+")
+        self._open[crop] = entry
+        while len(self._open) > self.open_crops:
+            self._open.popitem(last=False)
+        return entry
+
+
+def _shapes(folder: Path) -> list[list[int]]:
+    """The level shapes an entry was made with (from its meta.json)."""
+    return json.loads((folder / "meta.json").read_text())["shapes"]
+
+
 def make_feature_cache(cfg: Any, info: Any, predictor: Any) -> FeatureCache | None:
-    """``-feature_cache``: the cache over the training run's dataset slices, or None (off, or nothing to cache)."""
+    """``-feature_cache``: the cache over the training run's dataset slices and real-volume crops (under
+    ``-cache_dir``/real_features), or None (off, or nothing to cache)."""
     if cfg.feature_cache == "off":
         return None
     check_frozen(predictor)
     if info.world_size > 1:
         raise InputError("-feature_cache", "auto runs in a single process only (ranks would write the same "
                                            "files); use -feature_cache off with -distributed True")
-    if not any(CLIPS in mix for _, mix in parse_schedule(cfg.tasks)):
-        print("note: -feature_cache auto: -tasks has no dataset clips, nothing to cache", file=sys.stderr)
+    sources = {name for _, mix in parse_schedule(cfg.tasks) for name in mix}
+    real = bool(sources & set(REAL_LEVELS))
+    if CLIPS not in sources and not real:
+        print("note: -feature_cache auto: -tasks has no dataset clips and no real volumes, nothing to cache",
+              file=sys.stderr)
         return None
-    return FeatureCache(predictor, open_training_caches(cfg, info)[0], dtype=DEFAULT_DTYPE)
+    cases = open_training_caches(cfg, info)[0] if CLIPS in sources else []
+    crops = CropFeatures(predictor, Path(cfg.cache_dir or "cache") / "real_features") if real else None
+    return FeatureCache(predictor, cases, dtype=DEFAULT_DTYPE, crops=crops)

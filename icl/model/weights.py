@@ -22,7 +22,7 @@ from torch import nn
 
 from icl.errors import InputError
 from icl.model import lora
-from sam2_ext.build import load_weights
+from sam2_ext.build import config_lineage, load_weights
 
 FORMAT = "icl-train-v1"
 #: Values of a weights option (``-pretrain``, ``--checkpoint``) that mean "no weights file: random init".
@@ -118,7 +118,7 @@ def packaged_pretrain(name: str, config: str | Path, flag: str) -> Path:
     """``-pretrain litemedsam`` of training and evaluation: the package's file (hash-checked), refused in one line
     when ``config`` is not the one the weights fit (their keys would not load, or load into the wrong model)."""
     entry = PACKAGED_WEIGHTS[name.strip().lower()]
-    if Path(str(config)).name.removesuffix(".yaml") != entry.config:
+    if entry.config not in config_lineage(config):
         raise InputError(flag, f"{name} weights fit -config {entry.config}, not {config}: add -config {entry.config}")
     return packaged_weights_path(name.strip().lower(), flag)
 

@@ -37,7 +37,7 @@ class ICLStep(nn.Module):
 
     def forward(self, task: Task) -> dict:
         cache = self.feature_cache
-        features = cache.source(task.sources) if cache is not None else None
+        features = cache.source(task.sources, task.frames) if cache is not None else None
         results = sorted(track(self.predictor, task.frames, task.prompts, task.direction,
                                grad=torch.is_grad_enabled(), features=features, priors=task.priors),
                          key=lambda r: r.index)

@@ -18,6 +18,7 @@ The protocol of ``../shared/data/inia19/README.md``, on any labelled scan of you
 
     .venv/bin/python bench/real_anatomy.py --image T1.nii.gz --label LABELS.nii.gz --classes 1,1001,147,1147 \\
         [--steps 4,6,8] [--styles per_structure,complete] [--checkpoint FILE] [--no-cross] [--json out.json]
+        [--compare NAME=CHECKPOINT[@CONFIG] ...]     # other weights' model fills beside, in the same run
 
 Missing optional baselines are named on stderr (``pip install -r bench/requirements-bench.txt``).
 """
@@ -91,9 +92,11 @@ def save(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: list[int],
                 styles: list[str], steps: list[int], tmp: Path, fills: tuple[str, ...] = ENGINE_FILLS,
-                classic: bool = True, litemedsam=None) -> list[dict]:
-    """The sparse rows; ``litemedsam``: LiteMedSAM's model for MedSAM's own workflow (a box per slice), or None."""
-    prior = seg.mask_prior
+                classic: bool = True, litemedsam=None, compared: dict[str, ICLSegmenter] | None = None
+                ) -> list[dict]:
+    """The sparse rows; ``litemedsam``: LiteMedSAM's model for MedSAM's own workflow (a box per slice), or None;
+    ``compared``: other weights ({name: segmenter}) whose model fills (auto, model, without prior) run beside,
+    named ``<fill>[<name>]``, on the same annotations in the same run."""
     image_path = save(image.astype(np.float32), affine, tmp / "image.nii.gz")
     rows = []
     for style in styles:
@@ -101,22 +104,27 @@ def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine:
             sparse, drawn = annotate_sparse(label, classes, step, style)
             sparse_path = save(sparse.astype(np.int16), affine, tmp / f"sparse_{style}_{step}.nii.gz")
             row: dict = {"style": style, "step": step, "dice": {}, "seconds": {}, "chosen": {}}
-            runs = [f for f in ENGINE_FILLS if f in fills] + (["model_without_prior"] if "model" in fills and
-                                                                     seg.mask_prior else [])
-            for fill in runs:
-                seg.fill, seg.complete_slices = fill.removesuffix("_without_prior"), style == "complete"
-                seg.mask_prior = prior and fill != "model_without_prior"  # = prior="none": the same weights, no prior
-                t0 = time.perf_counter()
-                result = seg.segment(query=image_path, support=image_path, support_label=sparse_path,
-                                     classes=classes)
-                row["seconds"][fill] = time.perf_counter() - t0
-                row["dice"][fill] = sparse_dice(result.labels, label, classes, drawn)
-                if fill == "auto":
-                    row["chosen"] = {c.structure: c.chosen for c in result.checks}
-                    row["self_check"] = [c.as_dict() for c in result.checks]
-                    for c in result.checks:
-                        print("  " + c.line(), file=sys.stderr)
-            seg.mask_prior = prior
+            segmenters = [("", seg, [f for f in ENGINE_FILLS if f in fills])]
+            segmenters += [(f"[{name}]", other, [f for f in ("auto", "model") if f in fills])
+                           for name, other in (compared or {}).items()]
+            for suffix, runner, names in segmenters:
+                prior = runner.mask_prior
+                runs = names + (["model_without_prior"] if "model" in names and prior else [])
+                for fill in runs:
+                    runner.fill, runner.complete_slices = fill.removesuffix("_without_prior"), style == "complete"
+                    runner.mask_prior = prior and fill != "model_without_prior"  # = prior="none": same weights
+                    t0 = time.perf_counter()
+                    result = runner.segment(query=image_path, support=image_path, support_label=sparse_path,
+                                            classes=classes)
+                    row["seconds"][fill + suffix] = time.perf_counter() - t0
+                    row["dice"][fill + suffix] = sparse_dice(result.labels, label, classes, drawn)
+                    if fill == "auto" and not suffix:
+                        row["chosen"] = {c.structure: c.chosen for c in result.checks}
+                        row["self_check"] = [c.as_dict() for c in result.checks]
+                    if fill == "auto":
+                        for c in result.checks:
+                            print(f"  {suffix} " + c.line(), file=sys.stderr)
+                runner.mask_prior = prior
             for name, run in (("sdf", lambda: plain_sdf(sparse, classes, style)),
                               ("mci", lambda: itk_interpolation(sparse)),
                               ("rw", lambda: random_walker_fill(image, sparse, drawn)),
@@ -168,7 +176,7 @@ def markdown(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(m for r in rows for m in r["dice"]))
     lines = ["| style @ step | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for r in rows:
-        best = max((mean(d), m) for m, d in r["dice"].items() if m not in ("auto", "model"))[1] \
+        best = max((mean(d), m) for m, d in r["dice"].items() if not m.startswith(("auto", "model")))[1] \
             if len(r["dice"]) > 2 else None
         cells = [f"**{mean(r['dice'][m]):.3f}**" if m == best else
                  (f"{mean(r['dice'][m]):.3f}" if m in r["dice"] else "—") for m in methods]
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--styles", default="per_structure,complete")
     p.add_argument("--checkpoint", default=None, help="default: the shipped default model")
     p.add_argument("--config", default="tiny_cpu")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=CHECKPOINT[@CONFIG]",
+                   help="other weights whose model fills run beside in the same run (repeatable)")
     p.add_argument("--crop", default="auto", choices=("auto", "on", "off"),
                    help="the model's crop (auto: on for weights trained with a mask prior)")
     p.add_argument("--fills", default=",".join(ENGINE_FILLS), help="the engine's fills to run (comma names); a model "
@@ -217,10 +227,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: litemedsam_box baseline skipped ({err})", file=sys.stderr)
     seg = ICLSegmenter(checkpoint=a.checkpoint, config=a.config, support_slices="labelled", crop=a.crop,
                        adapt_steps=a.adapt_steps)
+    compared = {}
+    for item in a.compare:
+        name, _, rest = item.partition("=")
+        weights, _, config = rest.partition("@")
+        compared[name] = ICLSegmenter(checkpoint=weights, config=config or None, support_slices="labelled",
+                                      crop=a.crop, adapt_steps=a.adapt_steps)
     with tempfile.TemporaryDirectory() as tmp:
         rows = sparse_rows(seg, image, label, img_nii.affine, classes, a.styles.split(","),
                            [int(s) for s in a.steps.split(",")], Path(tmp), tuple(a.fills.split(",")),
-                           not a.no_classic, lite)
+                           not a.no_classic, lite, compared)
         if not a.no_cross:
             rows.append(cross_row(seg, image, label, img_nii.affine, classes, a.homologue_offset, Path(tmp)))
     print(markdown(rows))

@@ -2,13 +2,17 @@
 by the fill's rule, cross-scan support from the warped variant, contrast variants, the flags."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from icl.data.real_augment import contrast_remap
 from icl.data.real_tasks import make_real_task
 from icl.data.real_volumes import load_real_volume, load_real_volumes
 from icl.data.vocabulary import REAL_LEVELS
+from icl.engine.train.loop import train
 from icl.engine.train.prior_tasks import with_mask_prior, with_registered_prior
 from icl.engine.train.real_tasks import GRID, fill_box, snapped, task_from_real
 from icl.errors import InputError
@@ -147,3 +151,28 @@ def test_flags_real_volumes_and_held_out(real_pair, tmp_path):  # noqa: F811
     with pytest.raises(InputError) as err:
         load_real_volumes(f"{image}:{label}", "3,1003", min_voxels=10**6, variants=2)
     assert str(label) in err.value.where and "no structure" in err.value.problem
+
+
+def test_training_on_real_volumes_runs_and_reads_stored_crops(real_pair, tmp_path, capsys):  # noqa: F811
+    """train_3d.py end to end on real levels with a frozen encoder: the validation tasks' crops, encoded at the
+    first validation, are read at the second (the epoch line counts them)."""
+    image, label = real_pair
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(parse_train_args([
+            "-exp_name", "real", "-config", "tiny_cpu", "-pretrain", "none", "-image_size", "64", "-out_size", "64",
+            "-gpu_device", "-1", "-tasks", "0:real_sparse=1,real_cross=1,real_far=1", "-real_volumes",
+            f"{image}:{label}", "-real_held_out", "3,1003", "-real_min_voxels", "50", "-real_variants", "2",
+            "-real_depth", "6", "-freeze", "image_encoder", "-feature_cache", "auto", "-cache_dir", str(tmp_path / "c"),
+            "-mask_prior", "0.5", "-mask_prior_gain", "10", "-mask_prior_res", "output", "-loss", "dice_bce",
+            "-epochs", "3", "-steps_per_epoch", "2", "-val_freq", "1", "-val_samples", "2", "-count_flops", "False",
+            "-checkpoint_path", str(tmp_path / "runs"), "-wandb_enabled", "False", "-dataset", "phantom",
+            "-data_path", str(tmp_path / "unused")]))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["step"] == 6 and (Path(summary["run_dir"]) / "last.pth").is_file()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch 3/3")]
+    read = float(lines[0].split("cache/crops_read ")[1].split(",")[0])
+    assert read > 0, "the second validation read what the first stored"
+    assert list((tmp_path / "c" / "real_features").rglob("inputs.npy"))

@@ -314,6 +314,16 @@ def out_of_time(run: Run) -> bool:
     return bool(dd.broadcast_object(late, run.info)) if run.info.world_size > 1 else late
 
 
+def cache_counts(cache: Any) -> dict[str, float]:
+    """Slices the feature cache encoded and read so far (``-feature_cache auto``; real crops apart): its hit rate."""
+    if cache is None:
+        return {}
+    out = {"cache/encoded": float(cache.computed), "cache/read": float(cache.read)}
+    if cache.crops is not None:
+        out |= {"cache/crops_encoded": float(cache.crops.computed), "cache/crops_read": float(cache.crops.read)}
+    return out
+
+
 def fit(run: Run) -> dict[str, Any]:
     """Epoch loop from the resumed (or zero) epoch to ``cfg.epochs``."""
     cfg, p = run.cfg, run.progress
@@ -324,6 +334,7 @@ def fit(run: Run) -> dict[str, Any]:
         p.epoch = epoch
         stop = out_of_time(run) and epoch < cfg.epochs
         record = {f"epoch/{k}": v for k, v in means.items()} | {"epoch": epoch, "epoch/seconds": time.time() - t0}
+        record |= cache_counts(unwrap(run.step_module).feature_cache)
         improved = False
         if should_validate(cfg, epoch) or stop:
             metrics, overlays = validate(run)

@@ -92,3 +92,14 @@ def test_under_grad_stored_crops_replace_the_encoder_exactly(tmp_path):
     assert plain_grads.keys() == stored_grads.keys() and all(
         torch.allclose(plain_grads[n], stored_grads[n], atol=1e-5) for n in plain_grads)
     assert np.isfinite(float(stored.sum()))
+
+
+def test_crops_stored_by_an_older_format_are_deleted_not_read(tmp_path):
+    """Stores of icl-features-v1 (named without the format) may hold TinyViT features normalised by training
+    batches' statistics: a new cache deletes them."""
+    model = _frozen()
+    old = tmp_path / "abcdef123456_128_float16"
+    (old / "x").mkdir(parents=True)
+    with single_thread():
+        cache = CropFeatures(model, tmp_path)
+    assert not old.exists() and cache.root.name.startswith("icl-features-v2_")

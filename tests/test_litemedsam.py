@@ -243,3 +243,31 @@ def test_the_api_feeds_the_model_its_own_input_rule(asset, tmp_path):
     expected = prepare_frames(torch.from_numpy(frames[3])[None], seg.predictor.image_size, seg.predictor.input_rule)[0]
     assert torch.equal(fed, expected)
     assert float(fed.min()) == pytest.approx(0.0, abs=1e-6) and float(fed.max()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_frozen_encoder_trains_with_the_features_evaluation_reads(asset):
+    """``-freeze image_encoder`` on LiteMedSAM: TinyViT's BatchNorm keeps its pretrained statistics in training.
+
+    Before: ``ICLStep.train()`` put the frozen encoder in train mode, so BatchNorm normalised each task's slices by
+    their own statistics (the query logits of a fresh model off by up to 10 from evaluation's) and overwrote its
+    running statistics at every step; a model then fitted 4 tasks in training and returned empty masks on them."""
+    from icl.engine.train.step import ICLStep
+    from icl.engine.train.tasks import level_task
+    from icl.model.build import build_predictor
+
+    torch.manual_seed(0)
+    step = ICLStep(build_predictor("medsam_lite", "cpu", str(asset), 64, "recency", ["image_encoder"]))
+    stats = {k: v.clone() for k, v in step.predictor.image_encoder.state_dict().items() if "running" in k}
+    assert stats
+    task = level_task("adjacent", 0, 64, 6, 2)
+    step.train()
+    trained = step(task)["logits"].detach()
+    assert step.predictor.training and step.predictor.memory_attention.training
+    assert not step.predictor.image_encoder.training
+    for k, v in step.predictor.image_encoder.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
+    step.eval()
+    with torch.no_grad():
+        evaluated = step(task)["logits"]
+    assert (trained - evaluated).abs().max() < 0.05

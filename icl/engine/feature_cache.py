@@ -17,11 +17,11 @@ entries are open.
 
 Real-volume crops (``real_*`` levels, :class:`CropFeatures`): frozen LiteMedSAM's encoder is most of a step's forward
 pass, and real-volume tasks come back to the same crops (a finite bank of variants, boxes snapped to a grid:
-``icl.engine.train.real_tasks``). Layout ``<cache_dir>/real_features/<encoder key>_<size>_<dtype>/<hash of the crop
-id>/``: one entry of the format above (``slices`` = :data:`MAX_SLICES`, sparse on disk) plus ``inputs.npy``, the
+``icl.engine.train.real_tasks``). Layout
+``<cache_dir>/real_features/<format>_<encoder key>_<size>_<dtype>/<hash of the crop id>/``: one entry of the format above (``slices`` = :data:`MAX_SLICES`, sparse on disk) plus ``inputs.npy``, the
 crc32 of the frame each slice was computed from. A stored slice is used only when the frame in hand has that
 checksum, so a changed augmentation, crop rule or volume never hands back features of other pixels (recomputed, said
-once). Other encoder keys under ``real_features`` are deleted at start.
+once). Other formats and encoder keys under ``real_features`` are deleted at start.
 """
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ from icl.io import write_json
 from icl.model.lora import weights_hash
 from sam2_ext.predictor import prepare_frames
 
-FORMAT = "icl-features-v1"
+# v2: stores made before the frozen encoder was kept in eval mode in training (icl.engine.train.step.frozen_modules)
+# may hold TinyViT features normalised by batch statistics; a new format is never handed them
+FORMAT = "icl-features-v2"
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 DEFAULT_DTYPE = "fp16"  # what -feature_cache auto stores (fp32 doubles the disk cost; the equality tests use it)
 
@@ -220,7 +222,8 @@ class CropFeatures:
     def __init__(self, predictor: Any, root: str | Path, dtype: str = "fp16", open_crops: int = 16):
         check_frozen(predictor)
         self.predictor, self.dtype = predictor, DTYPES[dtype]
-        key = f"{weights_hash(predictor.image_encoder)[:12]}_{int(predictor.image_size)}_{np.dtype(self.dtype).name}"
+        key = (f"{FORMAT}_{weights_hash(predictor.image_encoder)[:12]}_{int(predictor.image_size)}_"
+               f"{np.dtype(self.dtype).name}")
         self.root = Path(root) / key
         if Path(root).is_dir():
             for stale in Path(root).iterdir():  # other encoders or sizes: invalidated, never reused

@@ -18,6 +18,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that have parameters and train none of them (``-freeze``; LoRA's frozen base layers).
+
+    Why they stay in eval mode while the rest trains: LiteMedSAM's TinyViT normalises with BatchNorm. In train mode a
+    frozen encoder would normalise every slice by the statistics of the slices in hand, not by its pretrained running
+    statistics, and overwrite those statistics a little at every step. Training would then read other features than
+    evaluation and inference do (logits off by up to 10 on a fresh model), and the exported weights would carry the
+    statistics of the last training slices: a model that fits its training tasks and segments nothing at evaluation.
+    """
+    return [m for m in model.modules()
+            if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+
+
 class ICLStep(nn.Module):
     """One in-context forward pass over a :class:`~icl.engine.train.tasks.Task`, as an ``nn.Module`` (what DDP wraps).
 
@@ -34,6 +47,14 @@ class ICLStep(nn.Module):
         self.predictor = predictor
         self.aux_probe = nn.Conv2d(predictor.hidden_dim, 1, kernel_size=1) if aux_probe else None
         self.feature_cache = None  # icl.engine.feature_cache.FeatureCache: stored encoder outputs of dataset slices
+
+    def train(self, mode: bool = True) -> "ICLStep":
+        """Train mode, except in frozen parts (see :func:`frozen_modules`): they stay in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in frozen_modules(self.predictor):
+                module.eval()
+        return self
 
     def forward(self, task: Task) -> dict:
         cache = self.feature_cache

@@ -186,6 +186,17 @@ def _load_problem(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else f"{type(exc).__name__} (file truncated or empty?)"
 
 
+def weights_have_memory(path: str | Path) -> bool:
+    """Whether a weights file holds a memory attention (SAM2's, a trained model's) or leaves it at its init
+    (LiteMedSAM's: image encoder, prompt encoder and mask decoder only)."""
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(path, f"cannot read checkpoint: {_load_problem(exc)}") from None
+    sd = _extract_state_dict(obj, path)
+    return not is_litemedsam(sd) and any(str(k).startswith("memory_attention.") for k in sd)
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load weights strictly; any unreadable file or key/shape mismatch raises CheckpointError naming ``path``.
 

@@ -271,3 +271,23 @@ def test_a_frozen_encoder_trains_with_the_features_evaluation_reads(asset):
     with torch.no_grad():
         evaluated = step(task)["logits"]
     assert (trained - evaluated).abs().max() < 0.05
+
+
+def test_qk_init_starts_the_new_memory_attention_on_litemedsam_weights(asset, tmp_path):
+    """``-qk_init`` acts where memory attention is new: LiteMedSAM's weights have none (before: ignored with any
+    -pretrain, so the LiteMedSAM candidates started with near-uniform memory attention, and the query logits moved
+    by 0.015 when the support mask moved by 20 pixels, 4.7 with the kernel start); a trained model's are kept."""
+    from icl.engine.train.loop import setup
+    from icl.model.weights import DEFAULT_WEIGHTS
+    from sam2_ext.build import weights_have_memory
+
+    assert not weights_have_memory(asset)
+    assert weights_have_memory(DEFAULT_WEIGHTS["tiny_cpu"])
+    cfg = parse_train_args(["-dataset", "phantom", "-data_path", str(tmp_path / "ph"), "-config", "medsam_lite",
+                            "-pretrain", "litemedsam", "-freeze", "image_encoder", "-image_size", "64", "-qk_init", "4",
+                            "-tasks", "0:adjacent=1", "-checkpoint_path", str(tmp_path / "runs"), "-export", "none",
+                            "-wandb_enabled", "False", "-num_workers", "0", "-gpu_device", "-1",
+                            "-count_flops", "False", "-steps_per_epoch", "1", "-epochs", "1"])
+    run = setup(cfg)
+    attn = run.step_module.predictor.memory_attention.layers[0].cross_attn_image
+    assert float(attn.q_proj.weight.abs().max()) == 0.0 and torch.all(attn.k_proj.bias == 4.0)

@@ -136,7 +136,8 @@ class TrainConfig(CommonConfig):
                           "must locate the target (trains memory encoder and attention directly); 0 = off", float,
                      check=NON_NEGATIVE)
     qk_init: float = opt(0.0, "start every memory cross-attention as a pure relative-position kernel: q/k weights 0, "
-                              "biases this constant (e.g. 4); from-scratch training only; 0 = off", float,
+                              "biases this constant (e.g. 4); only where memory attention is new (random init, "
+                              "-pretrain litemedsam); 0 = off", float,
                          check=NON_NEGATIVE)
     mask_prior: float = opt(0.0, "chance that a both-ways training task is cropped like the sparse fill and given "
                                  "the classic interpolation as a dense mask prompt to refine (icl.sparse.prior)",

@@ -53,6 +53,7 @@ from icl.model.weights import load_checkpoint
 from icl.options.spec import run_command
 from icl.options.train import TrainConfig, parse_train_args
 from icl.progress import progress
+from sam2_ext.build import weights_have_memory
 
 
 # ----------------------------------------------------------------------------------------------------- pieces
@@ -147,7 +148,8 @@ def setup(cfg: TrainConfig) -> Run:
     peft = lora_setup(predictor, cfg) if cfg.peft == "lora" else None
     if cfg.multimask_tracking != "config":
         set_multimask_tracking(predictor, cfg.multimask_tracking == "on")
-    if cfg.qk_init > 0 and weights is None and resume_file is None:
+    # the kernel start only where memory attention is new: from scratch, or on LiteMedSAM's weights (which have none)
+    if cfg.qk_init > 0 and resume_file is None and (weights is None or not weights_have_memory(weights)):
         positional_memory_init(predictor, cfg.qk_init)
     predictor.prior_gain = cfg.mask_prior_gain  # the mask prior as a residual too (sam2_ext.priors)
     predictor.prior_resolution = cfg.mask_prior_res

@@ -102,6 +102,11 @@ def sparse_rows(seg: ICLSegmenter, image: np.ndarray, label: np.ndarray, affine:
     for style in styles:
         for step in steps:
             sparse, drawn = annotate_sparse(label, classes, step, style)
+            missing = [c for c in classes if not drawn.get(c)]
+            if missing:  # e.g. complete slices @ 1000: the one shared slice misses some structures
+                print(f"note: {style} @ {step}: no drawn slice holds structure(s) {missing}; row skipped",
+                      file=sys.stderr)
+                continue
             sparse_path = save(sparse.astype(np.int16), affine, tmp / f"sparse_{style}_{step}.nii.gz")
             row: dict = {"style": style, "step": step, "dice": {}, "seconds": {}, "chosen": {}}
             segmenters = [("", seg, [f for f in ENGINE_FILLS if f in fills])]

@@ -39,3 +39,16 @@ def test_itk_interpolates_between_annotations_only():
     np.testing.assert_array_equal(filled[..., [2, 5, 8]], sparse[..., [2, 5, 8]])
     assert (filled[..., 3:5] == 1).any() and (filled[..., 6:8] == 2).any()  # in between: interpolated
     assert not filled[..., :2].any() and not filled[..., 9:].any()  # outside: it does not extrapolate
+
+
+def test_real_anatomy_skips_a_row_whose_drawn_slices_miss_a_structure(tmp_path, capsys):
+    """Complete slices @ 1000 draw the union's middle slice only; a structure not on it has nothing to propagate
+    from. The row is skipped with a note (it was an InputError traceback that lost the run's JSON)."""
+    from bench.real_anatomy import sparse_rows
+
+    label = np.zeros((12, 12, 20), np.int16)
+    label[2:6, 2:6, 1:5] = 1
+    label[6:10, 6:10, 14:19] = 2
+    rows = sparse_rows(None, np.zeros(label.shape, np.float32), label, np.eye(4), [1, 2], ["complete"], [1000],
+                       tmp_path, classic=False)
+    assert rows == [] and "row skipped" in capsys.readouterr().err

@@ -100,7 +100,8 @@ REAL: dict[str, str] = {
     "-tasks": "0:adjacent=0.3,sparse=0.5,real_sparse=2,real_adjacent=0.5,real_far=0.3,real_cross=0.8",
     "-real_volumes": REAL_VOLUMES, "-real_held_out": REAL_HELD_OUT, "-real_depth": "10", "-real_variants": "8",
     "-mask_prior": "0.6", "-mask_prior_gain": "10", "-mask_prior_res": "output",
-    # lr 3e-4: at 1e-3 (LITE's) the first run collapsed after ~300 steps (object score constant, every mask empty)
+    # lr 3e-4: at 1e-3 (LITE's) the first run collapsed after ~300 steps (object score constant, every mask empty);
+    # both runs had the frozen encoder's BatchNorm in train mode (fixed since: icl.engine.train.step.frozen_modules)
     "-lr": "3e-4", "-warmup_epochs": "1", "-epochs": "14", "-steps_per_epoch": "50", "-val_freq": "7",
     "-val_samples": "0", "-keep_epochs": "2", "-num_workers": "1", "-time_limit_min": "115",
     "-checkpoint_path": "runs/real", "-export": "runs/real/candidate.pth",

@@ -74,7 +74,7 @@ def api_fills(phantom):
     """What the API (the CLI's engine) gives for the files, per fill method: what the widget must give; and the
     steps the engine reported meanwhile (``icl.progress.observe``, what the widget's progress bar shows)."""
     out, steps = {}, []
-    for fill in ("auto", "model"):
+    for fill in ("auto", "model", "registration"):
         with observe(lambda what, done, total: steps.append((fill, what.split()[0], done, total))):
             out[fill] = ICLSegmenter(support_slices="labelled", fill=fill).segment(
                 phantom["image"], phantom["image"], phantom["sparse"])
@@ -143,7 +143,7 @@ def test_writer_round_trips_on_the_source_grid(make_napari_viewer, phantom, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------- widget
-@pytest.mark.parametrize("fill", ["auto", "model"])
+@pytest.mark.parametrize("fill", ["auto", "model", "registration"])
 def test_widget_fills_like_the_api(make_napari_viewer, qtbot, phantom, api_fills, fill):
     expected = api_fills[0][fill]
     viewer = make_napari_viewer()
@@ -167,8 +167,9 @@ def test_widget_fills_like_the_api(make_napari_viewer, qtbot, phantom, api_fills
             for r in range(widget.table.rowCount())]
     assert [row[0] for row in rows] == [str(c) for c in CLASSES]  # one row per structure
     for row, check in zip(rows, expected.checks):
-        assert row[1:6] == [f"{check.dice['interpolation']:.3f}", f"{check.dice['nearest']:.3f}",
-                            f"{check.dice['model']:.3f}", "-", check.chosen]  # registration: another scan's only
+        dice = [check.dice.get(m) for m in ("interpolation", "nearest", "model", "registration")]
+        assert row[1:6] == [*("-" if v is None else f"{v:.3f}" for v in dice), check.chosen]
+        assert row[4] != "-" and (row[3] != "-") == (fill != "registration")  # the model runs for auto and model
         assert row[6] == f"{check.held_out_slices} of {check.annotated_slices}"  # the slices it rests on
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=5_000)
 
@@ -236,6 +237,8 @@ def test_the_engine_reports_each_slice_of_the_self_check_and_the_fill(api_fills)
         for what in ("self-check", "fill"):
             assert [done for f, w, done, total in steps if (f, w) == (fill, what)] == list(range(depth + 1))
             assert {total for f, w, _, total in steps if (f, w) == (fill, what)} == {depth}
+    registered = [(done, total) for f, w, done, total in steps if (f, w) == ("registration", "register")]
+    assert registered and registered[-1][0] == registered[-1][1] > 0  # the image-guided fill's pairs, counted
 
 
 def test_job_generator_returns_the_fill_and_names_layers_in_errors(phantom, api_fills):

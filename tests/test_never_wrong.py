@@ -166,7 +166,7 @@ def test_5_drawn_voxels_are_the_answer_for_every_fill():
     drawn = draw(label, 2)
     annotation = Annotation.from_label(drawn, 2, [1, 2, 3])
 
-    def everywhere(ann, classes):
+    def everywhere(ann, classes, priors=None):
         for z in range(ann.depth):
             yield z, {c: ((0, SHAPE[0], 0, SHAPE[1]), np.ones(SHAPE[:2], np.float32)) for c in classes}
 

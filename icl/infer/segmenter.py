@@ -60,6 +60,7 @@ from icl.sparse.fill import StructureCheck, choose, compose, fill_volume, self_c
 from icl.sparse.methods import AUTO, MODEL, NO_MODEL_FILLS, REGISTRATION
 from icl.sparse.model_fill import ModelFill
 from icl.sparse.registration import fuse
+from icl.sparse.slice_registration import scan_fields
 from sam2_ext.frames import SAM2_INPUT, InputRule, prepare_frames
 from sam2_ext.track import track
 
@@ -219,12 +220,8 @@ class ICLSegmenter:
             print(f"note: {query}: the support label is a drawing on a few slices of a scan on the query's grid, "
                   f"but the query is not that scan: {comparison.why()}; so the support is read as another scan's "
                   "(give --direction both if it is the same scan)", file=sys.stderr)
-        if reading.per_class == LABELLED and same and self.fill != REGISTRATION:
+        if reading.per_class == LABELLED and same:
             return self._fill_sparse(q_scan, label, cls, query, label_scan.path, picks, axis, progress)
-        if same and self.fill == REGISTRATION:
-            raise InputError("--fill", "registration carries the labels of another scan onto the query, but the "
-                                       "query is the support scan itself: fill its drawing with auto, model, "
-                                       "interpolation or nearest")
         # another scan: registration, unless the model was asked for (--fill model, or its --direction forward)
         if not same and (self.fill == REGISTRATION or (self.fill == AUTO and self.direction == "auto")) \
                 and not self.complete_slices:
@@ -331,12 +328,14 @@ class ICLSegmenter:
                                lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared,
                                priors=self.mask_prior, adapt_steps=self.adapt_steps)
         counted = None if runner is None else _counted(runner, progress, f"self-check {query.name}")
-        checks = choose(annotation, self_check(annotation, counted), self.fill)
+        fields = scan_fields(scan, axis, progress)  # the image between the drawn slices (registration fill)
+        checks = choose(annotation, self_check(annotation, counted, fields), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
         try:
-            fill_volume(annotation, {c.structure: c.chosen for c in checks}, runner, out_zhw, bar.update)
+            fill_volume(annotation, {c.structure: c.chosen for c in checks}, runner, out_zhw, bar.update, fields,
+                        {c.structure: c.prior for c in checks})
         finally:
             bar.close()
         size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
@@ -356,10 +355,10 @@ class ICLSegmenter:
 
 def _counted(runner: ModelFill, progress: bool, desc: str):
     """The runner with a bar over the slices it tracks: the self-check is the fill's longest silent part."""
-    def run(annotation: Annotation, classes: list[int]):
+    def run(annotation: Annotation, classes: list[int], priors=None):
         bar = progress_bar(total=annotation.depth, desc=desc, unit="slice", enabled=progress)
         try:
-            for item in runner(annotation, classes):
+            for item in runner(annotation, classes, priors):
                 bar.update()
                 yield item
         finally:

@@ -77,7 +77,7 @@ class FillWidget(QWidget):
         for axis, text in AXES:
             self.axis_box.addItem(text, axis)
         self.fill_box = QComboBox()
-        self.fill_box.addItems(list(FILLS))  # the API's fills (registration: support from another open scan)
+        self.fill_box.addItems(list(FILLS))  # the API's fills (registration: 2D on a drawing, 3D from another scan)
         self.complete_box = QCheckBox("complete slices (every drawn slice holds every structure)")
         self.run_button, self.cancel_button = QPushButton("Fill"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)

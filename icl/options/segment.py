@@ -35,11 +35,13 @@ class SegmentOptions(Options):
     complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
                                        "requested structure (absent there = absent); default: per structure", bool)
     fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
-                            "model, interpolation or nearest; with support from other scans: auto (= registration), "
-                            "registration (each support registered to the query, several fused) or model",
-                    choices=FILLS)
-    prior: str = opt("auto", "the model's classic prior: auto (as its weights were trained: the interpolation of a "
-                             "drawing, for weights trained with -mask_prior) or none (the learned part alone, to see "
+                            "registration (each drawn slice's image registered to the slices between, its mask "
+                            "carried), interpolation, nearest or model; with support from other scans: auto (= "
+                            "registration), registration (each support registered to the query, several fused) or "
+                            "model", choices=FILLS)
+    prior: str = opt("auto", "the model's classic prior: auto (for weights trained with -mask_prior: on a drawing, each "
+                             "structure's best classic fill of the self-check; from another scan, the registered "
+                             "labels) or none (the learned part alone, to see "
                              "what it does)", choices=("auto", "none"))
     report: str | None = opt(None, "write the self-check table to this JSON file (a drawing on the scan itself: "
                                    "held-out Dice per structure and method; several other scans: leave-one-out Dice "

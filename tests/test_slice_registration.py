@@ -123,6 +123,8 @@ def test_the_self_check_scores_it_and_hands_the_model_the_best_classic_prior():
     assert set(dice) == {"interpolation", "nearest", "registration", "model"}
     assert dice["registration"] > dice["interpolation"] + 0.1
     assert isinstance(handed[0][1], RegistrationFill)  # the best classic fill is the model's prior
+    shared = RegistrationFill(annotation, fields).jobs() & set(fields.fields)
+    assert len(shared) >= len(RegistrationFill(annotation, fields).jobs()) // 3  # its registrations serve the fill
     table = choose(annotation, checks, "auto")
     assert table[0].chosen == "registration" and table[0].prior == "registration"
     assert "registration" in table[0].line()

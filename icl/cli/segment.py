@@ -2,7 +2,7 @@
 
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
     python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
-        --support-slices labelled [--fill auto|model|interpolation|nearest] [--complete-slices] [--report R.json]
+        --support-slices labelled [--fill auto|registration|interpolation|nearest|model] [--report R.json]
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query QUERIES/ --out PREDS/ \\
         --classes 1,2 --checkpoint ckpt.pth --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
 
@@ -26,8 +26,10 @@ A scan annotated on a few slices ('labelled', the scan given as --support and --
   --complete-slices: every labelled slice is annotated for every structure: on slice 10 structure 5 is absent
     (the slice is written back whole) and 5's fill ends there.
 Beyond a structure's outermost annotated slices it extends at most half its annotation spacing (every fill).
---fill: model (SAM2 propagation alone), interpolation (shape-based: signed distance maps blended between
-annotated slices, aligned by centroid), nearest (copy of the nearest annotated slice), or auto (default): a
+--fill: registration (each drawn slice's image registered, 2D, to the slices between it and the next; the drawn
+masks carried there and blended by distance: reads the image), interpolation (shape-based: signed distance maps
+blended between annotated slices, aligned by centroid), nearest (copy of the nearest annotated slice), model (SAM2
+propagation, with each structure's best classic fill as its prior), or auto (default): a
 self-check holds out every other annotated slice of each structure, fills them with every method from the rest,
 and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
 (your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.

@@ -44,7 +44,7 @@ from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, Score, place
 from icl.sparse.methods import (AUTO, CLASSIC_FILLS, INTERPOLATION, MODEL, NEAREST, REGISTRATION, SAME_SCAN_FILLS,
                                 SHAPE_FILLS)
-from icl.sparse.slice_registration import RegistrationFill, SliceFields
+from icl.sparse.slice_registration import RegistrationFill, SliceFields, registration_box
 
 PREFERENCE = (INTERPOLATION, NEAREST, REGISTRATION, MODEL)  # ties: the cheaper, more predictable fill first
 SHRINK_SLICES = 8  # weight of the scan-wide mean, in held-out slices, when a structure's own estimate is read
@@ -92,12 +92,15 @@ def _dice(inter: float, pred: float, truth: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def classic_fill(annotation: Annotation, method: str, fields: SliceFields | None) -> Fill:
-    """The classic fill ``method`` of ``annotation`` (``registration`` reads the image through ``fields``)."""
+def classic_fill(annotation: Annotation, method: str, fields: SliceFields | None, drawing: Annotation | None = None
+                 ) -> Fill:
+    """The classic fill ``method`` of ``annotation`` (``registration`` reads the image through ``fields``, in the
+    boxes of ``drawing``, the whole drawing ``annotation`` is part of: default ``annotation`` itself)."""
     if method == REGISTRATION:
         if fields is None:
             raise ValueError("the registration fill needs the scan's image (fields)")
-        return RegistrationFill(annotation, fields)
+        drawing = drawing or annotation
+        return RegistrationFill(annotation, fields, {c: registration_box(drawing, c) for c in annotation.classes})
     return ClassicFill(annotation, method)
 
 
@@ -126,7 +129,7 @@ def self_check(annotation: Annotation, run_model: ModelRunner | None,
         return {c: (len(scored[c]), {m: _dice(*sums[c][m]) for m in (*CLASSIC_FILLS, MODEL) if m in sums[c]},
                     per_slice[c]) for c in scored}
 
-    fills = {m: classic_fill(kept, m, fields) for m in classic_methods(fields)}
+    fills = {m: classic_fill(kept, m, fields, annotation) for m in classic_methods(fields)}  # the drawing's boxes
     if REGISTRATION in fills:
         fills[REGISTRATION].prepare(scored)
     for method, fill in fills.items():

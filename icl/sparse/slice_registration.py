@@ -181,9 +181,12 @@ class RegistrationFill:
     score on slice ``z``, as :class:`~icl.sparse.classic.ClassicFill` does. :meth:`prepare` registers what a set of
     slices needs at once (in parallel, with a progress bar); :meth:`score` registers what is still missing."""
 
-    def __init__(self, annotation: Annotation, fields: SliceFields):
+    def __init__(self, annotation: Annotation, fields: SliceFields, boxes: Mapping[int, Box | None] | None = None):
+        """``boxes``: each structure's registration box (default: :func:`registration_box` of ``annotation``); the
+        self-check hands those of the whole drawing to its half of it, so that its registrations serve the fill."""
         self.annotation, self.fields = annotation, fields
-        self._boxes = {c: registration_box(annotation, c) for c in annotation.classes}
+        self._boxes = dict(boxes) if boxes is not None else {c: registration_box(annotation, c)
+                                                             for c in annotation.classes}
         self._extents = {c: annotation.extent(c) for c in annotation.classes}
         self._sdf: dict[tuple[int, int], np.ndarray] = {}
 

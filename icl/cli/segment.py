@@ -69,7 +69,7 @@ from icl.api import ICLSegmenter
 from icl.data.frames import Scan
 from icl.errors import EXIT_INPUT_ERROR, InputError
 from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs, report_file
-from icl.infer.query_folder import UNREADABLE, list_queries, skipped_line, unreadable_line
+from icl.infer.query_folder import UNREADABLE, is_query_folder, list_queries, skipped_line, unreadable_line
 from icl.infer.support import (AUTO_SLICES, LABELLED, check_sparse_options, load_support, parse_classes,
                                parse_support_slices, support_pairs)
 from icl.io import write_json
@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     per_class = parse_support_slices(args.support_slices)
     check_sparse_options(per_class, args.fill, args.complete_slices)
     query = Path(args.query)
-    if args.query_glob and not query.is_dir():
+    if args.query_glob and not is_query_folder(query):
         raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
     pairs_given = support_pairs(args.support, args.support_label)
     queries, skipped = (list_queries(query, args.query_glob, [Path(lab) for _, lab in pairs_given])
-                        if query.is_dir() else (None, []))
+                        if is_query_folder(query) else (None, []))
     for q in list(queries or []):  # a file of a folder that cannot be read is left out, with a warning
         try:
             Scan.open(q, args.channel)

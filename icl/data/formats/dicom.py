@@ -220,8 +220,8 @@ def read_series(geometry: Geometry) -> np.ndarray:
     if geometry.shifts is not None:
         volume = volume.astype(np.float32)
         low = float(volume.min())
-        for k, shift in enumerate(geometry.shifts):
-            volume[k] = ndimage.shift(volume[k], shift, order=1, mode="constant", cval=low)
+        for k, shift in enumerate(np.round(geometry.shifts, 4)):  # positions are decimal strings: snap their noise
+            volume[k] = ndimage.shift(volume[k], shift, order=1, mode="grid-constant", cval=low)
     return volume.transpose(2, 1, 0)
 
 

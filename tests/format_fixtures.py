@@ -33,7 +33,7 @@ def image_volume(shape=(14, 11, 9), seed: int = 3) -> np.ndarray:
     """int16 values with structure along every axis (a transposed or flipped read never equals it)."""
     rng = np.random.default_rng(seed)
     i, j, k = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-    return (i * 100 + j * 10 + k + rng.integers(-3, 4, shape)).astype(np.int16)
+    return (i * 100 + j * 10 + k - 300 + rng.integers(-3, 4, shape)).astype(np.int16)  # negative: no label map
 
 
 def label_volume(shape=(14, 11, 9)) -> np.ndarray:

@@ -35,11 +35,16 @@ def kind_name(path: Path) -> str:
 
 
 def itk_problem(err: BaseException) -> str:
-    """ITK's message without SimpleITK's wrapping (source file, line, exception class): the sentence that says why."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    found = re.findall(r"ERROR:\s*(.*?)(?=\s*(?:itk::|sitk::|$))", text)
-    why = (found[-1] if found else text).strip()
-    why = re.sub(r"\s+", " ", why)
+    """ITK's message without SimpleITK's wrapping (source file, line, object address): the sentence that says why
+    (for a NRRD, teem's last line: "expected 2772 bytes but received 2505")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    teem = [re.sub(r"^\[nrrd\]\s*(_?\w+:\s*)?", "", line) for line in lines if line.startswith("[nrrd]")]
+    teem = [line for line in teem if line and not line.startswith("trouble")]
+    if teem:
+        return teem[-1][:300]
+    text = " ".join(line for line in lines if not line.startswith("Exception thrown in SimpleITK"))
+    found = re.findall(r"ERROR:\s*(?:\w+\(0x[0-9a-f]+\):\s*)?(.*?)(?=\s*(?:itk::|sitk::|$))", text)
+    why = re.sub(r"\s+", " ", (found[-1] if found else text)).strip()
     return why[:300] if why else type(err).__name__
 
 

@@ -107,22 +107,18 @@ def read_segments(fields: Mapping[str, str], path: Path, layers: int) -> tuple[S
         if other is not s:
             raise InputError(path, f"segments '{other.name}' and '{s.name}' overlap in layer {s.layer}: both are "
                                    f"label value {s.file_value} there (give each its own value in Slicer)")
-    return _renumber(found, path)
+    return _renumber(found)
 
 
-def _renumber(segments: list[Segment], path: Path) -> tuple[Segment, ...]:
+def _renumber(segments: list[Segment]) -> tuple[Segment, ...]:
     """Each segment keeps its label value unless a segment of another layer came first with it: then the next
-    value no segment uses (one line says so)."""
+    value no segment uses (one line says so, once the layers are merged)."""
     used = {s.file_value for s in segments}
     taken: dict[int, Segment] = {}
     out = []
     for s in segments:
         if s.file_value in taken:
-            value = max(used | set(taken)) + 1
-            first = taken[s.file_value]
-            say_once(f"note: {path}: segments '{first.name}' (layer {first.layer}) and '{s.name}' (layer {s.layer}) "
-                     f"share label value {s.file_value}: '{s.name}' is read as {value}")
-            s = replace(s, value=value)
+            s = replace(s, value=max(used | set(taken)) + 1)
         taken[s.value] = s
         out.append(s)
     return tuple(out)
@@ -156,6 +152,10 @@ def merge_layers(arr: np.ndarray, segments: Sequence[Segment], path: Path) -> np
                                    "one segment per voxel; remove the overlap in Slicer (Segment Editor, 'Overwrite "
                                    "other segments') and save again")
         out[hit] = to[idx[hit]]
+    for s in segments:
+        if s.value != s.file_value:
+            say_once(f"note: {path}: segment '{s.name}' (layer {s.layer}) has label value {s.file_value}, which a "
+                     f"segment of another layer has: read as {s.value}")
     return out
 
 

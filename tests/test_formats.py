@@ -128,7 +128,7 @@ def test_written_seg_nrrd_keeps_segments_and_reads_in_slicerio_and_pynrrd(grid, 
     n = next(i for i in range(3) if header[f"Segment{i}_LabelValue"] == "2")
     assert header[f"Segment{n}_Extent"] == "7 11 5 8 3 6" and header[f"Segment{n}_Layer"] == "0"
     # and our own reader: the same names back
-    assert [s.name for s in Scan.open(out).segments] == ["Segment_1", "Kidney left", "Segment_5"]
+    assert [s.name for s in Scan.open(out).segments] == ["Kidney left", "Segment_1", "Segment_5"]  # named first
 
 
 @pytest.mark.parametrize("name", ["out.nrrd", "out.mha", "out.mhd", "out.nii.gz"])

@@ -184,16 +184,18 @@ def open_segmentation(path: Path, info: Info) -> Volume:
 
 # ------------------------------------------------------------------------------------------------ writing
 def segments_for(values: Iterable[int], known: Sequence[Segment] | None) -> list[Segment]:
-    """The segments of an output holding label ``values``: a named segment keeps its name, colour, ID and tags;
-    a value no input named gets a generated one (``Segment_<value>``, a palette colour) — its number kept."""
-    named = {s.value: s for s in (known or ())}
+    """The segments of an output holding label ``values``: the named ones first, in their order, each keeping its
+    name, colour, ID and tags; then a generated one for each value no input named (``Segment_<value>``, a palette
+    colour) — its number kept."""
+    wanted = {int(v) for v in values if int(v) > 0}
+    named = [s for s in (known or ()) if s.value in wanted]
+    fresh = sorted(wanted - {s.value for s in named})
     out, ids = [], set()
-    for i, v in enumerate(sorted({int(v) for v in values if int(v) > 0})):
-        s = named.get(v) or generated(v, i)
+    for s in named + [generated(v, len(named) + n) for n, v in enumerate(fresh)]:
         if s.id in ids:  # an ID must be unique in a segmentation
-            s = replace(s, id=f"{s.id}_{v}")
+            s = replace(s, id=f"{s.id}_{s.value}")
         ids.add(s.id)
-        out.append(replace(s, layer=0, file_value=v))
+        out.append(replace(s, layer=0, file_value=s.value))
     return out
 
 

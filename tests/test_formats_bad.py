@@ -61,7 +61,8 @@ def test_dicom_folder_with_no_image(ok, tmp_path, capsys):
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # a structured report: no pixel data
     meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
     ds = Dataset()
-    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.SeriesInstanceUID, ds.PatientName = "SR", generate_uid(), "Phantom"
     ds.save_as(str(folder / "SR0001"), enforce_file_format=True)
     _refused(capsys, tmp_path, folder, "no DICOM image in this folder", ok["scan"], ok["drawn"], folder)

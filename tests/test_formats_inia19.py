@@ -43,7 +43,8 @@ def inia(tmp_path_factory):
             "nifti": (T1, write_nifti(drawn, affine, root / "drawn.nii.gz")),
             "nrrd": (write_nrrd(image, affine, root / "t1.nrrd"),
                      write_seg_nrrd(drawn, affine, root / "drawn.seg.nrrd", segments)),
-            "mha": (write_metaimage(image, affine, root / "t1.mha"), write_metaimage(drawn, affine, root / "drawn.mha")),
+            "mha": (write_metaimage(image, affine, root / "t1.mha"),
+                    write_metaimage(drawn, affine, root / "drawn.mha")),
             "quantised": (write_nifti(quantised, affine, root / "t1_q.nii.gz"), root / "drawn.nii.gz"),
             "dicom": (write_dicom_series(quantised, affine, root / "T1", slope=SLOPE, modality="MR"),
                       root / "drawn.nii.gz")}

@@ -123,3 +123,26 @@ def test_query_folder_of_mixed_formats_with_a_dicom_series(case, nifti_fills, tm
     assert sorted(p.name for p in out.iterdir()) == ["CT.nii.gz", "a.nrrd", "b.mha"]
     for name in ("a.nrrd", "b.mha", "CT.nii.gz"):
         np.testing.assert_array_equal(_canonical(out / name), nifti_fills["nifti"])
+
+
+def test_the_readmes_slicer_path_runs_as_written(case, tmp_path):
+    """The README's 'A 3D Slicer user, end to end' commands, on the case saved as Slicer saves it."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("**A 3D Slicer user, end to end.**")
+    block = re.search(r"```bash\n(.*?)```", readme[start:], flags=re.S).group(1)
+    commands = [line.split() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:3] for c in commands] == [["python", "-m", "icl.segment"]] * 2
+    shutil.copy(case["nrrd"][0], tmp_path / "scan.nrrd")
+    shutil.copy(case["nrrd"][1], tmp_path / "Segmentation.seg.nrrd")
+    shutil.copytree(case["dicom"][0], tmp_path / "CT")
+    for args in commands:
+        out = tmp_path / args[args.index("--out") + 1]
+        args = [str(tmp_path / a) if (tmp_path / a.rstrip("/")).exists() or a == args[args.index("--out") + 1]
+                else a for a in args[3:]]
+        assert main([*args, "--quiet"]) == 0
+        seg = slicerio.read_segmentation(str(out))
+        assert [s["name"] for s in seg["segments"]] == ["Liver", "Kidney left", "Tumour"]
+        assert all((seg["voxels"] == v).sum() > 0 for v in NAMES)

@@ -1,4 +1,4 @@
-"""Segment NIfTI scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
+"""Segment scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
 
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
     python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
@@ -50,8 +50,13 @@ the support label itself, label maps (few non-negative integer values), and wher
 names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
 files by name instead (only the support label is still skipped).
 
+Formats: scans and labels may be NIfTI (.nii.gz, .nii), NRRD (.nrrd, .nhdr), 3D Slicer segmentations (.seg.nrrd:
+segment names kept), MetaImage (.mha, .mhd) or a DICOM series (its folder, or one file of it to pick one of several
+series); the output's format is --out's suffix (a .seg.nrrd output keeps the support label's segment names, colours
+and label values). A query folder's DICOM series sub-folders are queries (output <folder>.nii.gz).
+
 No output may be one of the inputs (compared as files: other spellings and links of a path count), --out must be
-a NIfTI name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
+a label-map name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
 before any work. Negative values need no '=': --window -100,200.
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """

@@ -43,6 +43,16 @@ def test_nrrd_written_by_pynrrd_reads_as_its_nifti_copy(grid, tmp_path, space):
     _same_as_nifti(Scan.open(path), grid["nifti"])
 
 
+def test_detached_nrrd_header_reads_with_its_data_file(grid, tmp_path):
+    import nrrd as pynrrd
+    from format_fixtures import nrrd_geometry
+    path = tmp_path / "scan.nhdr"
+    pynrrd.write(str(path), grid["image"], {**nrrd_geometry(grid["affine"]), "kinds": ["domain"] * 3,
+                                            "encoding": "raw"}, detached_header=True, index_order="F")
+    _same_as_nifti(Scan.open(path), grid["nifti"])
+    assert files_of(path) == [path, tmp_path / "scan.raw"]
+
+
 @pytest.mark.parametrize("name", ["scan.mha", "scan.mhd"])
 def test_metaimage_written_by_hand_reads_as_its_nifti_copy(grid, tmp_path, name):
     path = write_metaimage(grid["image"], grid["affine"], tmp_path / name)

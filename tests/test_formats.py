@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import slicerio
 
-from format_fixtures import (dicom_affine, image_volume, label_volume, oblique_affine, read_dicom_values,
-                             read_metaimage, segment, write_dicom_series, write_metaimage, write_nifti, write_nrrd,
-                             write_seg_nrrd)
+from bench.format_writers import (nrrd_geometry, read_dicom_values, read_metaimage, segment, write_dicom_series,
+                                  write_metaimage, write_nifti, write_nrrd, write_seg_nrrd)
+from format_fixtures import dicom_affine, image_volume, label_volume, oblique_affine
 from icl.data.formats import files_of, format_of, output_name
 from icl.data.formats.slicer import Segment
 from icl.data.frames import Scan
@@ -44,10 +44,8 @@ def test_nrrd_written_by_pynrrd_reads_as_its_nifti_copy(grid, tmp_path, space):
 
 
 def test_detached_nrrd_header_reads_with_its_data_file(grid, tmp_path):
-    import nrrd as pynrrd
-    from format_fixtures import nrrd_geometry
     path = tmp_path / "scan.nhdr"
-    pynrrd.write(str(path), grid["image"], {**nrrd_geometry(grid["affine"]), "kinds": ["domain"] * 3,
+    nrrd.write(str(path), grid["image"], {**nrrd_geometry(grid["affine"]), "kinds": ["domain"] * 3,
                                             "encoding": "raw"}, detached_header=True, index_order="F")
     _same_as_nifti(Scan.open(path), grid["nifti"])
     assert files_of(path) == [path, tmp_path / "scan.raw"]

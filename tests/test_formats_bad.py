@@ -11,8 +11,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from format_fixtures import (dicom_affine, image_volume, label_volume, segment, write_dicom_series, write_metaimage,
-                             write_nifti, write_nrrd, write_seg_nrrd)
+from bench.format_writers import segment, write_dicom_series, write_metaimage, write_nifti, write_nrrd, write_seg_nrrd
+from format_fixtures import dicom_affine, image_volume, label_volume
 from icl.cli.segment import main
 
 SHAPE = (14, 11, 9)
@@ -143,10 +143,14 @@ def test_an_output_that_is_an_input_or_of_no_format(ok, tmp_path, capsys):
                "--out", str(label), "--fill", "interpolation", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "are the same file" in err[0] and label.read_bytes() == before
-    scan = write_metaimage(ok["image"], ok["affine"], tmp_path / "scan.mhd")  # its data file: scan.raw
+    scan = write_metaimage(ok["image"], ok["affine"], tmp_path / "scan.mhd")  # its data file, renamed: b.zraw
+    (tmp_path / "scan.raw").rename(tmp_path / "b.zraw")
+    scan.write_text(scan.read_text().replace("ElementDataFile = scan.raw", "ElementDataFile = b.zraw"))
+    data = (tmp_path / "b.zraw").read_bytes()
     rc = main(["--support", str(scan), "--support-label", str(ok["drawn"]), "--query", str(scan),
-               "--out", str(tmp_path / "scan.raw"), "--fill", "interpolation", "--quiet"])
+               "--out", str(tmp_path / "b.mhd"), "--fill", "interpolation", "--quiet"])  # it would write b.zraw
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "not a label-map file name" in err[0]
+    assert rc == 2 and len(err) == 1 and "b.zraw: --out and --support are the same file" in err[0], err
+    assert (tmp_path / "b.zraw").read_bytes() == data and not (tmp_path / "b.mhd").exists()
     _refused(capsys, tmp_path, tmp_path / "out" / "pred.tif", "not a label-map file name", ok["scan"], ok["drawn"],
              ok["scan"], out_name="pred.tif")

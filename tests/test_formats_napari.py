@@ -12,8 +12,8 @@ import slicerio
 from napari.layers import Image, Labels
 from npe2 import PluginManager, PluginManifest
 
-from format_fixtures import (dicom_affine, image_volume, label_volume, oblique_affine, segment, write_dicom_series,
-                             write_metaimage, write_nifti, write_nrrd, write_seg_nrrd)
+from bench.format_writers import segment, write_dicom_series, write_metaimage, write_nifti, write_nrrd, write_seg_nrrd
+from format_fixtures import dicom_affine, image_volume, label_volume, oblique_affine
 from icl.napari.reader import SEGMENTS, get_reader, read_scans
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import slicerio
 
-from format_fixtures import (oblique_affine, segment, write_dicom_series, write_metaimage, write_nifti, write_nrrd,
-                             write_seg_nrrd)
+from bench.format_writers import segment, write_dicom_series, write_metaimage, write_nifti, write_nrrd, write_seg_nrrd
+from format_fixtures import oblique_affine
 from icl.api import ICLSegmenter
 from icl.cli.segment import main
 from icl.data.frames import Scan

@@ -66,7 +66,7 @@ class Image:
     size: tuple[int, int]  # (rows, columns)
     position: np.ndarray | None  # ImagePositionPatient, LPS mm
     orientation: np.ndarray | None  # ImageOrientationPatient: row direction, column direction
-    spacing: tuple[float, float]  # PixelSpacing: between rows, between columns
+    spacing: tuple[float, float] | None  # PixelSpacing: between rows, between columns
     frames: int
     description: str
     modality: str
@@ -94,13 +94,14 @@ def read_image_header(path: Path) -> Image | None:
     def get(key: str) -> str:
         tag = TAGS[key]
         return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-    size = (int(get("rows") or 0), int(get("columns") or 0))
-    if min(size) < 1:
+    rows, cols, frames = (_numbers(get(key) or default, 1) for key, default in
+                          (("rows", "0"), ("columns", "0"), ("frames", "1")))
+    if rows is None or cols is None or min(rows[0], cols[0]) < 1:
         return None
     spacing = _numbers(get("spacing"), 2)
-    return Image(path, get("series"), size, _numbers(get("position"), 3), _numbers(get("orientation"), 6),
-                 tuple(spacing) if spacing is not None else (1.0, 1.0), int(float(get("frames") or 1)),
-                 get("description"), get("modality"), get("number"))
+    return Image(path, get("series"), (int(rows[0]), int(cols[0])), _numbers(get("position"), 3),
+                 _numbers(get("orientation"), 6), tuple(spacing) if spacing is not None else None,
+                 int(frames[0]) if frames is not None else 1, get("description"), get("modality"), get("number"))
 
 
 def _label(images: list[Image]) -> str:
@@ -155,6 +156,10 @@ def place(folder: Path, images: list[Image]) -> Geometry:
         shown = ", ".join(f"{c}x{r}" for r, c in sizes)
         raise InputError(folder, f"the series mixes image sizes ({shown}): one volume has one size; give one file "
                                  "of the images to read, or split the series")
+    spacings = {im.spacing for im in images}
+    if len(spacings) > 1:
+        raise InputError(folder, f"the series mixes pixel spacings ({', '.join(map(str, sorted(spacings, key=str)))})"
+                                 ": one volume has one spacing")
     if any(im.position is None or im.orientation is None for im in images):
         raise InputError(folder, "a slice without Image Position / Orientation (Patient): the series cannot be "
                                  "placed in space")
@@ -177,7 +182,9 @@ def place(folder: Path, images: list[Image]) -> Geometry:
         raise InputError(folder, f"the slice spacing varies from {steps.min():.4g} to {steps.max():.4g} mm: a "
                                  "slice is missing, or the images are not one volume")
     rows, cols = images[0].size
-    row_spacing, col_spacing = images[0].spacing
+    if images[0].spacing is None:
+        say_once(f"warning: {folder}: no Pixel Spacing in the series: 1 mm between rows and columns assumed")
+    row_spacing, col_spacing = images[0].spacing or (1.0, 1.0)
     positions = np.stack([im.position for im in images])
     drift = positions - positions[0] - np.outer(along - along[0], normal)  # in-plane, mm
     shifts = np.stack([drift @ col / row_spacing, drift @ row / col_spacing], axis=1)  # (rows, columns) voxels

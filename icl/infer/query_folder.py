@@ -20,15 +20,10 @@ from icl.data.frames import Scan
 from icl.errors import InputError
 from icl.io import same_file
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NNUNET_CHANNEL = re.compile(r"_(\d{4})\.(nii|nii\.gz|nrrd|mha)$")  # nnU-Net raw: CASE_XXXX.nii.gz, XXXX the channel
 NNUNET_IMAGE = "0000"
 MAX_LABEL_VALUES = 64  # a label map holds few distinct non-negative integers; a scan holds many, or fractions
 LABEL_SAMPLE_STEP = 4  # voxels per axis read to tell a label map (every 4th: 1/64 of the volume)
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
 
 
 def is_query_folder(path: Path) -> bool:

@@ -22,7 +22,7 @@ from icl.data.phantom import make_case
 from icl.errors import InputError
 from icl.napari.grid import Grid
 from icl.napari.job import FillJob, FillRequest, FillResult, Layer, one_line
-from icl.napari.reader import get_reader, read_nifti
+from icl.napari.reader import get_reader, read_scans
 from icl.napari.widget import TABLE, FillWidget
 from icl.progress import observe
 from icl.sparse.protocol import annotate_sparse
@@ -106,8 +106,8 @@ def _notifications(qtbot, action) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- reader
 def test_reader_shows_lps_and_ras_files_alike(make_napari_viewer, phantom):
-    (lps, lps_kw, kind), = read_nifti(str(phantom["image"]))
-    (ras, ras_kw, _), = read_nifti(str(phantom["ras"]))
+    (lps, lps_kw, kind), = read_scans(str(phantom["image"]))
+    (ras, ras_kw, _), = read_scans(str(phantom["ras"]))
     assert kind == "image" and lps.shape == ras.shape == tuple(np.asarray(nib.load(str(phantom["ras"])).shape))
     np.testing.assert_array_equal(lps, ras)  # the same anatomy, voxel for voxel
     spacing = np.sqrt((phantom["affine"][:3, :3] ** 2).sum(0))
@@ -115,7 +115,7 @@ def test_reader_shows_lps_and_ras_files_alike(make_napari_viewer, phantom):
     np.testing.assert_allclose(lps_kw["scale"], ras_kw["scale"])
     np.testing.assert_allclose(lps_kw["translate"], ras_kw["translate"])  # the same place in the world
     np.testing.assert_array_equal(lps_kw["metadata"]["nifti"]["affine"], nib.load(str(phantom["image"])).affine)
-    assert get_reader(str(phantom["image"])) is read_nifti and get_reader("scan.png") is None
+    assert get_reader(str(phantom["image"])) is read_scans and get_reader("scan.png") is None
     viewer = make_napari_viewer()  # through npe2: the manifest's reader
     image, label = viewer.open(str(phantom["image"]), plugin="icl-sam2")[0], \
         viewer.open(str(phantom["label"]), plugin="icl-sam2")[0]

@@ -1,4 +1,4 @@
-"""Segment NIfTI scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
+"""Segment scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
 
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
     python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
@@ -52,8 +52,13 @@ the support label itself, label maps (few non-negative integer values), and wher
 names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
 files by name instead (only the support label is still skipped).
 
+Formats: scans and labels may be NIfTI (.nii.gz, .nii), NRRD (.nrrd, .nhdr), 3D Slicer segmentations (.seg.nrrd:
+segment names kept), MetaImage (.mha, .mhd) or a DICOM series (its folder, or one file of it to pick one of several
+series); the output's format is --out's suffix (a .seg.nrrd output keeps the support label's segment names, colours
+and label values). A query folder's DICOM series sub-folders are queries (output <folder>.nii.gz).
+
 No output may be one of the inputs (compared as files: other spellings and links of a path count), --out must be
-a NIfTI name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
+a label-map name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
 before any work. Negative values need no '=': --window -100,200.
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
@@ -71,7 +76,7 @@ from icl.api import ICLSegmenter
 from icl.data.frames import Scan
 from icl.errors import EXIT_INPUT_ERROR, InputError
 from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs, report_file
-from icl.infer.query_folder import UNREADABLE, list_queries, skipped_line, unreadable_line
+from icl.infer.query_folder import UNREADABLE, is_query_folder, list_queries, skipped_line, unreadable_line
 from icl.infer.support import (AUTO_SLICES, LABELLED, check_sparse_options, load_support, parse_classes,
                                parse_support_slices, support_pairs)
 from icl.io import write_json
@@ -105,11 +110,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     per_class = parse_support_slices(args.support_slices)
     check_sparse_options(per_class, args.fill, args.complete_slices)
     query = Path(args.query)
-    if args.query_glob and not query.is_dir():
+    if args.query_glob and not is_query_folder(query):
         raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
     pairs_given = support_pairs(args.support, args.support_label)
     queries, skipped = (list_queries(query, args.query_glob, [Path(lab) for _, lab in pairs_given])
-                        if query.is_dir() else (None, []))
+                        if is_query_folder(query) else (None, []))
     for q in list(queries or []):  # a file of a folder that cannot be read is left out, with a warning
         try:
             Scan.open(q, args.channel)

@@ -42,7 +42,7 @@ from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_windo
 from icl.errors import InputError, spell_flag
 from icl.infer.cross_memory import ConcatFrames, registered_fill, registered_memory, warn_carried_nowhere
 from icl.infer.outputs import output_file, refuse_overwriting_inputs
-from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
+from icl.infer.scan_source import check_direction, decide_both_ways, open_scan, segments_of
 from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
                                load_support, parse_classes, parse_slice_axis, parse_support_slices, read_support,
                                support_pairs, warn_annotation)
@@ -53,7 +53,7 @@ from icl.model.precision import amp_dtype, autocast, check_amp
 from icl.model.settings import check_image_memory, check_run, settle_model
 from icl.model.weights import DEFAULT_SEGMENT_CONFIG, resolve_checkpoint
 from icl.progress import progress as progress_bar
-from icl.report.nifti import write_mask_nifti
+from icl.report.label_map import write_label_map
 from icl.sparse.annotation import Annotation
 from icl.sparse.cross_check import CrossCheck, cross_checks
 from icl.sparse.fill import StructureCheck, choose, compose, fill_volume, self_check
@@ -108,6 +108,7 @@ class Segmentation:
     frames: VolumeFrames | None = field(default=None, repr=False)  # the query's lazy frames (overlays)
     checks: list[StructureCheck | CrossCheck] = field(default_factory=list)  # the self-check, per structure
     supports: int = 1  # support scans given (several: other scans, registered and fused, or all in memory)
+    segments: tuple | None = None  # the support label's named segments (Slicer's): a .seg.nrrd output keeps them
 
     def report(self) -> dict:
         """The self-check table as written by ``--report`` (JSON-ready)."""
@@ -192,9 +193,16 @@ class ICLSegmenter:
     def segment(self, query: Any, support: Any, support_label: Any,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:
         """Segment ``query`` with the labelled ``support`` scan; all ``classes`` (default: every label value of
-        the support) in one pass. Scans: NIfTI paths, nibabel images or (array, affine) pairs; ``support`` and
-        ``support_label`` may be lists of several other scans, paired in order (registered and fused). Returns a
-        :class:`Segmentation` on the query's grid."""
+        the support) in one pass. Scans: paths (NIfTI, NRRD, Slicer's .seg.nrrd, MetaImage, a DICOM series
+        folder), nibabel images or (array, affine) pairs; ``support`` and ``support_label`` may be lists of
+        several other scans, paired in order (registered and fused). Returns a :class:`Segmentation` on the
+        query's grid, carrying the support label's segment names for a ``.seg.nrrd`` output."""
+        result = self._segment(query, support, support_label, classes, progress)
+        result.segments = segments_of(support_label)
+        return result
+
+    def _segment(self, query: Any, support: Any, support_label: Any, classes: Sequence[int] | str | None,
+                 progress: bool) -> Segmentation:
         pairs = support_pairs(support, support_label)
         loaded = [load_support(s, lab, parse_classes(classes), self.channel) for s, lab in pairs[:1]]
         loaded += [load_support(s, lab, loaded[0][3], self.channel) for s, lab in pairs[1:]]  # every class, each
@@ -343,14 +351,16 @@ class ICLSegmenter:
                             VolumeFrames(scan, window, size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
-        """Write the label map with the query's affine and header, atomically. THE output rule (the CLI's too,
-        ``icl.infer.outputs``): a name without a suffix gets ``.nii.gz``, another suffix than ``.nii``/``.nii.gz``
-        or an existing folder is refused, and so is any file this segmenter has read (query, support, support
+        """Write the label map with the query's affine and header, atomically, in the format the suffix names
+        (``icl.report.label_map``: NIfTI, NRRD, Slicer's .seg.nrrd with the support's segment names, MetaImage).
+        THE output rule (the CLI's too, ``icl.infer.outputs``): a name without a suffix gets ``.nii.gz``, an unknown
+        suffix or an existing folder is refused, and so is any file this segmenter has read (query, support, support
         label, checkpoint) — the user's scan is never replaced by labels."""
         target = output_file(path, "save")
         refuse_overwriting_inputs([("save", target)], self.read)
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
-        return write_mask_nifti(result.labels, (result.affine, result.header), target, dtype=dtype)
+        return write_label_map(result.labels, result.affine, result.header, target, dtype=dtype,
+                               segments=result.segments, values=result.classes)
 
 
 def _counted(runner: ModelFill, progress: bool, desc: str):

@@ -19,15 +19,19 @@ class SegmentOptions(Options):
 
     DASHES: ClassVar[str] = "--"
 
-    support: list[str] | None = opt(help="support image (NIfTI); several other scans: once per scan, each with its "
+    support: list[str] | None = opt(help="support image (NIfTI, NRRD, MetaImage, a DICOM series folder); several other "
+                                         "scans: once per scan, each with its "
                                          "--support-label in the same order (registered and fused)", required=True,
                                     repeat=True)
-    support_label: list[str] | None = opt(help="label map of the support image (same grid); once per --support",
+    support_label: list[str] | None = opt(help="label map of the support image, on its grid (NIfTI, NRRD, Slicer's "
+                                               ".seg.nrrd, MetaImage); once per --support",
                                           required=True, repeat=True)
-    query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
+    query: str | None = opt(help="query image (any format of --support), or a folder of query scans",
+                            required=True)
     query_glob: str | None = opt(None, "with a query folder: the file names to segment (a glob, e.g. '*_0000.nii.gz'"
                                        "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
-    out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
+    out: str | None = opt(help="output label map (one query; its suffix picks the format: .nii.gz, .nii, .seg.nrrd, "
+                               ".nrrd, .mha, .mhd) or folder (one output per query)", required=True)
     classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
     support_slices: str = opt("auto", f"N support slices per label value, or '{LABELLED}' (every slice carrying a "
                                       f"label value), or 'auto': '{LABELLED}' for a drawing on a few slices of the "

@@ -16,8 +16,8 @@ from icl.cli.segment import main
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill
 from icl.sparse.fill import choose, fill_volume, model_clearly_better, self_check
-from icl.sparse.slice_registration import (RegistrationFill, SliceFields, pyramid_iterations, register_slices,
-                                           warp)
+from icl.sparse.slice_registration import (ITERATIONS, RegistrationFill, SliceFields, pyramid_iterations,
+                                           register_slices, warp)
 
 DEPTH, SIDE, RADIUS = 25, 48, 7
 DRAWN = [0, 6, 12, 18, 24]
@@ -72,8 +72,8 @@ def test_a_flat_box_gives_the_identity():
 
 
 def test_small_boxes_keep_fewer_levels_with_the_coarse_count():
-    assert pyramid_iterations((80, 64)) == (30, 5)
-    assert pyramid_iterations((24, 64)) == (30,)  # half of 24 is under 16 a side: the box at its own resolution
+    assert pyramid_iterations((80, 64)) == ITERATIONS and len(ITERATIONS) == 2
+    assert pyramid_iterations((24, 64)) == ITERATIONS[:1]  # half of 24 is under 16 a side: its own resolution only
 
 
 def test_the_fill_follows_the_image_where_the_shapes_cannot():
@@ -86,7 +86,8 @@ def test_the_fill_follows_the_image_where_the_shapes_cannot():
     carried = np.stack([registration.mask(1, z) for z in between])
     shaped = np.stack([interpolation.mask(1, z) for z in between])
     assert _dice(carried, truth) > 0.9 > 0.75 > _dice(shaped, truth)
-    assert len(fields.fields) == 2 * len(between)  # two registrations per slice between, each once
+    assert len(fields.fields) == 2 * len(between)  # each slice onto its two neighbours between drawn ones, once
+    assert all(abs(k - j) == 1 for k, j, _ in fields.fields)
 
 
 def test_drawn_voxels_stay_and_one_slice_structures_follow_the_reach_rule():

@@ -1,19 +1,26 @@
-"""The image-guided fill of a drawing: each drawn mask carried onto the slices between by registering the drawn
-slice's *image* to theirs (registration-based interpolation: Penney et al., IEEE TMI 2004; Frakes et al. 2008).
+"""The image-guided fill of a drawing: each drawn mask carried onto the slices between by registering the scan's
+*images*, slice by slice (registration-based interpolation: Penney et al., IEEE TMI 2004; Frakes et al. 2008; the
+slice-to-slice chaining of greedy's propagation tool, ``greedy_propagation``).
 
 Why: nearest copy, the shape-based interpolation and ITK's contour interpolation read only the drawn shapes; the
 image between two drawn slices says where the structure's edges moved. On INIA19 (``bench/real_anatomy.py``) this
-fill beats the engine's interpolation by 0.04-0.08 Dice per structure at every 6th and 8th slice.
+fill beats the engine's interpolation by 0.04-0.14 Dice per structure at every 4th to 12th slice.
 
 The rule, per structure ``c`` and undrawn slice ``z`` of its extent (:meth:`Annotation.extent`, the reach rule of
 every fill):
 
-* between two drawn slices ``a < z < b``: the images of ``a`` and ``b`` are registered to ``z``'s own image (2D,
-  inside ``c``'s in-plane box), each drawn mask's signed distance map is carried onto ``z`` by its field, and the
-  two are blended by distance, ``(1 - t) a + t b`` with ``t = (z - a) / (b - a)`` — the interpolation's own blend;
+* each slice's image is registered to its neighbour's (2D, inside ``c``'s in-plane box), and a drawn mask's signed
+  distance map is carried from its slice to ``z`` through the fields of the slices between, one warp per slice
+  (registering a drawn slice straight onto a slice 6-12 away was measured worse: 0.871 / 0.837 / 0.731 vs
+  0.877 / 0.859 / 0.798 at every 6th / 8th / 12th slice, the same number of registrations);
+* between two drawn slices ``a < z < b`` the maps carried up from ``a`` and down from ``b`` are blended by
+  distance, ``(1 - t) a + t b`` with ``t = (z - a) / (b - a)`` — the interpolation's own blend;
 * beyond the outermost drawn slices (within reach): the nearest drawn mask is carried the same way, and shrinks as
   the interpolation's does there (``TAPER`` of its inscribed radius lost at the end of the reach: measured to help
   at every 6th and 8th slice on INIA19, +0.001 … +0.006).
+
+The fields between neighbours do not depend on which slices are drawn, so the self-check's half of a drawing
+(registered in the whole drawing's boxes) reuses the fill's registrations, and the model's prior costs nothing more.
 
 The registration is SimpleITK's fast symmetric forces demons (Vercauteren et al. 2008), chosen by measurement
 beside the diffeomorphic demons of the issue, plain demons and greedy 2D (``BENCHMARKS.md``): the same Dice as
@@ -40,7 +47,8 @@ from icl.progress import progress as progress_bar
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import TAPER, Score, place, signed_distance
 
-ITERATIONS = (30, 5)  # demons iterations per pyramid level, coarse (half resolution) to fine
+ITERATIONS = (15, 3)  # demons iterations per pyramid level, coarse (half resolution) to fine (neighbours differ
+# little: (30, 5) gave the same Dice on INIA19 at 1.5 x the time, (20, 0) lost 0.006-0.010)
 SMOOTHING = 1.5  # the demons field's Gaussian standard deviation, in pixels of each level
 MIN_LEVEL_PIXELS = 16  # a level is kept only while the box keeps this many pixels a side there
 PERCENTILES = (1.0, 99.0)  # the box's intensity window, in both slices
@@ -48,7 +56,7 @@ BOX_MARGIN = 0.2  # of the structure's larger in-plane side, around its drawn ma
 MIN_BOX_MARGIN = 8
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (end exclusive)
-Job = tuple[int, int, Box]  # (drawn slice, undrawn slice, box): one registration
+Job = tuple[int, int, Box]  # (slice, its neighbour, box): one registration, the first's image onto the second's
 
 
 def usable_cores() -> int:
@@ -133,8 +141,8 @@ def warp(values: np.ndarray, field: np.ndarray) -> np.ndarray:
 
 
 class SliceFields:
-    """The registrations between slices of one scan, each computed once: ``fields[(a, z, box)]`` registers drawn
-    slice ``a``'s image to slice ``z``'s inside ``box``. ``image_zhw``: the scan's voxels, slice axis first."""
+    """The registrations between slices of one scan, each computed once: ``fields[(k, j, box)]`` registers slice
+    ``k``'s image to slice ``j``'s inside ``box``. ``image_zhw``: the scan's voxels, slice axis first."""
 
     def __init__(self, image_zhw: np.ndarray, workers: int | None = None,
                  iterations: tuple[int, ...] = ITERATIONS, progress: bool = False):
@@ -144,8 +152,8 @@ class SliceFields:
         self.fields: dict[Job, np.ndarray] = {}
 
     def _register(self, job: Job) -> np.ndarray:
-        a, z, (y0, y1, x0, x1) = job
-        return register_slices(self.image[z, y0:y1, x0:x1], self.image[a, y0:y1, x0:x1], self.iterations)
+        k, j, (y0, y1, x0, x1) = job
+        return register_slices(self.image[j, y0:y1, x0:x1], self.image[k, y0:y1, x0:x1], self.iterations)
 
     def compute(self, jobs: Iterable[Job], desc: str = "register slices") -> None:
         """Register every job not done yet, in ``workers`` threads, with a progress bar over them."""
@@ -189,6 +197,7 @@ class RegistrationFill:
                                                              for c in annotation.classes}
         self._extents = {c: annotation.extent(c) for c in annotation.classes}
         self._sdf: dict[tuple[int, int], np.ndarray] = {}
+        self._chain: dict[tuple[int, int, int], np.ndarray] = {}  # (c, drawn slice, slice) -> the map carried there
 
     def sources(self, c: int, z: int) -> list[int]:
         """The drawn slices carried onto ``z`` for ``c``: the two around it, or the nearest beyond the outermost;
@@ -203,7 +212,7 @@ class RegistrationFill:
 
     def jobs(self, wanted: Mapping[int, Iterable[int] | None] | None = None) -> set[Job]:
         """The registrations :meth:`score` needs for ``wanted`` (``{c: slices}``, ``{c: None}`` for every slice of
-        ``c``'s extent; None: every structure, every slice)."""
+        ``c``'s extent; None: every structure, every slice): each neighbour pair from a source to the slice."""
         out: set[Job] = set()
         for c in self.annotation.classes if wanted is None else wanted:
             extent = self._extents.get(c)
@@ -211,7 +220,11 @@ class RegistrationFill:
                 continue
             zs = wanted.get(c) if wanted is not None else None
             zs = range(extent[0], extent[1] + 1) if zs is None else zs
-            out.update((a, z, self._boxes[c]) for z in zs for a in self.sources(c, z))
+            box = self._boxes[c]
+            for z in zs:
+                for a in self.sources(c, z):
+                    step = 1 if a < z else -1
+                    out.update((k - step, k, box) for k in range(a + step, z + step, step))
         return out
 
     def prepare(self, wanted: Mapping[int, Iterable[int] | None] | None = None) -> None:
@@ -224,6 +237,21 @@ class RegistrationFill:
             self._sdf[key] = signed_distance(self.annotation.mask(c, z)[y0:y1, x0:x1])
         return self._sdf[key]
 
+    def _carried(self, c: int, a: int, z: int) -> np.ndarray:
+        """Drawn slice ``a``'s signed distance map carried to ``z`` through the fields of every slice between (each
+        step kept: the next slice of the fill starts from it)."""
+        step, box = (1 if a < z else -1), self._boxes[c]
+        k, values = z, None
+        while k != a and (values := self._chain.get((c, a, k))) is None:
+            k -= step
+        if values is None:
+            values = self._distance(c, a)
+        while k != z:
+            k += step
+            values = warp(values, self.fields[(k - step, k, box)])
+            self._chain[(c, a, k)] = values
+        return values
+
     def score(self, c: int, z: int) -> Score | None:
         """Structure ``c`` on slice ``z`` (None where this fill says it is absent)."""
         extent = self._extents.get(c)
@@ -233,7 +261,7 @@ class RegistrationFill:
         if z in self.annotation.slices[c]:
             return box, self._distance(c, z)
         sources = self.sources(c, z)
-        carried = [warp(self._distance(c, a), self.fields[(a, z, box)]) for a in sources]
+        carried = [self._carried(c, a, z) for a in sources]
         if len(carried) == 2:
             t = (z - sources[0]) / (sources[1] - sources[0])
             return box, (1 - t) * carried[0] + t * carried[1]

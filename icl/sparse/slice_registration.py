@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
@@ -49,6 +49,7 @@ from icl.sparse.classic import TAPER, Score, place, signed_distance
 
 ITERATIONS = (15, 3)  # demons iterations per pyramid level, coarse (half resolution) to fine (neighbours differ
 # little: (30, 5) gave the same Dice on INIA19 at 1.5 x the time, (20, 0) lost 0.006-0.010)
+DEMONS = "FastSymmetricForcesDemonsRegistrationFilter"  # SimpleITK's filter
 SMOOTHING = 1.5  # the demons field's Gaussian standard deviation, in pixels of each level
 MIN_LEVEL_PIXELS = 16  # a level is kept only while the box keeps this many pixels a side there
 PERCENTILES = (1.0, 99.0)  # the box's intensity window, in both slices
@@ -100,10 +101,11 @@ def _window(fixed: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, np.ndarr
             np.clip((moving - lo) * scale, 0, 1).astype(np.float32))
 
 
-def register_slices(fixed: np.ndarray, moving: np.ndarray, iterations: tuple[int, ...] = ITERATIONS
-                    ) -> np.ndarray:
+def register_slices(fixed: np.ndarray, moving: np.ndarray, iterations: tuple[int, ...] = ITERATIONS,
+                    demons: str = DEMONS) -> np.ndarray:
     """The displacement field [2, h, w] (dy, dx, in pixels) that takes each pixel of ``fixed`` to its match in
-    ``moving``: ``moving`` warped by it looks like ``fixed``. Identity where the box is flat."""
+    ``moving``: ``moving`` warped by it looks like ``fixed``. Identity where the box is flat. ``demons``: the
+    SimpleITK filter (the benchmark compares the others)."""
     import SimpleITK as sitk  # the registration library: imported where it is used (heavy, like ITK elsewhere)
 
     field = np.zeros((2, *fixed.shape), np.float32)
@@ -120,15 +122,15 @@ def register_slices(fixed: np.ndarray, moving: np.ndarray, iterations: tuple[int
             current = _double(current, f.shape)
         if count <= 0:
             continue
-        demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-        demons.SetNumberOfIterations(int(count))
-        demons.SetStandardDeviations(SMOOTHING)
-        demons.SetNumberOfThreads(1)  # parallel across registrations instead (small images: threads would wait)
+        level = getattr(sitk, demons)()
+        level.SetNumberOfIterations(int(count))
+        level.SetStandardDeviations(SMOOTHING)
+        level.SetNumberOfThreads(1)  # parallel across registrations instead (small images: threads would wait)
         args = [sitk.GetImageFromArray(f), sitk.GetImageFromArray(m)]
         if current is not None:  # ITK's vector components are (x, y)
             args.append(sitk.GetImageFromArray(np.stack([current[1], current[0]], -1).astype(np.float64),
                                                isVector=True))
-        xy = sitk.GetArrayFromImage(demons.Execute(*args))
+        xy = sitk.GetArrayFromImage(level.Execute(*args))
         current = np.stack([xy[..., 1], xy[..., 0]]).astype(np.float32)
     return field if current is None else current
 
@@ -144,16 +146,17 @@ class SliceFields:
     """The registrations between slices of one scan, each computed once: ``fields[(k, j, box)]`` registers slice
     ``k``'s image to slice ``j``'s inside ``box``. ``image_zhw``: the scan's voxels, slice axis first."""
 
-    def __init__(self, image_zhw: np.ndarray, workers: int | None = None,
-                 iterations: tuple[int, ...] = ITERATIONS, progress: bool = False):
-        """``progress``: a bar over each batch of registrations (a terminal bar, or lines in a log)."""
-        self.image, self.iterations, self.progress = image_zhw, tuple(iterations), progress
+    def __init__(self, image_zhw: np.ndarray, workers: int | None = None, progress: bool = False,
+                 register: Callable[[np.ndarray, np.ndarray], np.ndarray] = register_slices):
+        """``progress``: a bar over each batch of registrations (a terminal bar, or lines in a log). ``register``:
+        ``(fixed, moving) -> field`` (``bench/slice_registration.py`` compares other libraries and settings)."""
+        self.image, self.progress, self.register = image_zhw, progress, register
         self.workers = max(1, int(workers or usable_cores()))
         self.fields: dict[Job, np.ndarray] = {}
 
     def _register(self, job: Job) -> np.ndarray:
         k, j, (y0, y1, x0, x1) = job
-        return register_slices(self.image[j, y0:y1, x0:x1], self.image[k, y0:y1, x0:x1], self.iterations)
+        return self.register(self.image[j, y0:y1, x0:x1], self.image[k, y0:y1, x0:x1])
 
     def compute(self, jobs: Iterable[Job], desc: str = "register slices") -> None:
         """Register every job not done yet, in ``workers`` threads, with a progress bar over them."""

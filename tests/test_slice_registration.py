@@ -165,6 +165,8 @@ def test_the_api_fills_a_drawing_along_any_axis(tmp_path, axis):
     np.testing.assert_array_equal(np.take(result.labels, DRAWN, axis), np.take(label, DRAWN, axis))
     between = [z for z in range(DEPTH) if z not in DRAWN]
     assert _dice(np.take(result.labels, between, axis) == 1, np.take(label, between, axis) == 1) > 0.9
+    shaped = ICLSegmenter(fill="interpolation", support_slices="labelled").segment(img_path, img_path, drawn_path)
+    assert set(shaped.checks[0].dice) == {"interpolation", "nearest"}  # an explicit shape fill registers nothing
 
 
 def test_cli_complete_slices_and_auto_choose_it(tmp_path, capsys):

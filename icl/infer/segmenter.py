@@ -336,7 +336,9 @@ class ICLSegmenter:
                                lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared,
                                priors=self.mask_prior, adapt_steps=self.adapt_steps)
         counted = None if runner is None else _counted(runner, progress, f"self-check {query.name}")
-        fields = scan_fields(scan, axis, progress)  # the image between the drawn slices (registration fill)
+        # the image between the drawn slices: for the registration fill, and for auto and the model (the best classic
+        # fill is the model's prior); an explicit shape fill skips its cost (its table shows the shape fills)
+        fields = scan_fields(scan, axis, progress) if self.fill in (AUTO, MODEL, REGISTRATION) else None
         checks = choose(annotation, self_check(annotation, counted, fields), self.fill)
         labels = _empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)

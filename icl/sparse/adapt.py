@@ -12,6 +12,7 @@ scores are never trained on.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,12 @@ from icl.sparse.prior import classic_priors
 from sam2_ext.track import track
 
 ADAPT_LR = 1e-4
-DICE_BCE = ICLLoss()  # THE Dice + BCE (smooth 1), as training's -loss dice_bce
+
+
+@functools.cache
+def dice_bce() -> ICLLoss:
+    """THE Dice + BCE (smooth 1), as training's -loss dice_bce; built on first use (it imports MONAI, ~10 s)."""
+    return ICLLoss()
 
 
 class Window:
@@ -80,7 +86,7 @@ def adapt(predictor: Any, source: Any, annotation: Annotation, prompts: Mapping[
                 # the decoder's masks before SAM2's object-score gate (a gated mask is a constant: no gradient),
                 # averaged over the two passes as the rule averages its logits
                 raw = torch.stack([t.raw_multimask_logits[0, 0] for t in results[h - a].tracked]).mean(0)
-                loss = DICE_BCE(raw.float()[None], target[None])  # [1, h, w]: one slice, one object
+                loss = dice_bce()(raw.float()[None], target[None])  # [1, h, w]: one slice, one object
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -44,8 +44,9 @@ from icl.infer.cross_memory import ConcatFrames, registered_fill, registered_mem
 from icl.infer.outputs import output_file, refuse_overwriting_inputs
 from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
 from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
-                               load_support, parse_classes, parse_slice_axis, parse_support_slices, read_support,
+                               parse_classes, parse_slice_axis, parse_support_slices, read_support,
                                support_pairs, warn_annotation)
+from icl.infer.support_cache import SupportCache
 from icl.model.boundary import library_errors
 from icl.model.build import build_predictor
 from icl.model.device import resolve_device
@@ -55,11 +56,11 @@ from icl.model.weights import DEFAULT_SEGMENT_CONFIG, resolve_checkpoint
 from icl.progress import progress as progress_bar
 from icl.report.nifti import write_mask_nifti
 from icl.sparse.annotation import Annotation
-from icl.sparse.cross_check import CrossCheck, cross_checks
+from icl.sparse.cross_check import CHECKS, CrossCheck, registered_and_checked
 from icl.sparse.fill import StructureCheck, choose, compose, fill_volume, self_check
+from icl.sparse.fusion import on_query_grid, stderr_line
 from icl.sparse.methods import AUTO, MODEL, NO_MODEL_FILLS, REGISTRATION
 from icl.sparse.model_fill import ModelFill
-from icl.sparse.registration import fuse
 from sam2_ext.frames import SAM2_INPUT, InputRule, prepare_frames
 from sam2_ext.track import track
 
@@ -124,7 +125,8 @@ class ICLSegmenter:
     ``checkpoint``: None = the default model shipped for the config (``checkpoint/README.md``); ``"none"`` = random
     init (with a warning); else a weights file (ours, official SAM2 ``{"model": ...}`` or MedSAM2). ``config`` and
     ``image_size``: None = what the weights were trained with (``icl.model.settings``), else ``tiny_cpu`` at its own
-    size; a config other than the weights' is an error, another image size a warning.
+    size; a config other than the weights' is an error, another image size a warning. ``cross_check``: the
+    leave-one-out check of several other scans (``icl.sparse.cross_check``: composed, full or none).
     """
 
     def __init__(self, checkpoint: str | Path | None = None, config: str | Path | None = None,
@@ -132,7 +134,7 @@ class ICLSegmenter:
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int | str = AUTO_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
                  fill: str = AUTO, complete_slices: bool = False, crop: bool | str = "auto",
-                 direction: str = "auto", adapt_steps: int = 0, prior: str = "auto"):
+                 direction: str = "auto", adapt_steps: int = 0, prior: str = "auto", cross_check: str = "composed"):
         self.device = torch.device(resolve_device(device))
         self.amp = check_amp(amp, "--amp")
         self.window, self.slice_axis = check_window(window), parse_slice_axis(slice_axis)
@@ -145,6 +147,9 @@ class ICLSegmenter:
         if prior not in PRIORS:  # none: the learned part alone, without the classic prior it was trained to refine
             raise InputError("--prior", f"expected one of {', '.join(PRIORS)}, got {prior!r}")
         self.prior = prior
+        if cross_check not in CHECKS:  # the leave-one-out check of several other scans (icl.sparse.cross_check)
+            raise InputError("--cross-check", f"expected one of {', '.join(CHECKS)}, got {cross_check!r}")
+        self.cross_check, self._supports = cross_check, SupportCache()  # supports read once for every query
         self.read: list[tuple[str, Path]] = []  # every file this segmenter read: save() never writes over one
         self.mask_prior, self.ct_window, self.predictor = False, None, None
         self._model = (checkpoint, config, image_size, memory_selector, crop)
@@ -195,8 +200,7 @@ class ICLSegmenter:
         ``support_label`` may be lists of several other scans, paired in order (registered and fused). Returns a
         :class:`Segmentation` on the query's grid."""
         pairs = support_pairs(support, support_label)
-        loaded = [load_support(s, lab, parse_classes(classes), self.channel) for s, lab in pairs[:1]]
-        loaded += [load_support(s, lab, loaded[0][3], self.channel) for s, lab in pairs[1:]]  # every class, each
+        loaded = self._supports.load(pairs, parse_classes(classes), self.channel)  # every class in each
         s_scan, label_scan, label, cls = loaded[0]
         q_scan = open_scan(query, self.channel, "query")
         self._remember("--query", q_scan)
@@ -280,7 +284,7 @@ class ICLSegmenter:
         if progress:
             print(f"note: {query}: registering {len(supports)} support scan(s) to it for the model's memory and "
                   "prior (about a minute per support on one CPU core)", file=sys.stderr)
-        memory = registered_memory(scan, supports, cls, axis, per_class)
+        memory = registered_memory(scan, self._supports.support_set(supports, cls), cls, axis, per_class)
         window, size = self.window_for(scan), self.predictor.image_size
         frames = VolumeFrames(scan, window, size, axis)
         check_run(self.config, size, scan, len(frames) + sum(len(zs) for _, _, zs in memory.supports), self.device,
@@ -308,10 +312,12 @@ class ICLSegmenter:
         if progress:  # what the next minutes are spent on (a progress line, quiet with --quiet)
             print(f"note: {query}: registering {len(supports)} support scan(s) to it (affine, then deformable; about a "
                   "minute per support and 10 M voxels on one CPU core)" + (", and each of them to the others to "
-                  "check how well that works" if len(supports) > 1 else ""), file=sys.stderr)
-        checks = cross_checks(supports, cls, self.fill)
+                  "check how well that works" if len(supports) > 1 and self.cross_check == "full" else ""),
+                  file=sys.stderr)
+        fused, checks = registered_and_checked(scan, self._supports.support_set(supports, cls), self.fill,
+                                               self.cross_check, stderr_line if progress else None)
         labels = _empty_labels(scan, cls)
-        labels[...] = fuse(scan, supports, cls)
+        labels[...] = on_query_grid(scan, fused)
         warn_carried_nowhere(query, labels, cls)
         size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
         return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, [], "registered", axis,

@@ -17,6 +17,7 @@ import torch
 
 import icl.infer.segmenter as segmenter
 from icl.api import ICLSegmenter
+from icl.errors import InputError
 from icl.model.dice import binary_dice
 from icl.sparse.cross_check import leave_one_out
 
@@ -71,8 +72,10 @@ def test_the_leave_one_out_estimate_is_reported_per_structure(scans):
     assert result.report()["structures"][0]["supports"] == 2
 
 
-def test_registration_refuses_the_query_itself(scans):
-    with pytest.raises(Exception, match="registration carries the labels of another scan"):
+def test_registration_on_the_query_itself_needs_a_drawing(scans):
+    """On the scan itself registration fills a drawing on a few slices (2D, between its slices); a label map that
+    is not one is refused in one line, not carried onto itself."""
+    with pytest.raises(InputError, match="registration read a scan's own annotated slices: .* a drawing on a few"):
         ICLSegmenter(fill="registration").segment(scans["a"], scans["a"], scans["a_lab"])
 
 

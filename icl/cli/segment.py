@@ -1,8 +1,8 @@
-"""Segment NIfTI scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
+"""Segment scans in context: one labelled support scan prompts SAM2, every requested class in one pass.
 
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query Q.nii.gz --out PRED.nii.gz
     python -m icl.segment --support S.nii.gz --support-label S_sparse.nii.gz --query S.nii.gz --out FILLED.nii.gz \\
-        --support-slices labelled [--fill auto|model|interpolation|nearest] [--complete-slices] [--report R.json]
+        --support-slices labelled [--fill auto|registration|interpolation|nearest|model] [--report R.json]
     python -m icl.segment --support S.nii.gz --support-label S_lab.nii.gz --query QUERIES/ --out PREDS/ \\
         --classes 1,2 --checkpoint ckpt.pth --config sam2.1_hiera_t --device cuda:0 --overlays PNGS/
 
@@ -26,8 +26,10 @@ A scan annotated on a few slices ('labelled', the scan given as --support and --
   --complete-slices: every labelled slice is annotated for every structure: on slice 10 structure 5 is absent
     (the slice is written back whole) and 5's fill ends there.
 Beyond a structure's outermost annotated slices it extends at most half its annotation spacing (every fill).
---fill: model (SAM2 propagation alone), interpolation (shape-based: signed distance maps blended between
-annotated slices, aligned by centroid), nearest (copy of the nearest annotated slice), or auto (default): a
+--fill: registration (each drawn slice's image registered, 2D, to the slices between it and the next; the drawn
+masks carried there and blended by distance: reads the image), interpolation (shape-based: signed distance maps
+blended between annotated slices, aligned by centroid), nearest (copy of the nearest annotated slice), model (SAM2
+propagation, with each structure's best classic fill as its prior), or auto (default): a
 self-check holds out every other annotated slice of each structure, fills them with every method from the rest,
 and takes per structure the one with the best held-out Dice. One line per structure on stderr gives that table
 (your quality estimate); --report FILE.json writes it. --crop on tracks the model in a box around the annotation.
@@ -52,13 +54,18 @@ the support label itself, label maps (few non-negative integer values), and wher
 names (CASE_0000.nii.gz) every file but the _0000 ones. --query-glob PATTERN (e.g. '*_ct.nii.gz') chooses the
 files by name instead (only the support label is still skipped).
 
+Formats: scans and labels may be NIfTI (.nii.gz, .nii), NRRD (.nrrd, .nhdr), 3D Slicer segmentations (.seg.nrrd:
+segment names kept), MetaImage (.mha, .mhd) or a DICOM series (its folder, or one file of it to pick one of several
+series); the output's format is --out's suffix (a .seg.nrrd output keeps the support label's segment names, colours
+and label values). A query folder's DICOM series sub-folders are queries (output <folder>.nii.gz).
+
 A cohort (a query folder): outputs that exist are finished ones and are skipped (--overwrite redoes them), so an
 interrupted run resumes; --workers N segments N queries at once, each process with its share of the cores (the
 labels of a serial run); --shard I/N takes every N-th query from offset I, for the tasks of a job array
 (--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). The supports are read and prepared once for all queries.
 
 No output may be one of the inputs (compared as files: other spellings and links of a path count), --out must be
-a NIfTI name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
+a label-map name or a folder, --report a file, each flag given once, and every output folder creatable; all checked
 before any work. Negative values need no '=': --window -100,200.
 Bad input prints one line "error: <file or flag>: <problem>" on stderr and exits with status 2; nothing is written.
 """
@@ -78,7 +85,8 @@ from icl.data.frames import Scan
 from icl.errors import EXIT_INPUT_ERROR, InputError
 from icl.infer.outputs import check_writable, plan_outputs, refuse_overwriting_inputs, report_file
 from icl.cli.cohort import run_queries
-from icl.infer.query_folder import UNREADABLE, list_queries, shard_of, skipped_line, unfinished, unreadable_line
+from icl.infer.query_folder import (UNREADABLE, is_query_folder, list_queries, shard_of, skipped_line, unfinished,
+                                     unreadable_line)
 from icl.infer.support import (AUTO_SLICES, LABELLED, check_sparse_options, load_support, parse_classes,
                                parse_support_slices, support_pairs)
 from icl.io import write_json
@@ -112,13 +120,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     per_class = parse_support_slices(args.support_slices)
     check_sparse_options(per_class, args.fill, args.complete_slices)
     query = Path(args.query)
-    if args.query_glob and not query.is_dir():
+    if args.query_glob and not is_query_folder(query):
         raise InputError("--query-glob", f"chooses files in a query folder, but {query} is not a folder")
-    if args.shard is not None and not query.is_dir():
+    if args.shard is not None and not is_query_folder(query):
         raise InputError("--shard", f"splits a query folder, but {query} is not a folder")
     pairs_given = support_pairs(args.support, args.support_label)
     queries, skipped = (list_queries(query, args.query_glob, [Path(lab) for _, lab in pairs_given])
-                        if query.is_dir() else (None, []))
+                        if is_query_folder(query) else (None, []))
     if queries and args.shard is not None:  # every task lists the same folder, then keeps its own share
         queries = shard_of(queries, args.shard)
         if not queries:
@@ -157,7 +165,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                  unreadable_line(query, skipped)):  # said once the checks have passed: bad input stays one line
         if line:
             print(line, file=sys.stderr)
-    if query.is_dir() and not args.overwrite:  # finished outputs (written whole, then renamed) are skipped
+    if is_query_folder(query) and not args.overwrite:  # finished outputs (written whole, then renamed) are skipped
         pairs, finished = unfinished(pairs)
         if finished:
             print(f"note: {args.out}: {len(finished)} of {len(finished) + len(pairs)} output(s) exist (finished by "

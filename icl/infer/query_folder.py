@@ -1,8 +1,10 @@
 """Which files of a query folder are scans to segment. A folder often holds more than scans: the support label
-itself, label maps beside their images, nnU-Net's ``_0000`` channel files next to their labels. Segmenting a label
-map as an image gives nonsense without an error, so those are skipped and the skip is said in one line. Files that
-are not NIfTI (``notes.txt``) are named in that line too, and a file that cannot be read as a scan (corrupt,
-truncated, 2D) is left out with a warning naming it and why, instead of stopping the whole folder.
+itself, label maps beside their images (a 3D Slicer ``.seg.nrrd`` among them), nnU-Net's ``_0000`` channel files
+next to their labels. Segmenting a label map as an image gives nonsense without an error, so those are skipped and
+the skip is said in one line. Files of no format read here (``notes.txt``) are named in that line too, and a file
+that cannot be read as a scan (corrupt, truncated, 2D) is left out with a warning naming it and why, instead of
+stopping the whole folder. Scans are files of any format ``icl.data.formats`` reads (NIfTI, NRRD, MetaImage) and
+sub-folders holding a DICOM series; a folder that itself holds DICOM files is one scan, not a query folder.
 
 A cohort's folder is split for a job array by :func:`shard_of` (every N-th query from offset I: tasks 0..N-1 split
 it exactly), and outputs that exist are finished ones (written whole, then renamed), skipped by :func:`unfinished`.
@@ -16,26 +18,35 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from icl.data.formats import is_dicom_folder, is_scan_file, is_segmentation, stored_shape
 from icl.data.frames import Scan
-from icl.data.validate import load_nifti_header
 from icl.errors import InputError
 from icl.io import same_file
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-NNUNET_CHANNEL = re.compile(r"_(\d{4})\.nii(\.gz)?$")  # nnU-Net raw: CASE_XXXX.nii.gz, XXXX the channel
+NNUNET_CHANNEL = re.compile(r"_(\d{4})\.(nii|nii\.gz|nrrd|mha)$")  # nnU-Net raw: CASE_XXXX.nii.gz, XXXX the channel
 NNUNET_IMAGE = "0000"
 MAX_LABEL_VALUES = 64  # a label map holds few distinct non-negative integers; a scan holds many, or fractions
 LABEL_SAMPLE_STEP = 4  # voxels per axis read to tell a label map (every 4th: 1/64 of the volume)
 SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")  # --shard I/N
 
 
-def is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
+def is_query_folder(path: Path) -> bool:
+    """A folder of scans to segment one by one (a folder holding DICOM files is one scan: its series)."""
+    return path.is_dir() and not is_dicom_folder(path)
+
+
+def is_scan(path: Path) -> bool:
+    """A file of a format read here, or a folder holding a DICOM series."""
+    return is_scan_file(path) if path.is_file() else is_dicom_folder(path)
 
 
 def label_map_reason(path: Path) -> str | None:
-    """Why the file looks like a label map (few non-negative integer values), or None for an image."""
-    if len(load_nifti_header(path).shape) != 3:  # label maps are 3D; a 4D file is a multi-channel image
+    """Why the file looks like a label map (a Slicer segmentation; few non-negative integer values), or None."""
+    if is_segmentation(path):
+        return "a 3D Slicer segmentation (a label map)"
+    if path.is_dir():  # a DICOM series: images (a DICOM segmentation is no series of slices)
+        return None
+    if len(stored_shape(path)) != 3:  # label maps are 3D; a 4D file is a multi-channel image
         return None
     scan = Scan.open(path)
     step = LABEL_SAMPLE_STEP
@@ -51,15 +62,15 @@ def label_map_reason(path: Path) -> str | None:
 def list_queries(folder: Path, pattern: str | None = None,
                  labels: Iterable[Path] = ()) -> tuple[list[Path], list[tuple[Path, str]]]:
     """(query scans, [(skipped file, why)]) of ``folder``. ``pattern`` (a glob on file names) chooses the files
-    and turns off the guessing; without it every .nii/.nii.gz is a candidate, and label maps (by content) and,
+    and turns off the guessing; without it every scan (module docstring) is a candidate, and label maps and,
     where the folder uses nnU-Net's channel names, everything but ``_0000`` are skipped. A file that is one of
     ``labels`` (the support label) is skipped either way."""
     labels = list(labels)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    chosen = [p for p in files if (fnmatch.fnmatch(p.name, pattern) if pattern else is_nifti(p))]
+    files = sorted(p for p in folder.iterdir() if (p.is_file() or is_dicom_folder(p)) and not p.name.startswith("."))
+    chosen = [p for p in files if (fnmatch.fnmatch(p.name, pattern) if pattern else is_scan(p))]
     nnunet = pattern is None and any(NNUNET_CHANNEL.search(p.name) for p in chosen)
     queries: list[Path] = []
-    skipped = [(p, "not a NIfTI file") for p in files if pattern is None and not is_nifti(p)]
+    skipped = [(p, "not a scan file") for p in files if pattern is None and not is_scan(p)]
     for path in chosen:
         try:
             why = _why_skip(path, labels, nnunet, guess=pattern is None)

@@ -21,15 +21,19 @@ class SegmentOptions(Options):
 
     DASHES: ClassVar[str] = "--"
 
-    support: list[str] | None = opt(help="support image (NIfTI); several other scans: once per scan, each with its "
+    support: list[str] | None = opt(help="support image (NIfTI, NRRD, MetaImage, a DICOM series folder); several other "
+                                         "scans: once per scan, each with its "
                                          "--support-label in the same order (registered and fused)", required=True,
                                     repeat=True)
-    support_label: list[str] | None = opt(help="label map of the support image (same grid); once per --support",
+    support_label: list[str] | None = opt(help="label map of the support image, on its grid (NIfTI, NRRD, Slicer's "
+                                               ".seg.nrrd, MetaImage); once per --support",
                                           required=True, repeat=True)
-    query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
+    query: str | None = opt(help="query image (any format of --support), or a folder of query scans",
+                            required=True)
     query_glob: str | None = opt(None, "with a query folder: the file names to segment (a glob, e.g. '*_0000.nii.gz'"
                                        "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
-    out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
+    out: str | None = opt(help="output label map (one query; its suffix picks the format: .nii.gz, .nii, .seg.nrrd, "
+                               ".nrrd, .mha, .mhd) or folder (one output per query)", required=True)
     shard: str | None = opt(None, "with a query folder: I/N runs every N-th query from offset I (task I of N, from "
                                   "0): one command per task of a job array, e.g. $SLURM_ARRAY_TASK_ID/"
                                   "$SLURM_ARRAY_TASK_COUNT", check=parse_shard)
@@ -44,11 +48,13 @@ class SegmentOptions(Options):
     complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
                                        "requested structure (absent there = absent); default: per structure", bool)
     fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
-                            "model, interpolation or nearest; with support from other scans: auto (= registration), "
-                            "registration (each support registered to the query, several fused) or model",
-                    choices=FILLS)
-    prior: str = opt("auto", "the model's classic prior: auto (as its weights were trained: the interpolation of a "
-                             "drawing, for weights trained with -mask_prior) or none (the learned part alone, to see "
+                            "registration (each drawn slice's image registered to the slices between, its mask "
+                            "carried), interpolation, nearest or model; with support from other scans: auto (= "
+                            "registration), registration (each support registered to the query, several fused) or "
+                            "model", choices=FILLS)
+    prior: str = opt("auto", "the model's classic prior: auto (for weights trained with -mask_prior: on a drawing, each "
+                             "structure's best classic fill of the self-check; from another scan, the registered "
+                             "labels) or none (the learned part alone, to see "
                              "what it does)", choices=("auto", "none"))
     cross_check: str = opt("composed", "several other scans: the leave-one-out check of registration, composed "
                                        "from the registrations to the query (k registrations in all), full (each "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from icl.model.losses import ICLLoss
 from icl.sparse.annotation import PER_STRUCTURE, Annotation
-from icl.sparse.prior import interpolation_priors
+from icl.sparse.prior import classic_priors
 from sam2_ext.track import track
 
 ADAPT_LR = 1e-4
@@ -72,7 +72,7 @@ def adapt(predictor: Any, source: Any, annotation: Annotation, prompts: Mapping[
                 prior = None
                 if priors:  # the interpolation of a and b alone, as the fill would give it with h unannotated
                     pair = Annotation(annotation.label_zhw, [c], PER_STRUCTURE, {c: [a, b]})
-                    per = interpolation_priors(pair, [c], box, low).get(c, {})
+                    per = classic_priors(pair, [c], box, low).get(c, {})
                     prior = {c: {z - a: m for z, m in per.items() if a < z < b}}
                 results = list(track(predictor, window, task_prompts, "both", grad=True, priors=prior))
                 target = F.interpolate(prompts[c][h][None, None].float(), size=(low, low), mode="bilinear",

@@ -72,7 +72,8 @@ def check_classes(classes: Sequence[int]) -> list[int]:
 
 def support_labels(support: Scan, label: Scan, classes: list[int]) -> np.ndarray:
     """The support's label voxels in canonical order, checked: on the support's grid, integers, some class present."""
-    check_grid(support.shape, support.affine, label.shape, label.affine, label.path)
+    check_grid(support.canonical_shape, canonical_affine(support), label.canonical_shape, canonical_affine(label),
+               label.path)  # the same grid in space, whatever each file's voxel order
     arr = np.asarray(label.canonical)
     check_integer_labels(arr, label.path)
     if not np.isin(arr, classes).any():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def test_auto_registers_another_scan_and_fuses_several(scans, capsys):
 
 def test_the_leave_one_out_estimate_is_reported_per_structure(scans):
     pairs = [(scans["a"], scans["a_lab"]), (scans["b"], scans["b_lab"])]
-    result = ICLSegmenter(fill="registration").segment(scans["q"], [p[0] for p in pairs], [p[1] for p in pairs])
+    result = ICLSegmenter(fill="registration", cross_check="full").segment(scans["q"], [p[0] for p in pairs],
+                                                                          [p[1] for p in pairs])
     direct = leave_one_out(pairs, [1, 2])
     reported = {c.structure: c.dice["registration"] for c in result.checks}
     assert all(math.isclose(reported[c], direct[c], rel_tol=1e-9) for c in (1, 2)), (reported, direct)
@@ -153,7 +155,7 @@ def test_a_structure_registration_carries_nowhere_is_said_on_both_roads(scans, m
 def test_the_model_road_gives_absent_not_an_error_where_registration_carries_nothing(scans, monkeypatch, capsys):
     """As the registration road: a warning naming the structures, and they are absent (never a guess)."""
     import icl.infer.cross_memory as cross_memory
-    from icl.sparse.registration import CarriedSupport
+    from icl.sparse.fusion import CarriedSupport
 
     def nothing(query, supports, classes):
         empty = np.zeros(query.canonical_shape, np.int32)
@@ -183,6 +185,6 @@ def test_cli_pairs_supports_in_order_and_refuses_mismatched_counts(scans):
                 "--report", str(report), "--fill", "registration")
     assert good.returncode == 0, good.stderr
     lines = [line for line in good.stderr.splitlines() if line.startswith("structure ")]
-    assert len(lines) == 2 and all("leave-one-out Dice registration 0." in line for line in lines)
+    assert len(lines) == 2 and all(re.search(r"leave-one-out Dice registration [01]\.\d{3} ", line) for line in lines)
     assert "2 support scan(s)" in good.stderr.splitlines()[-1]
     assert [s["chosen"] for s in json.loads(report.read_text())["structures"]] == ["registration"] * 2

@@ -5,13 +5,16 @@ the skip is said in one line. Files of no format read here (``notes.txt``) are n
 that cannot be read as a scan (corrupt, truncated, 2D) is left out with a warning naming it and why, instead of
 stopping the whole folder. Scans are files of any format ``icl.data.formats`` reads (NIfTI, NRRD, MetaImage) and
 sub-folders holding a DICOM series; a folder that itself holds DICOM files is one scan, not a query folder.
+
+A cohort's folder is split for a job array by :func:`shard_of` (every N-th query from offset I: tasks 0..N-1 split
+it exactly), and outputs that exist are finished ones (written whole, then renamed), skipped by :func:`unfinished`.
 """
 from __future__ import annotations
 
 import fnmatch
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -24,6 +27,7 @@ NNUNET_CHANNEL = re.compile(r"_(\d{4})\.(nii|nii\.gz|nrrd|mha)$")  # nnU-Net raw
 NNUNET_IMAGE = "0000"
 MAX_LABEL_VALUES = 64  # a label map holds few distinct non-negative integers; a scan holds many, or fractions
 LABEL_SAMPLE_STEP = 4  # voxels per axis read to tell a label map (every 4th: 1/64 of the volume)
+SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")  # --shard I/N
 
 
 def is_query_folder(path: Path) -> bool:
@@ -109,3 +113,31 @@ def skipped_line(folder: Path, skipped: list[tuple[Path, str]]) -> str:
     listed = "; ".join(f"{p.name} ({why})" for p, why in skipped)
     return f"note: {folder}: skipped {len(skipped)} file(s) that are not query scans: {listed} " \
            f"(--query-glob chooses the files)"
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """``I/N`` (0 <= I < N) as (I, N); a check of ``--shard`` (ValueError: the problem)."""
+    if isinstance(value, tuple):  # checked already
+        value = "/".join(map(str, value))
+    match = SHARD.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f"expected I/N (task I of N, counted from 0, e.g. 3/10), got {value!r}")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or i >= n:
+        raise ValueError(f"expected 0 <= I < N, got {i}/{n}")
+    return i, n
+
+
+def shard_of(queries: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """Every N-th query from offset I (all of them without a shard)."""
+    if shard is None:
+        return list(queries)
+    i, n = shard
+    return list(queries[i::n])
+
+
+def unfinished(pairs: Sequence[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(query, output) pairs whose output does not exist yet, and the outputs that do (finished by an earlier run:
+    outputs are only ever renamed into place whole)."""
+    todo = [(q, o) for q, o in pairs if not o.exists()]
+    return todo, [o for _, o in pairs if o.exists()]

@@ -35,7 +35,6 @@ self-check scores this fill as it scores the others (:mod:`icl.sparse.fill`) and
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -46,6 +45,7 @@ from icl.data.frames import Scan
 from icl.progress import progress as progress_bar
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import TAPER, Score, place, signed_distance
+from icl.sparse.jobs import available_cores
 
 ITERATIONS = (15, 3)  # demons iterations per pyramid level, coarse (half resolution) to fine (neighbours differ
 # little: (30, 5) gave the same Dice on INIA19 at 1.5 x the time, (20, 0) lost 0.006-0.010)
@@ -58,11 +58,6 @@ MIN_BOX_MARGIN = 8
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (end exclusive)
 Job = tuple[int, int, Box]  # (slice, its neighbour, box): one registration, the first's image onto the second's
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's or a job scheduler's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pyramid_iterations(shape: tuple[int, int], iterations: tuple[int, ...] = ITERATIONS) -> tuple[int, ...]:
@@ -151,7 +146,7 @@ class SliceFields:
         """``progress``: a bar over each batch of registrations (a terminal bar, or lines in a log). ``register``:
         ``(fixed, moving) -> field`` (``bench/slice_registration.py`` compares other libraries and settings)."""
         self.image, self.progress, self.register = image_zhw, progress, register
-        self.workers = max(1, int(workers or usable_cores()))
+        self.workers = max(1, int(workers or available_cores()))
         self.fields: dict[Job, np.ndarray] = {}
 
     def _register(self, job: Job) -> np.ndarray:

@@ -3,9 +3,11 @@
 The protocol of ``../shared/data/inia19/README.md``, on any labelled scan of yours:
 
 * **sparse → dense**, both annotation styles (``per_structure``: each structure drawn on its own slices;
-  ``complete``: all structures on the same slices), every 4th / 6th / 8th slice (``bench.baselines.annotate_sparse``);
-  each structure scored (Dice) on the slices where it was not annotated, mean over structures. Methods: the engine's
-  ``auto`` (self-check per structure), ``model`` (SAM2 propagation alone), ``interpolation`` and ``nearest`` —
+  ``complete``: all structures on the same slices), every 4th / 6th / 8th / 12th slice
+  (``icl.sparse.protocol.annotate_sparse``); each structure scored (Dice) on the slices where it was not annotated,
+  mean over structures. Methods: the engine's ``auto`` (self-check per structure), ``model`` (SAM2 propagation
+  with its prior; ``model_without_prior`` alone), ``registration`` (the image-guided fill: each drawn slice's image
+  registered to the slices between), ``interpolation`` and ``nearest`` —
   all through ``icl.api.ICLSegmenter`` on NIfTI files, as ``python -m icl.segment --support-slices labelled``
   runs them — and, when installed, ITK morphological contour interpolation (``mci``, 3D Slicer's "Fill between
   slices"), scikit-image's ``random_walker`` (``rw``) and MedSAM's own 3D workflow (``litemedsam_box``: LiteMedSAM
@@ -17,7 +19,7 @@ The protocol of ``../shared/data/inia19/README.md``, on any labelled scan of you
   copied as it is) and, when installed, affine registration + label transfer (SimpleITK, ``affine``).
 
     .venv/bin/python bench/real_anatomy.py --image T1.nii.gz --label LABELS.nii.gz --classes 1,1001,147,1147 \\
-        [--steps 4,6,8] [--styles per_structure,complete] [--checkpoint FILE] [--no-cross] [--json out.json]
+        [--steps 4,6,8,12] [--styles per_structure,complete] [--checkpoint FILE] [--no-cross] [--json out.json]
         [--compare NAME=CHECKPOINT[@CONFIG] ...]     # other weights' model fills beside, in the same run
 
 Missing optional baselines are named on stderr (``pip install -r bench/requirements-bench.txt``).
@@ -52,7 +54,7 @@ from icl.sparse.classic import ClassicFill  # noqa: E402
 from icl.sparse.fill import compose  # noqa: E402
 from bench.litemedsam_box import litemedsam_box_fill, litemedsam_model  # noqa: E402
 
-ENGINE_FILLS = ("auto", "model", "interpolation", "nearest")
+ENGINE_FILLS = ("auto", "model", "registration", "interpolation", "nearest")
 
 
 def plain_sdf(sparse: np.ndarray, classes: list[int], style: str) -> np.ndarray:
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", required=True)
     p.add_argument("--label", required=True)
     p.add_argument("--classes", required=True, help="comma-separated label values")
-    p.add_argument("--steps", default="4,6,8")
+    p.add_argument("--steps", default="4,6,8,12")
     p.add_argument("--styles", default="per_structure,complete")
     p.add_argument("--checkpoint", default=None, help="default: the shipped default model")
     p.add_argument("--config", default="tiny_cpu")

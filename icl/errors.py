@@ -17,6 +17,10 @@ class InputError(Exception):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
 
+    def __reduce__(self):
+        """Pickled as (where, problem): an error raised in a worker process reaches the parent whole."""
+        return InputError, (self.where, self.problem)
+
 
 EXIT_INPUT_ERROR = 2
 

@@ -24,9 +24,19 @@ Observer = Callable[[str, int, "int | None"], None]  # (description, steps done,
 _observers = threading.local()
 
 
+_lines_only = False  # lines_only(): bars are never drawn in this process
+
+
 def on_terminal() -> bool:
     """Whether stderr is an interactive terminal (tqdm redraws a line there; in a file it would append forever)."""
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return not _lines_only and bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def lines_only() -> None:
+    """Progress as plain lines in this process even on a terminal: several worker processes share one, and their
+    redrawn bars would write over each other."""
+    global _lines_only
+    _lines_only = True
 
 
 class LogLines:

@@ -11,7 +11,7 @@ from icl.engine.train.prior_tasks import CROSS, PriorTasks, misregistered, with_
 from icl.engine.train.tasks import Task, level_task
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, place
-from icl.sparse.prior import annotation_from_prompts, interpolation_priors
+from icl.sparse.prior import annotation_from_prompts, classic_priors
 from sam2_ext.track import track
 
 
@@ -81,7 +81,7 @@ def test_the_loss_and_the_fill_read_the_prior_at_their_own_resolution(tiny_predi
     scan's, both through residual_at_output: one rule."""
     from icl.engine.train.losses import TaskLoss
     from icl.sparse.model_fill import ModelFill
-    from icl.sparse.prior import interpolation_prior
+    from icl.sparse.prior import classic_prior
     from sam2_ext.priors import prior_input, residual_at_output
     from sam2_ext.track import SliceResult
 
@@ -97,18 +97,18 @@ def test_the_loss_and_the_fill_read_the_prior_at_their_own_resolution(tiny_predi
 
     annotation, _ = _tube_annotation(step=4)
     box = (0, 40, 0, 40)
-    priors = interpolation_priors(annotation, [3], box, 16)
+    priors = classic_priors(annotation, [3], box, 16)
     z = next(iter(priors[3]))
     result = SliceResult(z, 10 * (2 * priors[3][z][None] - 1), torch.ones(1), torch.ones(1))
     runner = ModelFill(tiny_predictor, None, None, 0, priors=True)
     tiny_predictor.prior_gain = 10.0
     try:
         fill = ClassicFill(annotation, "interpolation")
-        got = runner.sized(result, [3], priors, lambda c, z: interpolation_prior(fill, c, z, box), box, (40, 40))
+        got = runner.sized(result, [3], priors, lambda c, z: classic_prior(fill, c, z, box), box, (40, 40))
         coarse = runner.sized(result, [3], priors, None, box, (40, 40))  # the mask-grid residual, resized
     finally:
         tiny_predictor.prior_gain = 0.0
-    exact = interpolation_prior(fill, 3, z, box)
+    exact = classic_prior(fill, 3, z, box)
     np.testing.assert_array_equal(got[3] > 0, exact)  # the decoder added nothing: the prior at the scan's detail
     assert not np.array_equal(coarse[3] > 0, exact)
 
@@ -149,19 +149,19 @@ def _tube_annotation(step: int = 4) -> tuple[Annotation, np.ndarray]:
     return Annotation.from_label(sparse, 0, [3]), label
 
 
-def test_interpolation_priors_are_the_classic_fill_on_the_slices_to_track():
+def test_classic_priors_are_the_classic_fill_on_the_slices_to_track():
     annotation, _ = _tube_annotation()
-    priors = interpolation_priors(annotation, [3])
+    priors = classic_priors(annotation, [3])
     lo, hi = annotation.extent(3)
     assert sorted(priors[3]) == [z for z in range(lo, hi + 1) if z not in annotation.slices[3]]
     fill = ClassicFill(annotation, "interpolation")
     for z, mask in priors[3].items():
         np.testing.assert_array_equal(mask, place(fill.score(3, z), annotation.in_plane_shape))
     box = (5, 37, 2, 34)
-    cut = interpolation_priors(annotation, [3], box)
+    cut = classic_priors(annotation, [3], box)
     z = next(iter(cut[3]))
     np.testing.assert_array_equal(cut[3][z], priors[3][z][5:37, 2:34])
-    low = interpolation_priors(annotation, [3], box, size=16)[3][z]  # as the model's mask input
+    low = classic_priors(annotation, [3], box, size=16)[3][z]  # as the model's mask input
     assert low.shape == (16, 16) and low.dtype == torch.float32 and 0 <= float(low.min()) <= float(low.max()) <= 1
     assert abs(float(low.mean()) - cut[3][z].mean()) < 0.05
 
@@ -198,7 +198,7 @@ def test_a_prior_task_is_the_task_cut_like_the_fill_with_its_interpolation():
     annotation = annotation_from_prompts({k: {z: m.numpy() for z, m in p.items()} for k, p in prior.prompts.items()},
                                          tuple(prior.frames.shape), complete=task.prompts != {} and any(
                                              not bool(m.any()) for p in task.prompts.values() for m in p.values()))
-    expected = interpolation_priors(annotation, annotation.classes)
+    expected = classic_priors(annotation, annotation.classes)
     assert {c - 1 for c in expected} == set(prior.priors)
     for c, per in expected.items():
         assert sorted(per) == sorted(prior.priors[c - 1])

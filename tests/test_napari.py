@@ -22,7 +22,7 @@ from icl.data.phantom import make_case
 from icl.errors import InputError
 from icl.napari.grid import Grid
 from icl.napari.job import FillJob, FillRequest, FillResult, Layer, one_line
-from icl.napari.reader import get_reader, read_nifti
+from icl.napari.reader import get_reader, read_scans
 from icl.napari.widget import TABLE, FillWidget
 from icl.progress import observe
 from icl.sparse.protocol import annotate_sparse
@@ -74,7 +74,7 @@ def api_fills(phantom):
     """What the API (the CLI's engine) gives for the files, per fill method: what the widget must give; and the
     steps the engine reported meanwhile (``icl.progress.observe``, what the widget's progress bar shows)."""
     out, steps = {}, []
-    for fill in ("auto", "model"):
+    for fill in ("auto", "model", "registration"):
         with observe(lambda what, done, total: steps.append((fill, what.split()[0], done, total))):
             out[fill] = ICLSegmenter(support_slices="labelled", fill=fill).segment(
                 phantom["image"], phantom["image"], phantom["sparse"])
@@ -106,8 +106,8 @@ def _notifications(qtbot, action) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- reader
 def test_reader_shows_lps_and_ras_files_alike(make_napari_viewer, phantom):
-    (lps, lps_kw, kind), = read_nifti(str(phantom["image"]))
-    (ras, ras_kw, _), = read_nifti(str(phantom["ras"]))
+    (lps, lps_kw, kind), = read_scans(str(phantom["image"]))
+    (ras, ras_kw, _), = read_scans(str(phantom["ras"]))
     assert kind == "image" and lps.shape == ras.shape == tuple(np.asarray(nib.load(str(phantom["ras"])).shape))
     np.testing.assert_array_equal(lps, ras)  # the same anatomy, voxel for voxel
     spacing = np.sqrt((phantom["affine"][:3, :3] ** 2).sum(0))
@@ -115,7 +115,7 @@ def test_reader_shows_lps_and_ras_files_alike(make_napari_viewer, phantom):
     np.testing.assert_allclose(lps_kw["scale"], ras_kw["scale"])
     np.testing.assert_allclose(lps_kw["translate"], ras_kw["translate"])  # the same place in the world
     np.testing.assert_array_equal(lps_kw["metadata"]["nifti"]["affine"], nib.load(str(phantom["image"])).affine)
-    assert get_reader(str(phantom["image"])) is read_nifti and get_reader("scan.png") is None
+    assert get_reader(str(phantom["image"])) is read_scans and get_reader("scan.png") is None
     viewer = make_napari_viewer()  # through npe2: the manifest's reader
     image, label = viewer.open(str(phantom["image"]), plugin="icl-sam2")[0], \
         viewer.open(str(phantom["label"]), plugin="icl-sam2")[0]
@@ -143,7 +143,7 @@ def test_writer_round_trips_on_the_source_grid(make_napari_viewer, phantom, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------- widget
-@pytest.mark.parametrize("fill", ["auto", "model"])
+@pytest.mark.parametrize("fill", ["auto", "model", "registration"])
 def test_widget_fills_like_the_api(make_napari_viewer, qtbot, phantom, api_fills, fill):
     expected = api_fills[0][fill]
     viewer = make_napari_viewer()
@@ -167,8 +167,9 @@ def test_widget_fills_like_the_api(make_napari_viewer, qtbot, phantom, api_fills
             for r in range(widget.table.rowCount())]
     assert [row[0] for row in rows] == [str(c) for c in CLASSES]  # one row per structure
     for row, check in zip(rows, expected.checks):
-        assert row[1:6] == [f"{check.dice['interpolation']:.3f}", f"{check.dice['nearest']:.3f}",
-                            f"{check.dice['model']:.3f}", "-", check.chosen]  # registration: another scan's only
+        dice = [check.dice.get(m) for m in ("interpolation", "nearest", "model", "registration")]
+        assert row[1:6] == [*("-" if v is None else f"{v:.3f}" for v in dice), check.chosen]
+        assert row[4] != "-" and (row[3] != "-") == (fill != "registration")  # the model runs for auto and model
         assert row[6] == f"{check.held_out_slices} of {check.annotated_slices}"  # the slices it rests on
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=5_000)
 
@@ -236,6 +237,8 @@ def test_the_engine_reports_each_slice_of_the_self_check_and_the_fill(api_fills)
         for what in ("self-check", "fill"):
             assert [done for f, w, done, total in steps if (f, w) == (fill, what)] == list(range(depth + 1))
             assert {total for f, w, _, total in steps if (f, w) == (fill, what)} == {depth}
+    registered = [(done, total) for f, w, done, total in steps if (f, w) == ("registration", "register")]
+    assert registered and registered[-1][0] == registered[-1][1] > 0  # the image-guided fill's pairs, counted
 
 
 def test_job_generator_returns_the_fill_and_names_layers_in_errors(phantom, api_fills):

@@ -71,8 +71,8 @@ def test_1_api_save_never_overwrites_an_input(model_data, tmp_path):
     (tmp_path / "d.nii.gz").mkdir()
     with pytest.raises(InputError, match="is a folder"):
         seg.save(result, tmp_path / "d.nii.gz")
-    with pytest.raises(InputError, match="not a NIfTI"):
-        seg.save(result, tmp_path / "out.mha")
+    with pytest.raises(InputError, match="not a label-map file name"):
+        seg.save(result, tmp_path / "out.png")
     assert {p: _sha(p) for p in before} == before
     assert seg.save(result, tmp_path / "pred").name == "pred.nii.gz"
 
@@ -166,7 +166,7 @@ def test_5_drawn_voxels_are_the_answer_for_every_fill():
     drawn = draw(label, 2)
     annotation = Annotation.from_label(drawn, 2, [1, 2, 3])
 
-    def everywhere(ann, classes):
+    def everywhere(ann, classes, priors=None):
         for z in range(ann.depth):
             yield z, {c: ((0, SHAPE[0], 0, SHAPE[1]), np.ones(SHAPE[:2], np.float32)) for c in classes}
 
@@ -229,12 +229,12 @@ def test_8_wrong_output_kinds_and_repeated_flags_are_refused_before_any_work(cas
     folder = tmp_path / "reports"
     folder.mkdir()
     runs = [(["--report", str(folder)], "--report is a folder", tmp_path / "o.nii.gz"),
-            ([], "--out is not a NIfTI file name", tmp_path / "out.mha"),
+            ([], "--out is not a label-map file name", tmp_path / "out.png"),
             (["--out", str(tmp_path / "b.nii.gz")], "given more than once", tmp_path / "a.nii.gz")]
     for extra, needle, out in runs:
         assert _run(case["scan"], case["drawn"], case["scan"], out, "--fill", "interpolation", *extra) == 2
         _one_error(capsys, needle)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]  # nothing written, no out.mha/ folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]  # nothing written, no out.png/ folder
 
 
 # ---------------------------------------------------------------------------------------------------- 9

@@ -14,7 +14,8 @@ from icl.data.frames import Scan
 from icl.errors import InputError
 from icl.model.dice import binary_dice
 from icl.sparse.cross_check import leave_one_out
-from icl.sparse.registration import canonical_affine, fuse, pyramid, register_labels, to_sitk
+from icl.sparse.fusion import fuse, register_labels
+from icl.sparse.registration import canonical_affine, pyramid, to_sitk
 
 SHAPE = (36, 40, 32)
 SPACING = np.diag([1.5, 1.25, 2.0, 1.0])

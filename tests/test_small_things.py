@@ -39,7 +39,7 @@ def test_a_bad_file_in_a_query_folder_is_named_and_the_rest_segmented(case, tmp_
     (folder / "notes.txt").write_text("scanned on Tuesday")
     assert _segment(case, folder, tmp_path / "out", "--fill", "interpolation", "--window", "-100,200") == 0
     err = capsys.readouterr().err
-    assert "notes.txt (not a NIfTI file)" in err
+    assert "notes.txt (not a scan file)" in err
     assert "warning:" in err and "broken.nii.gz" in err and "not segmented" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.nii.gz"]
 

@@ -5,8 +5,8 @@ Every step runs the same command a user would type (printed before it runs), so 
 1. a phantom scan no model has seen, each structure drawn on every 4th slice of its own (as in 3D Slicer), is
    filled by ``python -m icl.segment --support-slices labelled`` (``--fill auto``: the self-check on the user's own
    annotation picks per structure between the default CPU model and the classic fills, one line per structure),
-   then by the model alone, and scored beside interpolation, nearest-slice copy and ITK morphological contour
-   interpolation (3D Slicer's "Fill between slices", when installed);
+   then by the model alone, and scored beside registration on the drawing, interpolation, nearest-slice copy and
+   ITK morphological contour interpolation (3D Slicer's "Fill between slices", when installed);
 2. phantom data → preprocess → train a tiny model from random init (CPU, a few minutes) → evaluate → table.
 
     python -m icl.cli.demo                  # about 4 minutes on CPU (training capped at 3)
@@ -31,11 +31,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from icl.data.frames import Scan
 from icl.data.phantom import make_case
 from icl.data.vocabulary import SHAPES
 from icl.errors import InputError, report
 from icl.sparse.annotation import Annotation
 from icl.sparse.fill import fill_volume
+from icl.sparse.slice_registration import scan_fields
 from icl.sparse.itk_contour import ITK_PACKAGE, itk_interpolation
 from icl.sparse.protocol import annotate_sparse, sparse_dice
 
@@ -123,9 +125,10 @@ def sparse_table(paths: dict[str, Path]) -> str:
     annotation = Annotation.from_label(sparse, 2, classes)
     methods = {"auto (icl.segment: self-check per structure)": np.asarray(nib.load(str(paths["filled"])).dataobj),
                "default model alone (--fill model)": np.asarray(nib.load(str(paths["model"])).dataobj)}
-    for fill in ("interpolation", "nearest"):
+    fields = scan_fields(Scan.open(paths["image"]), 2)  # the image between the drawn slices
+    for fill in ("registration", "interpolation", "nearest"):
         methods[f"{fill} (--fill {fill})"] = filled = np.zeros_like(sparse)
-        fill_volume(annotation, {c: fill for c in classes}, None, np.moveaxis(filled, 2, 0))
+        fill_volume(annotation, {c: fill for c in classes}, None, np.moveaxis(filled, 2, 0), fields=fields)
     itk = itk_interpolation(sparse)
     if itk is not None:
         methods["ITK contour interpolation (3D Slicer)"] = itk

@@ -1,4 +1,5 @@
-"""THE preprocessing of the engine: one NIfTI volume → the model's frames, for the cache *and* the CLI/API.
+"""THE preprocessing of the engine: one volume (NIfTI, or any format `icl.data.formats` reads) → the model's frames,
+for the cache *and* the CLI/API.
 
 Why one module: a checkpoint trained on cached frames must see the very same frames at inference. Everything that
 decides a frame's pixels lives here and nowhere else:
@@ -26,8 +27,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from nibabel.volumeutils import apply_read_scaling
 
-from icl.data.validate import (check_dims, check_integer_labels, load_nifti_header, no_finite_voxels, pick_channel,
-                               warn_nonfinite)
+from icl.data.formats import open_volume
+from icl.data.validate import check_integer_labels, no_finite_voxels, warn_nonfinite
 from icl.errors import InputError
 
 if TYPE_CHECKING:
@@ -73,18 +74,21 @@ def reoriented_shape(shape: Sequence[int], ornt: np.ndarray) -> tuple[int, int, 
 
 # ------------------------------------------------------------------------------------------------ the scan
 class Scan:
-    """One 3D NIfTI image (or one channel of a 4D one), opened lazily: header now, voxels on first use.
+    """One 3D image (or one channel of a 4D one) of any format read here, opened lazily: header now, voxels on
+    first use.
 
     ``shape``/``affine`` are the file's own; ``canonical`` shows the voxels in closest-canonical axis order.
     """
 
     def __init__(self, path: str | Path, load: Callable[[], np.ndarray], affine: np.ndarray, header: Any,
-                 shape: Sequence[int], slope: float = 1.0, inter: float = 0.0, channel: int | None = None):
+                 shape: Sequence[int], slope: float = 1.0, inter: float = 0.0, channel: int | None = None,
+                 segments: tuple | None = None):
         self.path = Path(path)
         self.affine = np.array(affine, dtype=np.float64)
         self.header = header
         self.shape: tuple[int, int, int] = tuple(int(s) for s in shape[:3])  # type: ignore[assignment]
         self.channel = channel
+        self.segments = segments  # a Slicer segmentation's segments (names, colours, values), kept for its outputs
         self.slope, self.inter = float(slope), float(inter)
         self.ornt = canonical_ornt(self.affine, self.path)
         self.canonical_shape = reoriented_shape(self.shape, self.ornt)
@@ -96,21 +100,10 @@ class Scan:
 
     @classmethod
     def open(cls, path: str | Path, channel: int | None = None) -> "Scan":
-        """A 3D image, or 4D channels-last (``channel`` picks one; needed when there are several)."""
-        path = Path(path)
-        img = load_nifti_header(path)
-        check_dims(img.shape, path)
-        channel, proxy = pick_channel(img.shape, channel, path), img.dataobj
-
-        def load() -> np.ndarray:
-            try:  # the stored dtype, unscaled: a memmap for uncompressed .nii
-                raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
-            except Exception as e:  # nibabel/zlib/mmap raise many types
-                raise InputError(path, f"unreadable or truncated NIfTI data ({type(e).__name__}: {e})") from None
-            return raw[..., channel] if raw.ndim == 4 else raw
-
-        slope, inter = (float(getattr(proxy, k, d)) for k, d in (("slope", 1.0), ("inter", 0.0)))
-        return cls(path, load, img.affine, img.header, img.shape, slope, inter, channel)
+        """A 3D image, or 4D channels-last (``channel`` picks one; needed when there are several), in any format
+        ``icl.data.formats`` reads: NIfTI, NRRD and Slicer's ``.seg.nrrd``, MetaImage, a DICOM series."""
+        v = open_volume(path, channel)
+        return cls(v.path, v.load, v.affine, v.header, v.shape, v.slope, v.inter, v.channel, v.segments)
 
     @classmethod
     def from_array(cls, arr: np.ndarray, affine: np.ndarray | None = None, path: str | Path = "<array>") -> "Scan":

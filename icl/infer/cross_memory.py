@@ -23,7 +23,7 @@ from icl.data.frames import Scan, VolumeFrames, resize_slices
 from icl.infer.support import choose_support_slices
 from icl.sparse.classic import Score
 from icl.sparse.model_fill import ModelFill, square_box
-from icl.sparse.registration import carry_supports
+from icl.sparse.fusion import SupportSet, carry_supports
 from sam2_ext.priors import prior_input
 from sam2_ext.track import track
 
@@ -111,9 +111,10 @@ def warn_carried_nowhere(query: Path, labels: np.ndarray, classes: Sequence[int]
               file=sys.stderr)
 
 
-def registered_memory(query: Scan, supports: Sequence[tuple[Scan, Scan]], classes: Sequence[int], axis: int,
-                      per_class: int | str) -> RegisteredMemory:
-    """Register every support to ``query`` (``icl.sparse.registration``), and choose each registered support's
+def registered_memory(query: Scan, supports: Sequence[tuple[Scan, Scan]] | SupportSet, classes: Sequence[int],
+                      axis: int, per_class: int | str) -> RegisteredMemory:
+    """Register every support to ``query`` (``icl.sparse.fusion``: a :class:`SupportSet` is prepared once for every
+    query), and choose each registered support's
     slices as the support slices of its own labels are chosen (``per_class`` per structure, across its extent)."""
     fused, carried = carry_supports(query, supports, classes)
     warn_carried_nowhere(query.path, fused, classes)

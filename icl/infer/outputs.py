@@ -12,28 +12,32 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from icl.data.formats import OUTPUT_SUFFIXES, files_of, output_name, output_suffix
 from icl.errors import InputError
-from icl.infer.query_folder import NIFTI_SUFFIXES, is_nifti
+from icl.infer.query_folder import is_query_folder
 from icl.io import same_file
 
+OUTPUTS = ", ".join(OUTPUT_SUFFIXES)
 
-def nifti_name(path: str | Path) -> Path:
-    """An output file name as a NIfTI name: ``pred`` → ``pred.nii.gz``; ``.nii``/``.nii.gz`` kept; else refused."""
+
+def label_map_name(path: str | Path) -> Path:
+    """An output file name as a label-map name: its suffix picks the format (``.nii.gz``, ``.nii``, ``.seg.nrrd``,
+    ``.nrrd``, ``.mha``, ``.mhd``); ``pred`` → ``pred.nii.gz``; any other suffix is refused."""
     path = Path(path)
-    if is_nifti(path):
+    if output_suffix(path) is not None:
         return path
     if not path.suffix:
         return path.with_name(path.name + ".nii.gz")
-    raise InputError(path, f"not a NIfTI file name: expected {' or '.join(NIFTI_SUFFIXES)} (or no suffix)")
+    raise InputError(path, f"not a label-map file name: expected {OUTPUTS} (or no suffix: .nii.gz)")
 
 
 def output_file(path: str | Path, flag: str) -> Path:
-    """A label map's file name (:func:`nifti_name`) that is not an existing folder."""
+    """A label map's file name (:func:`label_map_name`) that is not an existing folder."""
     target = Path(path)
     if not target.is_dir():
-        target = nifti_name(path)
+        target = label_map_name(path)
     if target.is_dir():
-        raise InputError(target, f"{flag} is a folder: give a file name ending in .nii.gz")
+        raise InputError(target, f"{flag} is a folder: give a file name ending in .nii.gz (or {OUTPUTS})")
     return target
 
 
@@ -46,29 +50,31 @@ def report_file(path: str | Path, flag: str = "--report") -> Path:
 
 
 def plan_outputs(query: Path, out: Path, queries: list[Path] | None = None) -> list[tuple[Path, Path]]:
-    """(query file, output file) pairs: one file → ``out`` (a NIfTI name) or ``out/<query name>``; a folder's
-    ``queries`` → one output each, named like the query, in the folder ``out``."""
-    if query.is_dir():
+    """(query, output file) pairs: one scan (a file or a DICOM series folder) → ``out`` (a label-map name: its
+    format) or ``out/<query name>``; a folder's ``queries`` → one output each in the folder ``out``, named like the
+    query and in its format (a DICOM series: ``<folder name>.nii.gz``)."""
+    if is_query_folder(query):
         if not queries:
-            raise InputError(query, "query folder holds no query scans (.nii/.nii.gz images)")
-        if is_nifti(out):
-            raise InputError(out, "--query is a folder, so --out must be a folder, not a NIfTI file name")
-        return [(q, out / q.name) for q in queries]
+            raise InputError(query, "query folder holds no query scans (NIfTI, NRRD, MetaImage files or DICOM "
+                                    "series folders)")
+        if output_suffix(out) is not None:
+            raise InputError(out, "--query is a folder, so --out must be a folder, not a label-map file name")
+        return [(q, out / output_name(q)) for q in queries]
     if not query.exists():
         raise InputError(query, "file not found")
-    if is_nifti(out):
+    if output_suffix(out) is not None:
         return [(query, output_file(out, "--out"))]
     if out.suffix and not out.is_dir():
-        raise InputError(out, f"--out is not a NIfTI file name (expected {' or '.join(NIFTI_SUFFIXES)}), nor an "
-                              "existing folder")
-    return [(query, out / query.name)]
+        raise InputError(out, f"--out is not a label-map file name (expected {OUTPUTS}), nor an existing folder")
+    return [(query, out / output_name(query))]
 
 
 def refuse_overwriting_inputs(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple[str, Path]]) -> None:
-    """An InputError when an output ``(flag, path)`` is one of the inputs (as ``cp`` refuses "the same file")."""
-    inputs = list(inputs)
-    for out_flag, out in outputs:
-        for in_flag, given in inputs:
+    """An InputError when an output ``(flag, path)`` is one of the inputs (as ``cp`` refuses "the same file"); the
+    data file a ``.mhd`` / ``.nhdr`` header names counts as that file on either side."""
+    inputs = [(flag, f) for flag, given in inputs for f in files_of(given)]
+    for out_flag, out_path in outputs:
+        for out, (in_flag, given) in ((o, i) for o in files_of(out_path) for i in inputs):
             if same_file(out, given):
                 raise InputError(out, f"{out_flag} and {in_flag} are the same file: the output would overwrite "
                                       f"an input")

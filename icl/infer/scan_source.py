@@ -1,6 +1,6 @@
-"""What the API takes as a scan (a NIfTI path, a nibabel image, an array with its affine), and when two scans are
-the same scan: by content, in world space, so a copy of a file is the file and a renamed path is not a different
-scan.
+"""What the API takes as a scan (a path of any format ``icl.data.formats`` reads, a nibabel image, an array with its
+affine), and when two scans are the same scan: by content, in world space, so a copy of a file is the file and a
+renamed path is not a different scan.
 
 "The same scan" (:func:`compare_scans`): after the closest-canonical reorientation (the engine reads every scan
 that way) the same voxel grid in space — canonical shape and affine — and the same voxel values within what storing
@@ -17,12 +17,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from icl.data.formats import format_of
 from icl.data.frames import Scan
 from icl.data.validate import AFFINE_TOL, check_dims, pick_channel
 from icl.errors import InputError
 from icl.io import same_file
 
-ACCEPTED = "a NIfTI path, a nibabel image, an array or an (array, affine) pair"
+ACCEPTED = ("a path (NIfTI, NRRD, MetaImage, a DICOM series), a nibabel image, an array or an (array, affine) "
+            "pair")
 
 
 def open_scan(source: Any, channel: int | None = None, what: str = "scan") -> Scan:
@@ -54,6 +56,17 @@ def _from_image(img: Any, channel: int | None, what: str) -> Scan:
     voxels = data[..., channel] if data.ndim == 4 else data
     header = img.header if isinstance(img, nib.Nifti1Image) else nib.Nifti1Header()
     return Scan(f"<{what}>", lambda: voxels, img.affine, header, voxels.shape)
+
+
+def segments_of(label: Any) -> tuple | None:
+    """The segments a label names (a Slicer segmentation's names, colours, values; the first of a list's), read
+    from its header only; None for a label that names none (NIfTI, arrays)."""
+    label = label[0] if isinstance(label, list) and label else label
+    if isinstance(label, Scan):
+        return label.segments
+    if isinstance(label, (str, Path)) and format_of(label) == "nrrd":
+        return Scan.open(label).segments
+    return None
 
 
 def describe(source: Any) -> str:

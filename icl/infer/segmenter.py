@@ -29,23 +29,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from icl.data.frames import (DEFAULT_SLICE_AXIS, Scan, VolumeFrames, check_window, label_slices, resize_slices,
+from icl.data.frames import (Scan, VolumeFrames, check_window, label_slices, resize_slices,
                              resolve_window)
 from icl.errors import InputError, spell_flag
 from icl.infer.cross_memory import ConcatFrames, registered_fill, registered_memory, warn_carried_nowhere
 from icl.infer.outputs import output_file, refuse_overwriting_inputs
-from icl.infer.scan_source import check_direction, decide_both_ways, open_scan
+from icl.infer.scan_source import check_direction, decide_both_ways, open_scan, segments_of
+from icl.infer.segmentation import Segmentation, empty_labels, header_3d
 from icl.infer.support import (AUTO_AXIS, LABELLED, check_crop, check_sparse_options, choose_support_slices,
-                               load_support, parse_classes, parse_slice_axis, parse_support_slices, read_support,
+                               parse_classes, parse_slice_axis, parse_support_slices, read_support,
                                support_pairs, warn_annotation)
+from icl.infer.support_cache import SupportCache
 from icl.model.boundary import library_errors
 from icl.model.build import build_predictor
 from icl.model.device import resolve_device
@@ -53,13 +53,14 @@ from icl.model.precision import amp_dtype, autocast, check_amp
 from icl.model.settings import check_image_memory, check_run, settle_model
 from icl.model.weights import DEFAULT_SEGMENT_CONFIG, resolve_checkpoint
 from icl.progress import progress as progress_bar
-from icl.report.nifti import write_mask_nifti
+from icl.report.label_map import write_label_map
 from icl.sparse.annotation import Annotation
-from icl.sparse.cross_check import CrossCheck, cross_checks
+from icl.sparse.cross_check import CHECKS, CrossCheck, registered_and_checked
 from icl.sparse.fill import StructureCheck, choose, compose, fill_volume, self_check
+from icl.sparse.fusion import on_query_grid, stderr_line
 from icl.sparse.methods import AUTO, MODEL, NO_MODEL_FILLS, REGISTRATION
 from icl.sparse.model_fill import ModelFill
-from icl.sparse.registration import fuse
+from icl.sparse.slice_registration import scan_fields
 from sam2_ext.frames import SAM2_INPUT, InputRule, prepare_frames
 from sam2_ext.track import track
 
@@ -90,33 +91,6 @@ def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return volume[tuple(sl)]
 
 
-# ---------------------------------------------------------------------------------------------------- results
-@dataclass
-class Segmentation:
-    """A label map on the query's voxel grid, with what is needed to save it and to draw overlays."""
-
-    labels: np.ndarray  # query's own voxel order and shape; original label values, 0 = background
-    affine: np.ndarray
-    header: nib.Nifti1Header
-    query: Path
-    classes: list[int]
-    support_slices: list[int]  # support-scan slices (canonical axis ``slice_axis``) used as prompts (the model on
-    # another scan with weights trained with a prior: the first support's registered slices, on the query's grid)
-    mode: str  # "both_ways" (support is the query), "prepended" (another scan's slices tracked), "registered"
-    slice_axis: int = DEFAULT_SLICE_AXIS
-    frames: VolumeFrames | None = field(default=None, repr=False)  # the query's lazy frames (overlays)
-    checks: list[StructureCheck | CrossCheck] = field(default_factory=list)  # the self-check, per structure
-    supports: int = 1  # support scans given (several: other scans, registered and fused, or all in memory)
-
-    def report(self) -> dict:
-        """The self-check table as written by ``--report`` (JSON-ready)."""
-        return {"query": str(self.query), "structures": [c.as_dict() for c in self.checks]}
-
-    def canonical_labels(self) -> np.ndarray:
-        """The label map in the frames' canonical orientation (a view; slice ``z`` matches ``frames[z]``)."""
-        return self.frames.scan.to_canonical(self.labels) if self.frames is not None else self.labels
-
-
 # ---------------------------------------------------------------------------------------------------- the API
 class ICLSegmenter:
     """Segment NIfTI scans from one labelled support scan with an ICL SAM2 model (no ground truth needed).
@@ -124,7 +98,8 @@ class ICLSegmenter:
     ``checkpoint``: None = the default model shipped for the config (``checkpoint/README.md``); ``"none"`` = random
     init (with a warning); else a weights file (ours, official SAM2 ``{"model": ...}`` or MedSAM2). ``config`` and
     ``image_size``: None = what the weights were trained with (``icl.model.settings``), else ``tiny_cpu`` at its own
-    size; a config other than the weights' is an error, another image size a warning.
+    size; a config other than the weights' is an error, another image size a warning. ``cross_check``: the
+    leave-one-out check of several other scans (``icl.sparse.cross_check``: composed, full or none).
     """
 
     def __init__(self, checkpoint: str | Path | None = None, config: str | Path | None = None,
@@ -132,7 +107,7 @@ class ICLSegmenter:
                  memory_selector: str | None = None, window: str = "auto", slice_axis: int | str = AUTO_AXIS,
                  support_slices: str | int = "auto", channel: int | None = None, amp: str = "auto",
                  fill: str = AUTO, complete_slices: bool = False, crop: bool | str = "auto",
-                 direction: str = "auto", adapt_steps: int = 0, prior: str = "auto"):
+                 direction: str = "auto", adapt_steps: int = 0, prior: str = "auto", cross_check: str = "composed"):
         self.device = torch.device(resolve_device(device))
         self.amp = check_amp(amp, "--amp")
         self.window, self.slice_axis = check_window(window), parse_slice_axis(slice_axis)
@@ -145,6 +120,9 @@ class ICLSegmenter:
         if prior not in PRIORS:  # none: the learned part alone, without the classic prior it was trained to refine
             raise InputError("--prior", f"expected one of {', '.join(PRIORS)}, got {prior!r}")
         self.prior = prior
+        if cross_check not in CHECKS:  # the leave-one-out check of several other scans (icl.sparse.cross_check)
+            raise InputError("--cross-check", f"expected one of {', '.join(CHECKS)}, got {cross_check!r}")
+        self.cross_check, self._supports = cross_check, SupportCache()  # supports read once for every query
         self.read: list[tuple[str, Path]] = []  # every file this segmenter read: save() never writes over one
         self.mask_prior, self.ct_window, self.predictor = False, None, None
         self._model = (checkpoint, config, image_size, memory_selector, crop)
@@ -191,12 +169,18 @@ class ICLSegmenter:
     def segment(self, query: Any, support: Any, support_label: Any,
                 classes: Sequence[int] | str | None = None, progress: bool = False) -> Segmentation:
         """Segment ``query`` with the labelled ``support`` scan; all ``classes`` (default: every label value of
-        the support) in one pass. Scans: NIfTI paths, nibabel images or (array, affine) pairs; ``support`` and
-        ``support_label`` may be lists of several other scans, paired in order (registered and fused). Returns a
-        :class:`Segmentation` on the query's grid."""
+        the support) in one pass. Scans: paths (NIfTI, NRRD, Slicer's .seg.nrrd, MetaImage, a DICOM series
+        folder), nibabel images or (array, affine) pairs; ``support`` and ``support_label`` may be lists of
+        several other scans, paired in order (registered and fused). Returns a :class:`Segmentation` on the
+        query's grid, carrying the support label's segment names for a ``.seg.nrrd`` output."""
+        result = self._segment(query, support, support_label, classes, progress)
+        result.segments = segments_of(support_label)
+        return result
+
+    def _segment(self, query: Any, support: Any, support_label: Any, classes: Sequence[int] | str | None,
+                 progress: bool) -> Segmentation:
         pairs = support_pairs(support, support_label)
-        loaded = [load_support(s, lab, parse_classes(classes), self.channel) for s, lab in pairs[:1]]
-        loaded += [load_support(s, lab, loaded[0][3], self.channel) for s, lab in pairs[1:]]  # every class, each
+        loaded = self._supports.load(pairs, parse_classes(classes), self.channel)  # every class in each
         s_scan, label_scan, label, cls = loaded[0]
         q_scan = open_scan(query, self.channel, "query")
         self._remember("--query", q_scan)
@@ -219,12 +203,8 @@ class ICLSegmenter:
             print(f"note: {query}: the support label is a drawing on a few slices of a scan on the query's grid, "
                   f"but the query is not that scan: {comparison.why()}; so the support is read as another scan's "
                   "(give --direction both if it is the same scan)", file=sys.stderr)
-        if reading.per_class == LABELLED and same and self.fill != REGISTRATION:
+        if reading.per_class == LABELLED and same:
             return self._fill_sparse(q_scan, label, cls, query, label_scan.path, picks, axis, progress)
-        if same and self.fill == REGISTRATION:
-            raise InputError("--fill", "registration carries the labels of another scan onto the query, but the "
-                                       "query is the support scan itself: fill its drawing with auto, model, "
-                                       "interpolation or nearest")
         # another scan: registration, unless the model was asked for (--fill model, or its --direction forward)
         if not same and (self.fill == REGISTRATION or (self.fill == AUTO and self.direction == "auto")) \
                 and not self.complete_slices:
@@ -246,7 +226,7 @@ class ICLSegmenter:
         masks = [label_slices(lab, axis, zs, size) for _, lab, zs in picked]
         source_len = len(q_frames) + (0 if same else sum(len(zs) for _, _, zs in picked))
         check_run(self.config, size, q_scan, source_len, self.device, "--image-size")
-        labels = _empty_labels(q_scan, cls)
+        labels = empty_labels(q_scan, cls)
         out = q_scan.to_canonical(labels)
         values = torch.tensor(cls, device=self.device)
         if same:
@@ -269,7 +249,7 @@ class ICLSegmenter:
                             result.logits, q_frames.in_plane_shape, values)
         finally:
             bar.close()
-        return Segmentation(labels, q_scan.affine, _header_3d(q_scan), query, cls, picks,
+        return Segmentation(labels, q_scan.affine, header_3d(q_scan), query, cls, picks,
                             "both_ways" if same else "prepended", axis, q_frames, supports=len(loaded))
 
     def _model_on_registered(self, scan: Scan, supports: list[tuple[Scan, Scan]], cls: list[int], query: Path,
@@ -280,14 +260,14 @@ class ICLSegmenter:
         if progress:
             print(f"note: {query}: registering {len(supports)} support scan(s) to it for the model's memory and "
                   "prior (about a minute per support on one CPU core)", file=sys.stderr)
-        memory = registered_memory(scan, supports, cls, axis, per_class)
+        memory = registered_memory(scan, self._supports.support_set(supports, cls), cls, axis, per_class)
         window, size = self.window_for(scan), self.predictor.image_size
         frames = VolumeFrames(scan, window, size, axis)
         check_run(self.config, size, scan, len(frames) + sum(len(zs) for _, _, zs in memory.supports), self.device,
                   "--image-size")
         runner = ModelFill(self.predictor, scan, window, axis, self.crop,
                            lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared, priors=True)
-        labels = _empty_labels(scan, cls)
+        labels = empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=len(frames), desc=f"segment {query.name}", unit="slice", enabled=progress)
         try:
@@ -297,7 +277,7 @@ class ICLSegmenter:
         finally:
             bar.close()
         used = memory.supports[0][2] if memory.supports else []  # the first support's registered slices
-        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, used, "prepended", axis, frames,
+        return Segmentation(labels, scan.affine, header_3d(scan), query, cls, used, "prepended", axis, frames,
                             supports=len(supports))
 
     def _registered(self, scan: Scan, supports: list[tuple[Scan, Scan]], cls: list[int], query: Path,
@@ -308,13 +288,15 @@ class ICLSegmenter:
         if progress:  # what the next minutes are spent on (a progress line, quiet with --quiet)
             print(f"note: {query}: registering {len(supports)} support scan(s) to it (affine, then deformable; about a "
                   "minute per support and 10 M voxels on one CPU core)" + (", and each of them to the others to "
-                  "check how well that works" if len(supports) > 1 else ""), file=sys.stderr)
-        checks = cross_checks(supports, cls, self.fill)
-        labels = _empty_labels(scan, cls)
-        labels[...] = fuse(scan, supports, cls)
+                  "check how well that works" if len(supports) > 1 and self.cross_check == "full" else ""),
+                  file=sys.stderr)
+        fused, checks = registered_and_checked(scan, self._supports.support_set(supports, cls), self.fill,
+                                               self.cross_check, stderr_line if progress else None)
+        labels = empty_labels(scan, cls)
+        labels[...] = on_query_grid(scan, fused)
         warn_carried_nowhere(query, labels, cls)
         size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
-        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, [], "registered", axis,
+        return Segmentation(labels, scan.affine, header_3d(scan), query, cls, [], "registered", axis,
                             VolumeFrames(scan, self.window_for(scan), size, axis), checks, len(supports))
 
     def _fill_sparse(self, scan: Scan, label: np.ndarray, cls: list[int], query: Path, label_path: Path,
@@ -331,53 +313,46 @@ class ICLSegmenter:
                                lambda: autocast(self.device, amp_dtype(self.amp, self.device)), self._prepared,
                                priors=self.mask_prior, adapt_steps=self.adapt_steps)
         counted = None if runner is None else _counted(runner, progress, f"self-check {query.name}")
-        checks = choose(annotation, self_check(annotation, counted), self.fill)
-        labels = _empty_labels(scan, cls)
+        # the image between the drawn slices: for the registration fill, and for auto and the model (the best classic
+        # fill is the model's prior); an explicit shape fill skips its cost (its table shows the shape fills)
+        fields = scan_fields(scan, axis, progress) if self.fill in (AUTO, MODEL, REGISTRATION) else None
+        checks = choose(annotation, self_check(annotation, counted, fields), self.fill)
+        labels = empty_labels(scan, cls)
         out_zhw = np.moveaxis(scan.to_canonical(labels), axis, 0)
         bar = progress_bar(total=annotation.depth, desc=f"fill {query.name}", unit="slice", enabled=progress)
         try:
-            fill_volume(annotation, {c.structure: c.chosen for c in checks}, runner, out_zhw, bar.update)
+            fill_volume(annotation, {c.structure: c.chosen for c in checks}, runner, out_zhw, bar.update, fields,
+                        {c.structure: c.prior for c in checks})
         finally:
             bar.close()
         size = self.predictor.image_size if self.predictor is not None else FRAME_SIZE_WITHOUT_MODEL
-        return Segmentation(labels, scan.affine, _header_3d(scan), query, cls, picks, "both_ways", axis,
+        return Segmentation(labels, scan.affine, header_3d(scan), query, cls, picks, "both_ways", axis,
                             VolumeFrames(scan, window, size, axis), checks)
 
     def save(self, result: Segmentation, path: str | Path) -> Path:
-        """Write the label map with the query's affine and header, atomically. THE output rule (the CLI's too,
-        ``icl.infer.outputs``): a name without a suffix gets ``.nii.gz``, another suffix than ``.nii``/``.nii.gz``
-        or an existing folder is refused, and so is any file this segmenter has read (query, support, support
+        """Write the label map with the query's affine and header, atomically, in the format the suffix names
+        (``icl.report.label_map``: NIfTI, NRRD, Slicer's .seg.nrrd with the support's segment names, MetaImage).
+        THE output rule (the CLI's too, ``icl.infer.outputs``): a name without a suffix gets ``.nii.gz``, an unknown
+        suffix or an existing folder is refused, and so is any file this segmenter has read (query, support, support
         label, checkpoint) — the user's scan is never replaced by labels."""
         target = output_file(path, "save")
         refuse_overwriting_inputs([("save", target)], self.read)
         dtype = np.uint8 if result.labels.dtype == np.uint8 else np.int16
-        return write_mask_nifti(result.labels, (result.affine, result.header), target, dtype=dtype)
+        return write_label_map(result.labels, result.affine, result.header, target, dtype=dtype,
+                               segments=result.segments, values=result.classes)
 
 
 def _counted(runner: ModelFill, progress: bool, desc: str):
     """The runner with a bar over the slices it tracks: the self-check is the fill's longest silent part."""
-    def run(annotation: Annotation, classes: list[int]):
+    def run(annotation: Annotation, classes: list[int], priors=None):
         bar = progress_bar(total=annotation.depth, desc=desc, unit="slice", enabled=progress)
         try:
-            for item in runner(annotation, classes):
+            for item in runner(annotation, classes, priors):
                 bar.update()
                 yield item
         finally:
             bar.close()
     return run
-
-
-def _empty_labels(scan: Scan, classes: Sequence[int]) -> np.ndarray:
-    """The output label map on the scan's own grid: uint8 while the label values fit, else int16."""
-    return np.zeros(scan.shape, dtype=np.uint8 if max(classes) < 256 else np.int16)
-
-
-def _header_3d(scan: Scan) -> nib.Nifti1Header:
-    """The query's header for a 3D label map (one channel of a 4D image → a 3D header on the same grid)."""
-    header = scan.header.copy()
-    if len(header.get_data_shape()) != 3:
-        header.set_data_shape(scan.shape)
-    return header
 
 
 def _label_slice(low_res: torch.Tensor, size: tuple[int, int], values: torch.Tensor) -> np.ndarray:

@@ -22,9 +22,9 @@ import numpy as np
 
 from icl.data.frames import DEFAULT_SLICE_AXIS, Scan
 from icl.data.sampling import labelled_slices, pick_support_slices
-from icl.data.validate import AFFINE_TOL, check_integer_labels
+from icl.data.validate import check_integer_labels
 from icl.errors import InputError
-from icl.infer.scan_source import open_scan
+from icl.infer.scan_source import open_scan, same_grid
 from icl.sparse.annotation import COMPLETE, Annotation
 from icl.sparse.drawing import drawing_axis
 from icl.sparse.methods import AUTO, FILLS, MODEL, REGISTRATION
@@ -194,10 +194,12 @@ def load_support(support: Any, support_label: Any, classes: Sequence[int] | None
     scan = open_scan(support, channel, "support")
     label_scan = open_scan(support_label, None, "support_label")
     support_label = label_scan.path
-    if label_scan.shape != scan.shape:
-        raise InputError(support_label, f"label shape {label_scan.shape} does not match image shape {scan.shape}")
-    if not np.allclose(label_scan.affine, scan.affine, atol=AFFINE_TOL):
-        raise InputError(support_label, "label affine does not match the image affine")
+    if label_scan.canonical_shape != scan.canonical_shape:
+        raise InputError(support_label, f"label shape {label_scan.shape} does not match image shape {scan.shape} "
+                                        "(read canonically): the label is on another grid")
+    if not same_grid(scan, label_scan):  # the same grid in space; its voxel order may differ (another tool's file)
+        raise InputError(support_label, "label affine does not match the image affine: the label is on another "
+                                        "grid (another place, spacing or orientation in space)")
     values = np.asarray(label_scan.canonical)
     check_integer_labels(values, support_label)
     if values.dtype.kind == "f":

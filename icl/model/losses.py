@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import nn
 
 
@@ -32,6 +31,8 @@ class ICLLoss(nn.Module):
             raise ValueError(f"loss weights must be >= 0 and not both 0, got dice={dice_weight}, ce={ce_weight}")
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
+        from monai.losses import DiceLoss  # here, not at import: importing monai costs ~10 s, which every
+        # fill would pay (test-time adaptation is the only use on the inference road)
         self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=smooth, smooth_dr=smooth, reduction="mean")
 
     @staticmethod

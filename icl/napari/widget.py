@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLab
 
 from icl.api import ICLSegmenter
 from icl.napari.job import FillError, FillJob, FillRequest, FillResult, Layer
+from icl.napari.reader import SEGMENTS, segment_kwargs
 from icl.sparse.cross_check import CrossCheck
 from icl.sparse.fill import StructureCheck
 from icl.sparse.methods import FILLS, INTERPOLATION, MODEL, NEAREST, REGISTRATION
@@ -77,7 +78,7 @@ class FillWidget(QWidget):
         for axis, text in AXES:
             self.axis_box.addItem(text, axis)
         self.fill_box = QComboBox()
-        self.fill_box.addItems(list(FILLS))  # the API's fills (registration: support from another open scan)
+        self.fill_box.addItems(list(FILLS))  # the API's fills (registration: 2D on a drawing, 3D from another scan)
         self.complete_box = QCheckBox("complete slices (every drawn slice holds every structure)")
         self.run_button, self.cancel_button = QPushButton("Fill"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -187,8 +188,11 @@ class FillWidget(QWidget):
         request = self.job.request
         image = self.viewer.layers[request.image.name] if request.image.name in self.viewer.layers else None
         kwargs = {} if image is None else {"scale": image.scale, "translate": image.translate}
+        drawn = self.viewer.layers[request.labels.name] if request.labels.name in self.viewer.layers else None
+        segments = None if drawn is None else drawn.metadata.get(SEGMENTS)  # a Slicer segmentation's names
+        kwargs.update(segment_kwargs(segments, result.classes))
         self.viewer.add_labels(result.labels, name=f"{request.labels.name} filled",
-                               metadata=request.image.grid.metadata(), **kwargs)
+                               metadata={**request.image.grid.metadata(), SEGMENTS: segments}, **kwargs)
         self.result = result
         self._show_checks(result.checks)
         self.bar.setRange(0, 1)

@@ -5,11 +5,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from icl.data.frames import DEFAULT_SLICE_AXIS, WINDOW_CHOICES, parse_window
+from icl.infer.query_folder import parse_shard
 from icl.infer.support import AUTO_SUPPORT_PER_CLASS, LABELLED, parse_slice_axis
 from icl.model.weights import DEFAULT_SEGMENT_CONFIG
-from icl.options.checks import NON_NEGATIVE
+from icl.options.checks import NON_NEGATIVE, POSITIVE
 from icl.options.common import AMP, CONFIG, IMAGE_SIZE, MEMORY_SELECTOR
 from icl.options.spec import Options, opt
+from icl.sparse.cross_check import CHECKS
 from icl.sparse.methods import FILLS
 
 
@@ -19,15 +21,26 @@ class SegmentOptions(Options):
 
     DASHES: ClassVar[str] = "--"
 
-    support: list[str] | None = opt(help="support image (NIfTI); several other scans: once per scan, each with its "
+    support: list[str] | None = opt(help="support image (NIfTI, NRRD, MetaImage, a DICOM series folder); several other "
+                                         "scans: once per scan, each with its "
                                          "--support-label in the same order (registered and fused)", required=True,
                                     repeat=True)
-    support_label: list[str] | None = opt(help="label map of the support image (same grid); once per --support",
+    support_label: list[str] | None = opt(help="label map of the support image, on its grid (NIfTI, NRRD, Slicer's "
+                                               ".seg.nrrd, MetaImage); once per --support",
                                           required=True, repeat=True)
-    query: str | None = opt(help="query image, or a folder of .nii/.nii.gz query images", required=True)
+    query: str | None = opt(help="query image (any format of --support), or a folder of query scans",
+                            required=True)
     query_glob: str | None = opt(None, "with a query folder: the file names to segment (a glob, e.g. '*_0000.nii.gz'"
                                        "); default: every NIfTI image, label maps and nnU-Net non-_0000 files skipped")
-    out: str | None = opt(help="output .nii.gz (one query) or folder (one output per query)", required=True)
+    out: str | None = opt(help="output label map (one query; its suffix picks the format: .nii.gz, .nii, .seg.nrrd, "
+                               ".nrrd, .mha, .mhd) or folder (one output per query)", required=True)
+    shard: str | None = opt(None, "with a query folder: I/N runs every N-th query from offset I (task I of N, from "
+                                  "0): one command per task of a job array, e.g. $SLURM_ARRAY_TASK_ID/"
+                                  "$SLURM_ARRAY_TASK_COUNT", check=parse_shard)
+    workers: int = opt(1, "queries segmented at once, each in its own process with its share of the cores",
+                       int, check=POSITIVE)
+    overwrite: bool = opt(False, "with a query folder: segment queries whose output exists too (default: skip them,"
+                                 " so an interrupted run resumes where it stopped)", bool)
     classes: str | None = opt(None, "comma-separated label values (default: all in the support)")
     support_slices: str = opt("auto", f"N support slices per label value, or '{LABELLED}' (every slice carrying a "
                                       f"label value), or 'auto': '{LABELLED}' for a drawing on a few slices of the "
@@ -35,12 +48,18 @@ class SegmentOptions(Options):
     complete_slices: bool = opt(False, f"with '{LABELLED}': every slice that carries a label is annotated for every "
                                        "requested structure (absent there = absent); default: per structure", bool)
     fill: str = opt("auto", f"with '{LABELLED}' on the scan itself: auto (per structure, the best of the self-check), "
-                            "model, interpolation or nearest; with support from other scans: auto (= registration), "
-                            "registration (each support registered to the query, several fused) or model",
-                    choices=FILLS)
-    prior: str = opt("auto", "the model's classic prior: auto (as its weights were trained: the interpolation of a "
-                             "drawing, for weights trained with -mask_prior) or none (the learned part alone, to see "
+                            "registration (each drawn slice's image registered to the slices between, its mask "
+                            "carried), interpolation, nearest or model; with support from other scans: auto (= "
+                            "registration), registration (each support registered to the query, several fused) or "
+                            "model", choices=FILLS)
+    prior: str = opt("auto", "the model's classic prior: auto (for weights trained with -mask_prior: on a drawing, each "
+                             "structure's best classic fill of the self-check; from another scan, the registered "
+                             "labels) or none (the learned part alone, to see "
                              "what it does)", choices=("auto", "none"))
+    cross_check: str = opt("composed", "several other scans: the leave-one-out check of registration, composed "
+                                       "from the registrations to the query (k registrations in all), full (each "
+                                       "support also registered to every other one: k (k - 1) more, once per set "
+                                       "of supports) or none", choices=CHECKS)
     report: str | None = opt(None, "write the self-check table to this JSON file (a drawing on the scan itself: "
                                    "held-out Dice per structure and method; several other scans: leave-one-out Dice "
                                    "of registration; the method chosen)")

@@ -42,6 +42,24 @@ def _squeeze_tail(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def mask_array(mask: np.ndarray, dtype: type = np.uint8) -> np.ndarray:
+    """``mask`` (bool or integer labels) as ``dtype`` (uint8 or int16); non-integer values or values that do not fit
+    are a ``ValueError``. Every label-map writer stores its labels through this check."""
+    dtype = np.dtype(dtype)
+    if dtype not in [np.dtype(d) for d in MASK_DTYPES]:
+        raise ValueError(f"dtype: expected uint8 or int16, got {dtype}")
+    arr = np.asarray(mask)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.array_equal(arr, np.round(arr)):
+            raise ValueError("mask: expected integer labels, got non-integer values")
+    info = np.iinfo(dtype)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise ValueError(f"mask: values {arr.min()}..{arr.max()} do not fit {dtype}")
+    return arr.astype(dtype, copy=False)
+
+
 def write_mask_nifti(
     mask: np.ndarray,
     reference: str | Path | tuple[np.ndarray, nib.Nifti1Header],
@@ -53,28 +71,17 @@ def write_mask_nifti(
     ``reference`` is a NIfTI path or an ``(affine, header)`` pair. ``dtype`` is ``np.uint8`` (default) or
     ``np.int16``; values that do not fit raise ``ValueError``, as does a shape that differs from the reference.
     """
-    dtype = np.dtype(dtype)
-    if dtype not in [np.dtype(d) for d in MASK_DTYPES]:
-        raise ValueError(f"dtype: expected uint8 or int16, got {dtype}")
     affine, ref_header = _reference(reference)
-    arr = np.asarray(mask)
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.array_equal(arr, np.round(arr)):
-            raise ValueError("mask: expected integer labels, got non-integer values")
-    info = np.iinfo(dtype)
-    if arr.size and (arr.min() < info.min or arr.max() > info.max):
-        raise ValueError(f"mask: values {arr.min()}..{arr.max()} do not fit {dtype}")
+    arr = mask_array(mask, dtype)
     ref_shape = tuple(int(s) for s in ref_header.get_data_shape())
     if _squeeze_tail(arr.shape) != _squeeze_tail(ref_shape):  # a [X,Y,Z,1] reference takes an [X,Y,Z] mask
         raise ValueError(f"mask: shape {arr.shape} differs from the reference's {ref_shape}")
 
     header = ref_header.copy()
-    header.set_data_dtype(dtype)
+    header.set_data_dtype(arr.dtype)
     header.set_slope_inter(1.0, 0.0)  # labels verbatim: never rescaled by a reader
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = klass(arr.astype(dtype), affine, header=header)
+    img = klass(arr, affine, header=header)
     # nibabel resets qform/sform codes when given an affine; restore the reference's. The qform is copied verbatim
     # (scanners often store a qform slightly different from the sform); the sform carries the affine.
     q_code, s_code = int(ref_header["qform_code"]), int(ref_header["sform_code"])

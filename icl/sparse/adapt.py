@@ -12,6 +12,7 @@ scores are never trained on.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +22,16 @@ import torch.nn.functional as F
 
 from icl.model.losses import ICLLoss
 from icl.sparse.annotation import PER_STRUCTURE, Annotation
-from icl.sparse.prior import interpolation_priors
+from icl.sparse.prior import classic_priors
 from sam2_ext.track import track
 
 ADAPT_LR = 1e-4
-DICE_BCE = ICLLoss()  # THE Dice + BCE (smooth 1), as training's -loss dice_bce
+
+
+@functools.cache
+def dice_bce() -> ICLLoss:
+    """THE Dice + BCE (smooth 1), as training's -loss dice_bce; built on first use (it imports MONAI, ~10 s)."""
+    return ICLLoss()
 
 
 class Window:
@@ -72,7 +78,7 @@ def adapt(predictor: Any, source: Any, annotation: Annotation, prompts: Mapping[
                 prior = None
                 if priors:  # the interpolation of a and b alone, as the fill would give it with h unannotated
                     pair = Annotation(annotation.label_zhw, [c], PER_STRUCTURE, {c: [a, b]})
-                    per = interpolation_priors(pair, [c], box, low).get(c, {})
+                    per = classic_priors(pair, [c], box, low).get(c, {})
                     prior = {c: {z - a: m for z, m in per.items() if a < z < b}}
                 results = list(track(predictor, window, task_prompts, "both", grad=True, priors=prior))
                 target = F.interpolate(prompts[c][h][None, None].float(), size=(low, low), mode="bilinear",
@@ -80,7 +86,7 @@ def adapt(predictor: Any, source: Any, annotation: Annotation, prompts: Mapping[
                 # the decoder's masks before SAM2's object-score gate (a gated mask is a constant: no gradient),
                 # averaged over the two passes as the rule averages its logits
                 raw = torch.stack([t.raw_multimask_logits[0, 0] for t in results[h - a].tracked]).mean(0)
-                loss = DICE_BCE(raw.float()[None], target[None])  # [1, h, w]: one slice, one object
+                loss = dice_bce()(raw.float()[None], target[None])  # [1, h, w]: one slice, one object
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -1,7 +1,7 @@
 """The classic fills of a sparse annotation, built into the engine: nearest-slice copy and shape-based interpolation.
 
 Why in the engine: a user must never get a fill worse than what 3D Slicer's "Fill between slices" would give
-them, and the self-check (:mod:`icl.sparse.selfcheck`) needs them as candidates beside the model.
+them, and the self-check (:mod:`icl.sparse.fill`) needs them as candidates beside the model.
 
 Both work per structure, from that structure's own annotated slices only (:class:`~icl.sparse.annotation.
 Annotation`), and give a *signed score* per slice: positive inside, in voxels (a signed distance map), so that
@@ -28,7 +28,7 @@ from scipy.ndimage import center_of_mass, distance_transform_edt
 from scipy.ndimage import shift as nd_shift
 
 from icl.sparse.annotation import Annotation
-from icl.sparse.methods import CLASSIC_FILLS, INTERPOLATION, NEAREST
+from icl.sparse.methods import INTERPOLATION, NEAREST, SHAPE_FILLS
 
 BOX_MARGIN = 2  # voxels around the drawn masks (plus the alignment's shift): where a classic fill can reach
 TAPER = 0.5  # beyond the outermost slice: the fraction of its inscribed radius lost at the end of the reach
@@ -59,8 +59,8 @@ class ClassicFill:
 
     def __init__(self, annotation: Annotation, method: str, align: bool = True, taper: float = TAPER):
         """``align=False, taper=0`` is the plain shape-based interpolation (a benchmark baseline)."""
-        if method not in CLASSIC_FILLS:
-            raise ValueError(f"classic fill must be one of {CLASSIC_FILLS}, got {method!r}")
+        if method not in SHAPE_FILLS:
+            raise ValueError(f"a shape fill must be one of {SHAPE_FILLS}, got {method!r}")
         self.annotation, self.method, self.align, self.taper = annotation, method, align, taper
         self._boxes = {c: annotation.box(c, BOX_MARGIN) for c in annotation.classes}
         self._extents = {c: annotation.extent(c) for c in annotation.classes}

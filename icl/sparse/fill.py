@@ -15,33 +15,42 @@ predictable fill). A structure with too few annotated slices for a hold-out (few
 complete slices, not drawn on both a kept and a held-out slice) takes the method with the best mean held-out Dice
 over the structures that could be checked; when none could, ``interpolation``.
 
-The model must also *clearly* beat the interpolation to be chosen at all: over every held-out slice of the scan,
-the mean paired difference of their per-slice Dice must exceed ``EVIDENCE`` standard errors (a one-sided test at
-about 97.7 %). Why: the check runs at twice the user's spacing, and a model trained to refine the interpolation
-can tie with it there and still lose at the real spacing (measured in ``BENCHMARKS.md``); a tie within the check's
-noise goes to the cheaper, predictable fill.
+The classic fills are ``interpolation`` and ``nearest`` (the drawn shapes) and ``registration`` (the image between
+them: :mod:`icl.sparse.slice_registration`; checked when the caller hands the scan's image). The best classic fill
+of a structure, by the same shrunk rule, is also the model's prior there (weights trained with a mask prior refine
+it: :mod:`icl.sparse.prior`), in the self-check and in the fill.
 
-The model is reached through a *runner* (``run_model(annotation, classes)`` yields ``(slice, {class: score})`` for
-every slice, each once, in any order), so this module knows nothing of SAM2: ``icl.api`` supplies the runner,
-which applies the engine's one propagation rule.
+The model must also *clearly* beat each structure's best classic fill to be chosen at all: over every held-out
+slice of the scan, the mean paired difference of their per-slice Dice must exceed ``EVIDENCE`` standard errors (a
+one-sided test at about 97.7 %). Why: the check runs at twice the user's spacing, and a model trained to refine
+its prior can tie with it there and still lose at the real spacing (measured in ``BENCHMARKS.md``); a tie within
+the check's noise goes to the cheaper, predictable fill.
+
+The model is reached through a *runner* (``run_model(annotation, classes, priors)`` yields ``(slice, {class:
+score})`` for every slice, each once, in any order; ``priors``: ``{class: the fill that is its prior}``), so this
+module knows nothing of SAM2: ``icl.api`` supplies the runner, which applies the engine's one propagation rule.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Union
 
 import numpy as np
 
 from icl.model.dice import dice_from_counts
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, Score, place
-from icl.sparse.methods import AUTO, CLASSIC_FILLS, INTERPOLATION, MODEL, NEAREST, SAME_SCAN_FILLS
+from icl.sparse.methods import (AUTO, CLASSIC_FILLS, INTERPOLATION, MODEL, NEAREST, REGISTRATION, SAME_SCAN_FILLS,
+                                SHAPE_FILLS)
+from icl.sparse.slice_registration import RegistrationFill, SliceFields, registration_box
 
-PREFERENCE = (INTERPOLATION, NEAREST, MODEL)
+PREFERENCE = (INTERPOLATION, NEAREST, REGISTRATION, MODEL)  # ties: the cheaper, more predictable fill first
 SHRINK_SLICES = 8  # weight of the scan-wide mean, in held-out slices, when a structure's own estimate is read
-EVIDENCE = 2.0  # standard errors by which the model's per-slice Dice must beat the interpolation's to be chosen
-ModelRunner = Callable[[Annotation, list[int]], Iterator[tuple[int, dict[int, Score]]]]
+EVIDENCE = 2.0  # standard errors by which the model's per-slice Dice must beat the best classic fill's
+Fill = Union[ClassicFill, RegistrationFill]  # a classic fill: score(c, z), mask(c, z)
+ModelRunner = Callable[[Annotation, list[int], "Mapping[int, Fill] | None"], Iterator[tuple[int, dict[int, Score]]]]
 
 
 @dataclass
@@ -56,6 +65,7 @@ class StructureCheck:
     rule: str = ""
     drawn_slices: int | None = None  # slices it is drawn on (None: as annotated_slices)
     dense: bool = False  # drawn on every slice of its extent: nothing between them to check
+    prior: str = INTERPOLATION  # its best classic fill: the model's prior there
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,9 +92,28 @@ def _dice(inter: float, pred: float, truth: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def self_check(annotation: Annotation, run_model: ModelRunner | None) -> dict[int, tuple]:
+def classic_fill(annotation: Annotation, method: str, fields: SliceFields | None, drawing: Annotation | None = None
+                 ) -> Fill:
+    """The classic fill ``method`` of ``annotation`` (``registration`` reads the image through ``fields``, in the
+    boxes of ``drawing``, the whole drawing ``annotation`` is part of: default ``annotation`` itself)."""
+    if method == REGISTRATION:
+        if fields is None:
+            raise ValueError("the registration fill needs the scan's image (fields)")
+        drawing = drawing or annotation
+        return RegistrationFill(annotation, fields, {c: registration_box(drawing, c) for c in annotation.classes})
+    return ClassicFill(annotation, method)
+
+
+def classic_methods(fields: SliceFields | None) -> tuple[str, ...]:
+    """The classic fills a caller can run: registration only where the image is given."""
+    return CLASSIC_FILLS if fields is not None else SHAPE_FILLS
+
+
+def self_check(annotation: Annotation, run_model: ModelRunner | None,
+               fields: SliceFields | None = None) -> dict[int, tuple]:
     """Held-out Dice of every method per structure that can be checked: ``{c: (held-out slices, {method: dice},
-    {method: {slice: that slice's Dice or None}})}``."""
+    {method: {slice: that slice's Dice or None}})}``. ``fields``: the scan's image for the registration fill
+    (None: the shape fills only). The model runs last, with each structure's best classic fill as its prior."""
     kept, scored = annotation.holdout()
     sums: dict[int, dict[str, np.ndarray]] = {c: {} for c in scored}
     per_slice: dict[int, dict[str, dict[int, float | None]]] = {c: {} for c in scored}
@@ -96,28 +125,79 @@ def self_check(annotation: Annotation, run_model: ModelRunner | None) -> dict[in
         sums[c][method] += counts
         per_slice[c].setdefault(method, {})[z] = _dice(*counts)
 
-    for method in CLASSIC_FILLS:
-        fill = ClassicFill(kept, method)
+    def table() -> dict[int, tuple]:
+        return {c: (len(scored[c]), {m: _dice(*sums[c][m]) for m in (*CLASSIC_FILLS, MODEL) if m in sums[c]},
+                    per_slice[c]) for c in scored}
+
+    fills = {m: classic_fill(kept, m, fields, annotation) for m in classic_methods(fields)}  # the drawing's boxes
+    if REGISTRATION in fills:
+        fills[REGISTRATION].prepare(scored)
+    for method, fill in fills.items():
         for c, zs in scored.items():
             for z in zs:
                 add(method, c, z, fill.mask(c, z))
     if run_model is not None and scored:
+        best = best_classic(annotation, table())
+        priors = prior_fills(kept, {c: best[c] for c in scored}, fields, fills)
         wanted = {c: set(zs) for c, zs in scored.items()}
-        for z, scores in run_model(kept, sorted(scored)):
+        for z, scores in run_model(kept, sorted(scored), priors):
             for c in scored:
                 if z in wanted[c]:
                     add(MODEL, c, z, place(scores.get(c), annotation.in_plane_shape))
-    return {c: (len(scored[c]), {m: _dice(*sums[c][m]) for m in (*CLASSIC_FILLS, MODEL) if m in sums[c]},
-                per_slice[c]) for c in scored}
+    return table()
 
 
-def model_clearly_better(checks: dict[int, tuple]) -> bool:
-    """The module docstring's evidence rule; True when no per-slice evidence was recorded (nothing to test)."""
-    per_slice = [check[2] for check in checks.values() if len(check) > 2]
+def prior_fills(annotation: Annotation, methods: Mapping[int, str], fields: SliceFields | None,
+                fills: Mapping[str, Fill] | None = None) -> dict[int, Fill]:
+    """``{class: its prior's fill}`` on ``annotation`` (``fills``: those already made for it, reused); the
+    registration fill prepared on every slice of those classes' extents at once (in parallel)."""
+    made = dict(fills or {})
+    out = {}
+    for c, method in methods.items():
+        if method not in made:
+            made[method] = classic_fill(annotation, method, fields)
+        out[c] = made[method]
+    on_registration = {c: None for c, m in methods.items() if m == REGISTRATION}
+    if on_registration:
+        made[REGISTRATION].prepare(on_registration)
+    return out
+
+
+def _shrunk(held: int, dice: Mapping[str, float | None], means: Mapping[str, float],
+            methods: tuple[str, ...]) -> dict[str, float]:
+    """A structure's held-out Dice per method read shrunk toward the method's scan-wide mean (module docstring)."""
+    return {m: (held * v + SHRINK_SLICES * means.get(m, v)) / (held + SHRINK_SLICES)
+            for m, v in dice.items() if v is not None and m in methods}
+
+
+def _means(checks: dict[int, tuple], methods: tuple[str, ...]) -> dict[str, float]:
+    """Each method's mean held-out Dice over the checked structures."""
+    return {m: float(np.mean(v)) for m in PREFERENCE if m in methods
+            if (v := [ch[1][m] for ch in checks.values() if ch[1].get(m) is not None])}
+
+
+def best_classic(annotation: Annotation, checks: dict[int, tuple]) -> dict[int, str]:
+    """Each structure's best classic fill by the shrunk rule (unchecked ones: the best mean, else the
+    interpolation): what ``auto`` would choose without the model, and the model's prior."""
+    means = _means(checks, CLASSIC_FILLS)
+    fallback = _best(means) if means else INTERPOLATION
+    out = {}
+    for c in annotation.classes:
+        held, dice = checks.get(c, (0, {}))[:2]
+        shrunk = _shrunk(held, dice, means, CLASSIC_FILLS) if held else {}
+        out[c] = _best(shrunk) if shrunk else fallback
+    return out
+
+
+def model_clearly_better(checks: dict[int, tuple], classic: Mapping[int, str] | None = None) -> bool:
+    """The module docstring's evidence rule, against each structure's best classic fill (``classic``; default:
+    the interpolation); True when no per-slice evidence was recorded (nothing to test)."""
+    per_slice = {c: check[2] for c, check in checks.items() if len(check) > 2}
     if not per_slice:
         return True
-    diffs = np.asarray([m - i for slices in per_slice for z, m in slices.get(MODEL, {}).items()
-                        if m is not None and (i := slices.get(INTERPOLATION, {}).get(z)) is not None])
+    base = classic or {}
+    diffs = np.asarray([m - i for c, slices in per_slice.items() for z, m in slices.get(MODEL, {}).items()
+                        if m is not None and (i := slices.get(base.get(c, INTERPOLATION), {}).get(z)) is not None])
     return len(diffs) >= 2 and float(diffs.mean()) > EVIDENCE * float(diffs.std(ddof=1)) / np.sqrt(len(diffs))
 
 
@@ -131,9 +211,10 @@ def choose(annotation: Annotation, checks: dict[int, tuple], fill: str) -> list[
     """The method per structure: ``fill`` itself, or for ``auto`` the self-check's best (module docstring rules)."""
     if fill not in SAME_SCAN_FILLS:
         raise ValueError(f"fill must be one of {SAME_SCAN_FILLS}, got {fill!r}")
-    excluded = () if fill != AUTO or model_clearly_better(checks) else (MODEL,)  # the evidence rule
-    means = {m: float(np.mean(v)) for m in PREFERENCE if m not in excluded
-             if (v := [ch[1][m] for ch in checks.values() if ch[1].get(m) is not None])}
+    classic = best_classic(annotation, checks)
+    excluded = () if fill != AUTO or model_clearly_better(checks, classic) else (MODEL,)  # the evidence rule
+    allowed = tuple(m for m in PREFERENCE if m not in excluded)
+    means = _means(checks, allowed)
     fallback = _best(means) if means else INTERPOLATION
     fallback_rule = "best mean over the checked structures" if means else "nothing could be checked: default"
     table = []
@@ -142,14 +223,13 @@ def choose(annotation: Annotation, checks: dict[int, tuple], fill: str) -> list[
         if fill != AUTO:
             chosen, rule = fill, f"fill {fill}"
         elif held and any(v is not None for v in dice.values()):
-            shrunk = {m: (held * v + SHRINK_SLICES * means.get(m, v)) / (held + SHRINK_SLICES)
-                      for m, v in dice.items() if v is not None and m not in excluded}
-            chosen, rule = _best(shrunk), "best held-out Dice" + (
-                "; the model did not clearly beat interpolation over the scan" if excluded and MODEL in dice else "")
+            chosen, rule = _best(_shrunk(held, dice, means, allowed)), "best held-out Dice" + (
+                "; the model did not clearly beat the best classic fill over the scan"
+                if excluded and MODEL in dice else "")
         else:
             chosen, rule = fallback, fallback_rule
         table.append(StructureCheck(c, annotation.annotated_for(c), held, dice, chosen, rule,
-                                    len(annotation.slices[c]), annotation.dense(c)))
+                                    len(annotation.slices[c]), annotation.dense(c), classic[c]))
     return table
 
 
@@ -165,25 +245,31 @@ def compose(shape: tuple[int, int], scores: list[tuple[int, Score]], dtype) -> n
 
 
 def fill_volume(annotation: Annotation, chosen: dict[int, str], run_model: ModelRunner | None,
-                out_zhw: np.ndarray, on_slice: Callable[[], None] | None = None) -> None:
+                out_zhw: np.ndarray, on_slice: Callable[[], None] | None = None, fields: SliceFields | None = None,
+                priors: Mapping[int, str] | None = None) -> None:
     """Fill ``out_zhw`` (slice axis first, e.g. a view of the output) slice by slice: each structure by its chosen
-    method, then what the annotation says stays as given (:meth:`Annotation.written_back`).
+    method, then what the annotation says stays as given (:meth:`Annotation.written_back`). ``fields``: the scan's
+    image, for the registration fill; ``priors``: ``{class: method}``, the model's prior per structure (default:
+    the interpolation).
 
     On a structure's own drawn slices its drawing is the answer, whatever the fill (the model's masks included):
     there it takes no fill at all, only its drawn voxels, so it never gains voxels beyond what was drawn."""
-    classic = {m: ClassicFill(annotation, m) for m in set(chosen.values()) if m in CLASSIC_FILLS}
     by_model = [c for c in annotation.classes if chosen[c] == MODEL]
     if by_model and run_model is None:
         raise ValueError("structures chosen for the model fill, but no model runner given")
+    by_classic = {c: m for c, m in chosen.items() if m != MODEL}
+    fills = prior_fills(annotation, by_classic, fields)
+    model_priors = prior_fills(annotation, {c: (priors or {}).get(c, INTERPOLATION) for c in by_model}, fields,
+                               {m: fills[c] for c, m in by_classic.items()})
     slices: Iterator[tuple[int, dict[int, Score]]] = (
-        run_model(annotation, by_model) if by_model else ((z, {}) for z in range(annotation.depth)))
+        run_model(annotation, by_model, model_priors) if by_model else ((z, {}) for z in range(annotation.depth)))
     drawn_on = {c: set(annotation.slices[c]) for c in annotation.classes}
     for z, model_scores in slices:
         scores = []
         for c in annotation.classes:
             if z in drawn_on[c]:
                 continue  # its drawing, written back below, is its whole answer on this slice
-            s = model_scores.get(c) if chosen[c] == MODEL else classic[chosen[c]].score(c, z)
+            s = model_scores.get(c) if chosen[c] == MODEL else fills[c].score(c, z)
             if s is not None:
                 scores.append((c, s))
         out_zhw[z] = compose(annotation.in_plane_shape, scores, out_zhw.dtype)

@@ -9,9 +9,11 @@ NEAREST = "nearest"  # copy of the nearest annotated slice
 INTERPOLATION = "interpolation"  # shape-based interpolation (icl.sparse.classic)
 MODEL = "model"  # the model's propagation (icl.sparse.model_fill)
 AUTO = "auto"  # per structure, the best of the self-check (icl.sparse.fill)
-REGISTRATION = "registration"  # support from another scan, registered to the query (icl.sparse.registration)
-CLASSIC_FILLS = (INTERPOLATION, NEAREST)  # the classic fills of a scan annotated on a few slices
-SAME_SCAN_FILLS = (AUTO, MODEL, INTERPOLATION, NEAREST)  # a scan annotated on a few slices
+REGISTRATION = "registration"  # drawn masks carried by registering images: 2D between the slices of a drawing
+# (icl.sparse.slice_registration), 3D from another scan to the query (icl.sparse.registration)
+SHAPE_FILLS = (INTERPOLATION, NEAREST)  # read the drawn shapes only (icl.sparse.classic)
+CLASSIC_FILLS = (INTERPOLATION, NEAREST, REGISTRATION)  # the classic fills of a scan annotated on a few slices
+SAME_SCAN_FILLS = (AUTO, MODEL, INTERPOLATION, NEAREST, REGISTRATION)  # a scan annotated on a few slices
 CROSS_SCAN_FILLS = (AUTO, MODEL, REGISTRATION)  # support from another scan
 FILLS = (AUTO, MODEL, INTERPOLATION, NEAREST, REGISTRATION)
-NO_MODEL_FILLS = (*CLASSIC_FILLS, REGISTRATION)  # fills that need no model: none is loaded
+NO_MODEL_FILLS = CLASSIC_FILLS  # fills that need no model: none is loaded

@@ -8,8 +8,9 @@ default) uses it for weights trained with ``-mask_prior`` (trained on such boxes
 default model, trained on whole slices, followed its support worse in a crop (phantom switch, marked Dice 0.48 with
 it vs 0.97 without) and gained nothing on real MR (INIA19 every 6th slice: 0.186 vs 0.184).
 
-Weights trained with ``-mask_prior`` also get the classic interpolation as a dense mask prompt on every slice they
-track (``priors=True``; :mod:`icl.sparse.prior`): how they were trained.
+Weights trained with ``-mask_prior`` also get a classic fill as a dense mask prompt on every slice they track
+(``priors=True``; :mod:`icl.sparse.prior`): how they were trained. Which fill is each structure's prior is the
+caller's (the self-check's best classic fill, ``icl.sparse.fill``); the interpolation when none is handed.
 
 Prompts follow the annotation's convention (:mod:`icl.sparse.annotation`): each structure on its own annotated
 slices, and an empty mask on every slice that ends it (:meth:`Annotation.stops`) — which the propagation rule
@@ -17,7 +18,7 @@ slices, and an empty mask on every slice that ends it (:meth:`Annotation.stops`)
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from icl.sparse.adapt import adapt
 from icl.sparse.annotation import Annotation
 from icl.sparse.classic import ClassicFill, Score
 from icl.sparse.methods import INTERPOLATION
-from icl.sparse.prior import interpolation_prior, interpolation_priors
+from icl.sparse.prior import Fill, classic_prior, classic_priors
 from sam2_ext.priors import residual_at_output
 from sam2_ext.track import track
 
@@ -54,12 +55,13 @@ def square_box(boxes: list[tuple[int, int, int, int]], shape: tuple[int, int], m
 
 
 class ModelFill:
-    """A runner for :func:`icl.sparse.fill.fill_volume` / ``self_check``: ``run(annotation, classes)`` yields
-    ``(slice, {class: (box, logits)})`` for every slice of the scan, each once."""
+    """A runner for :func:`icl.sparse.fill.fill_volume` / ``self_check``: ``run(annotation, classes, priors)``
+    yields ``(slice, {class: (box, logits)})`` for every slice of the scan, each once; ``priors``: ``{class: the
+    classic fill that is its prior}`` (weights trained with a prior; default: the interpolation)."""
 
     def __init__(self, predictor: Any, scan: Any, window: Any, slice_axis: int, crop: bool = False,
                  autocast: Any = None, prepare: Any = None, priors: bool = False, adapt_steps: int = 0):
-        """``priors``: give the model the classic interpolation as its mask prior on every tracked slice
+        """``priors``: give the model a classic fill as its mask prior on every tracked slice
         (:mod:`icl.sparse.prior`; for weights trained with ``-mask_prior``). ``adapt_steps``: test-time adaptation
         on the annotation first (:mod:`icl.sparse.adapt`; the weights are restored afterwards)."""
         self.predictor, self.scan, self.window, self.axis = predictor, scan, window, slice_axis
@@ -90,26 +92,30 @@ class ModelFill:
             out[c].update({z: empty for z in annotation.stops(c)})
         return out
 
-    def run(self, annotation: Annotation, classes: list[int]) -> Iterator[tuple[int, dict[int, Score]]]:
+    def run(self, annotation: Annotation, classes: list[int], priors: Mapping[int, Fill] | None = None
+            ) -> Iterator[tuple[int, dict[int, Score]]]:
         box = self.box(annotation, classes)
         frames = VolumeFrames(self.scan, self.window, self.predictor.image_size, self.axis, crop=box)
         shape = frames.in_plane_shape
         prompts = self.prompts(annotation, classes, box)
         source = self.prepare(frames)
         low = self.predictor.sam_prompt_encoder.mask_input_size[0]
-        interpolation = ClassicFill(annotation, INTERPOLATION) if self.priors else None
-        priors = interpolation_priors(annotation, classes, box, low, interpolation) if self.priors else None
+        fills: dict[int, Fill] = {}
+        if self.priors:  # each class's prior fill (kept: its distance maps serve the grid and the output resolution)
+            interpolation = ClassicFill(annotation, INTERPOLATION)
+            fills = {c: (priors or {}).get(c) or interpolation for c in classes}
+        low_priors = classic_priors(annotation, classes, box, low, fills) if self.priors else None
         backup = None
         if self.adapt_steps > 0:
             backup = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
             adapt(self.predictor, source, annotation, prompts, box, self.adapt_steps, self.priors)
         # the prior at the scan's resolution, slice by slice, for weights that read their residual there
-        output_res = priors and self.predictor.prior_gain and self.predictor.prior_resolution == "output"
-        fine = (lambda c, z: interpolation_prior(interpolation, c, z, box)) if output_res else None
+        output_res = low_priors and self.predictor.prior_gain and self.predictor.prior_resolution == "output"
+        fine = (lambda c, z: classic_prior(fills[c], c, z, box)) if output_res else None
         try:
             with self.autocast():
-                for result in track(self.predictor, source, prompts, "both", priors=priors):
-                    logits = self.sized(result, classes, priors, fine, box, shape)
+                for result in track(self.predictor, source, prompts, "both", priors=low_priors):
+                    logits = self.sized(result, classes, low_priors, fine, box, shape)
                     if not logits:
                         yield result.index, {}
                         continue

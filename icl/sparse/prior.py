@@ -1,15 +1,16 @@
-"""The model's mask prior on a sparse annotation: the engine's shape-based interpolation, slice by slice.
+"""The model's mask prior on a sparse annotation: a classic fill of each structure, slice by slice.
 
-Why: a model trained with ``-mask_prior`` (``icl.engine.train.loop.prior_tasks``) reads, on every slice it tracks between and just
-beyond a structure's annotated slices, the classic interpolation of that structure as SAM2's dense mask prompt
-(``sam2_ext.priors``) and learns to correct it. Training and inference compute it here, the same way: from the
-annotation's own slices only (:class:`~icl.sparse.classic.ClassicFill`, ``interpolation``), within the annotation's
-reach rule, cut to the model's in-plane box.
+Why: a model trained with ``-mask_prior`` (``icl.engine.train.loop.prior_tasks``) reads, on every slice it tracks
+between and just beyond a structure's annotated slices, a classic fill of that structure as SAM2's dense mask prompt
+(``sam2_ext.priors``) and learns to correct it. Training computes it here with the shape-based interpolation; the
+sparse fill hands each structure's best classic fill of its self-check (``icl.sparse.fill``; the interpolation when
+none is given). Either way from the annotation's own slices only, within the annotation's reach rule, cut to the
+model's in-plane box.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,16 +20,27 @@ from icl.sparse.methods import INTERPOLATION
 from sam2_ext.priors import prior_input
 
 
-def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[int, int, int, int] | None = None,
-                         size: int | None = None, fill: ClassicFill | None = None) -> dict[int, dict[int, Any]]:
+class Fill(Protocol):
+    """A classic fill of an annotation (``icl.sparse.classic``, ``icl.sparse.slice_registration``)."""
+    annotation: Annotation
+
+    def score(self, c: int, z: int) -> Any: ...
+
+
+def classic_priors(annotation: Annotation, classes: list[int], box: tuple[int, int, int, int] | None = None,
+                   size: int | None = None, fills: Mapping[int, Fill] | None = None) -> dict[int, dict[int, Any]]:
     """``{class: {slice: bool mask [h, w] inside box}}`` on every slice of each class's extent that is not
-    annotated for it (an empty mask where the interpolation says the structure is not there). With ``size`` each
-    mask comes already as the model's mask input (float [size, size], ``sam2_ext.priors.prior_input``), so a long
-    scan never holds its full-resolution priors at once. ``fill``: the annotation's interpolation, when the caller
-    keeps one (its distance maps are then computed once for both)."""
-    fill = fill or ClassicFill(annotation, INTERPOLATION)
+    annotated for it (an empty mask where the fill says the structure is not there). With ``size`` each mask comes
+    already as the model's mask input (float [size, size], ``sam2_ext.priors.prior_input``), so a long scan never
+    holds its full-resolution priors at once. ``fills``: ``{class: its prior's fill}`` of ``annotation`` (default:
+    the interpolation for every class; a caller that keeps them has their distance maps computed once)."""
+    interpolation = None
     out: dict[int, dict[int, np.ndarray]] = {}
     for c in classes:
+        fill = (fills or {}).get(c)
+        if fill is None:
+            interpolation = interpolation or ClassicFill(annotation, INTERPOLATION)
+            fill = interpolation
         extent = annotation.extent(c)
         if extent is None:
             continue
@@ -37,15 +49,14 @@ def interpolation_priors(annotation: Annotation, classes: list[int], box: tuple[
         for z in range(extent[0], extent[1] + 1):
             if z in drawn:
                 continue
-            mask = interpolation_prior(fill, c, z, box)
+            mask = classic_prior(fill, c, z, box)
             per[z] = mask if size is None else prior_input(mask, size, "cpu")[0, 0]
         out[c] = per
     return out
 
 
-def interpolation_prior(fill: ClassicFill, c: int, z: int, box: tuple[int, int, int, int] | None = None
-                        ) -> np.ndarray:
-    """One slice of :func:`interpolation_priors` at the scan's resolution: bool [h, w] inside ``box``. The sparse
+def classic_prior(fill: Fill, c: int, z: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """One slice of :func:`classic_priors` at the scan's resolution: bool [h, w] inside ``box``. The sparse
     fill reads it slice by slice for weights whose residual is read at the output's resolution (sam2_ext.priors)."""
     h, w = fill.annotation.in_plane_shape
     y0, y1, x0, x1 = box if box is not None else (0, h, 0, w)

@@ -20,7 +20,7 @@ from scipy import ndimage
 from icl.data.frames import resize_slices
 from icl.engine.train.tasks import Task
 from icl.sparse.model_fill import square_box
-from icl.sparse.prior import annotation_from_prompts, interpolation_priors
+from icl.sparse.prior import annotation_from_prompts, classic_priors
 
 
 def _as_annotation(prompts: dict, depth: int, shape: tuple[int, int], complete: bool):
@@ -36,7 +36,7 @@ def with_mask_prior(task: Task, size: int) -> Task:
     shape = tuple(task.frames.shape[1:])
     complete = any(not bool(m.any()) for per in task.prompts.values() for m in per.values())
     if task.cropped:
-        priors = interpolation_priors(_as_annotation(task.prompts, len(task.frames), shape, complete),
+        priors = classic_priors(_as_annotation(task.prompts, len(task.frames), shape, complete),
                                       list(range(1, len(task.prompts) + 1)))
         return replace(task, priors={c - 1: {z: torch.from_numpy(m) for z, m in per.items()}
                                      for c, per in priors.items()})
@@ -54,7 +54,7 @@ def with_mask_prior(task: Task, size: int) -> Task:
 
     prompts = {k: {z: cut(m[None], "label")[0] for z, m in per.items()} for k, per in task.prompts.items()}
     annotation = _as_annotation(prompts, len(task.frames), out, complete)
-    priors = interpolation_priors(annotation, annotation.classes)
+    priors = classic_priors(annotation, annotation.classes)
     return Task(cut(task.frames, "image").clamp(0, 1), prompts, task.direction, cut(task.targets, "label"),
                 task.scored, task.kind, task.name, task.class_ids,
                 None if task.distractors is None else cut(task.distractors, "label"), None,

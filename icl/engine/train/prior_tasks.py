@@ -37,7 +37,7 @@ def with_mask_prior(task: Task, size: int) -> Task:
     complete = any(not bool(m.any()) for per in task.prompts.values() for m in per.values())
     if task.cropped:
         priors = classic_priors(_as_annotation(task.prompts, len(task.frames), shape, complete),
-                                      list(range(1, len(task.prompts) + 1)))
+                                list(range(1, len(task.prompts) + 1)))
         return replace(task, priors={c - 1: {z: torch.from_numpy(m) for z, m in per.items()}
                                      for c, per in priors.items()})
     drawn = _as_annotation(task.prompts, len(task.frames), shape, complete)

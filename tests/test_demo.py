@@ -53,11 +53,11 @@ def test_failing_step_stops_with_one_line_error(tmp_path, monkeypatch, capsys):
 
     def broken(s, out, minutes):
         cmd = real(s, out, minutes)
-        cmd["phantom"] = [*cmd["phantom"][:-2], "--shape", "4,4"]  # the phantom CLI rejects this
+        cmd["segment"] = [*cmd["segment"], "--workers", "0"]  # icl.segment rejects this (the first step: fast)
         return cmd
 
     monkeypatch.setattr(demo, "commands", broken)
     assert demo.main(["--quick", "--out", str(tmp_path / "d")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "3/6 generate a phantom dataset" in err[0]
-    assert not (tmp_path / "d" / "runs").exists(), "later steps did not run"
+    assert len(err) == 1 and "1/6 fill a phantom scan" in err[0]
+    assert not (tmp_path / "d" / "data").exists() and not (tmp_path / "d" / "runs").exists(), "later steps ran"

@@ -22,6 +22,7 @@ distance map per annotated slice and structure, cropped.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
 import numpy as np
 from scipy.ndimage import center_of_mass, distance_transform_edt
@@ -51,28 +52,47 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     return (distance_transform_edt(mask) - distance_transform_edt(~mask)).astype(np.float32)
 
 
-Score = tuple[tuple[int, int, int, int], np.ndarray]  # (in-plane box y0, y1, x0, x1; signed score inside it)
+Box = tuple[int, int, int, int]  # in-plane y0, y1, x0, x1 (end exclusive)
+Score = tuple[Box, np.ndarray]  # (in-plane box; signed score inside it)
 
 
-class ClassicFill:
+class BoxedFill:
+    """What every fill of drawn masks shares (the shape fills here, registration in ``slice_registration``): each
+    structure scored in its own in-plane box, the drawn masks' signed distance maps computed once, and the
+    full-plane mask of a score. Subclasses give :meth:`score`."""
+
+    def __init__(self, annotation: Annotation, boxes: Mapping[int, Box | None]):
+        self.annotation = annotation
+        self._boxes = dict(boxes)
+        self._extents = {c: annotation.extent(c) for c in annotation.classes}
+        self._sdf: dict[tuple[int, int], np.ndarray] = {}
+
+    def _distance(self, c: int, z: int) -> np.ndarray:
+        """Drawn slice ``z``'s signed distance map of ``c``, in ``c``'s box."""
+        key = (c, z)
+        if key not in self._sdf:
+            y0, y1, x0, x1 = self._boxes[c]
+            self._sdf[key] = signed_distance(self.annotation.mask(c, z)[y0:y1, x0:x1])
+        return self._sdf[key]
+
+    def score(self, c: int, z: int) -> Score | None:
+        raise NotImplementedError
+
+    def mask(self, c: int, z: int) -> np.ndarray:
+        """Structure ``c`` on slice ``z`` as a full-plane bool mask (what the self-check scores)."""
+        return place(self.score(c, z), self.annotation.in_plane_shape)
+
+
+class ClassicFill(BoxedFill):
     """One classic fill of one annotation; :meth:`score` gives structure ``c``'s signed score on slice ``z``."""
 
     def __init__(self, annotation: Annotation, method: str, align: bool = True, taper: float = TAPER):
         """``align=False, taper=0`` is the plain shape-based interpolation (a benchmark baseline)."""
         if method not in SHAPE_FILLS:
             raise ValueError(f"a shape fill must be one of {SHAPE_FILLS}, got {method!r}")
-        self.annotation, self.method, self.align, self.taper = annotation, method, align, taper
-        self._boxes = {c: annotation.box(c, BOX_MARGIN) for c in annotation.classes}
-        self._extents = {c: annotation.extent(c) for c in annotation.classes}
-        self._sdf: dict[tuple[int, int], np.ndarray] = {}
+        super().__init__(annotation, {c: annotation.box(c, BOX_MARGIN) for c in annotation.classes})
+        self.method, self.align, self.taper = method, align, taper
         self._centroids: dict[tuple[int, int], np.ndarray] = {}
-
-    def _distance(self, c: int, z: int) -> np.ndarray:
-        key = (c, z)
-        if key not in self._sdf:
-            y0, y1, x0, x1 = self._boxes[c]
-            self._sdf[key] = signed_distance(self.annotation.mask(c, z)[y0:y1, x0:x1])
-        return self._sdf[key]
 
     def score(self, c: int, z: int) -> Score | None:
         """Structure ``c`` on slice ``z`` (None where this fill says it is absent)."""
@@ -108,11 +128,6 @@ class ClassicFill:
         if key not in self._centroids:  # every interpolated slice between two annotated ones reads the same two
             self._centroids[key] = np.array(center_of_mass(self._distance(c, z) > 0))
         return self._centroids[key]
-
-    def mask(self, c: int, z: int) -> np.ndarray:
-        """Structure ``c`` on slice ``z`` as a full-plane bool mask (what the self-check scores)."""
-        return place(self.score(c, z), self.annotation.in_plane_shape)
-
 
 def place(score: Score | None, shape: tuple[int, int]) -> np.ndarray:
     """A boxed signed score → a full-plane bool mask (score > 0)."""

@@ -44,7 +44,7 @@ from scipy.ndimage import map_coordinates
 from icl.data.frames import Scan
 from icl.progress import progress as progress_bar
 from icl.sparse.annotation import Annotation
-from icl.sparse.classic import TAPER, Score, place, signed_distance
+from icl.sparse.classic import TAPER, Box, BoxedFill, Score
 from icl.sparse.jobs import available_cores
 
 ITERATIONS = (15, 3)  # demons iterations per pyramid level, coarse (half resolution) to fine (neighbours differ
@@ -56,7 +56,6 @@ PERCENTILES = (1.0, 99.0)  # the box's intensity window, in both slices
 BOX_MARGIN = 0.2  # of the structure's larger in-plane side, around its drawn masks (at least MIN_BOX_MARGIN voxels)
 MIN_BOX_MARGIN = 8
 
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (end exclusive)
 Job = tuple[int, int, Box]  # (slice, its neighbour, box): one registration, the first's image onto the second's
 
 
@@ -182,7 +181,7 @@ def scan_fields(scan: Scan, slice_axis: int, progress: bool = False) -> SliceFie
     return SliceFields(np.moveaxis(image, slice_axis, 0), progress=progress)
 
 
-class RegistrationFill:
+class RegistrationFill(BoxedFill):
     """The image-guided fill of one annotation (module docstring): :meth:`score` gives structure ``c``'s signed
     score on slice ``z``, as :class:`~icl.sparse.classic.ClassicFill` does. :meth:`prepare` registers what a set of
     slices needs at once (in parallel, with a progress bar); :meth:`score` registers what is still missing."""
@@ -190,11 +189,9 @@ class RegistrationFill:
     def __init__(self, annotation: Annotation, fields: SliceFields, boxes: Mapping[int, Box | None] | None = None):
         """``boxes``: each structure's registration box (default: :func:`registration_box` of ``annotation``); the
         self-check hands those of the whole drawing to its half of it, so that its registrations serve the fill."""
-        self.annotation, self.fields = annotation, fields
-        self._boxes = dict(boxes) if boxes is not None else {c: registration_box(annotation, c)
-                                                             for c in annotation.classes}
-        self._extents = {c: annotation.extent(c) for c in annotation.classes}
-        self._sdf: dict[tuple[int, int], np.ndarray] = {}
+        super().__init__(annotation, boxes if boxes is not None else {c: registration_box(annotation, c)
+                                                                      for c in annotation.classes})
+        self.fields = fields
         self._chain: dict[tuple[int, int, int], np.ndarray] = {}  # (c, drawn slice, slice) -> the map carried there
 
     def sources(self, c: int, z: int) -> list[int]:
@@ -228,13 +225,6 @@ class RegistrationFill:
     def prepare(self, wanted: Mapping[int, Iterable[int] | None] | None = None) -> None:
         self.fields.compute(self.jobs(wanted))
 
-    def _distance(self, c: int, z: int) -> np.ndarray:
-        key = (c, z)
-        if key not in self._sdf:
-            y0, y1, x0, x1 = self._boxes[c]
-            self._sdf[key] = signed_distance(self.annotation.mask(c, z)[y0:y1, x0:x1])
-        return self._sdf[key]
-
     def _carried(self, c: int, a: int, z: int) -> np.ndarray:
         """Drawn slice ``a``'s signed distance map carried to ``z`` through the fields of every slice between (each
         step kept: the next slice of the fill starts from it)."""
@@ -266,9 +256,6 @@ class RegistrationFill:
         sdf = carried[0]
         reach = self.annotation.reach(c) or 0
         return box, sdf - TAPER * abs(z - sources[0]) / (reach + 1) * max(float(sdf.max()), 0.0)
-
-    def mask(self, c: int, z: int) -> np.ndarray:
-        return place(self.score(c, z), self.annotation.in_plane_shape)
 
 
 def registration_box(annotation: Annotation, c: int) -> Box | None:
